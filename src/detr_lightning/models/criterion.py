@@ -1,0 +1,172 @@
+"""DETR's set criterion: Hungarian matching, then classification and box losses per decoder layer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import box_convert, generalized_box_iou_loss
+
+from detr_lightning.models.matcher import HungarianMatcher, Matching
+
+
+def build_weight_dict(
+    num_decoder_layers: int,
+    aux_loss: bool = True,
+    ce_loss_coef: float = 1.0,
+    bbox_loss_coef: float = 5.0,
+    giou_loss_coef: float = 2.0,
+) -> dict[str, float]:
+    """The official weight dict: the three weighted losses, repeated with ``_i`` for each aux layer."""
+    base = {"loss_ce": ce_loss_coef, "loss_bbox": bbox_loss_coef, "loss_giou": giou_loss_coef}
+    weights = dict(base)
+    if aux_loss:
+        for layer in range(num_decoder_layers - 1):
+            weights.update({f"{key}_{layer}": value for key, value in base.items()})
+    return weights
+
+
+def count_target_boxes(targets: Sequence[dict[str, Tensor]], device: torch.device) -> Tensor:
+    """Average number of target boxes per process, at least 1: the box losses' normalizer.
+
+    Summed over all processes when torch.distributed is running, so every GPU count gives the same loss
+    scale. Stays a tensor (no host sync).
+    """
+    num_boxes = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
+    world_size = 1
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(num_boxes)
+        world_size = dist.get_world_size()
+    return torch.clamp(num_boxes / world_size, min=1)
+
+
+class SetCriterion(nn.Module):
+    """The official DETR loss, with the official log keys.
+
+    For the last decoder layer it returns ``loss_ce``, ``class_error``, ``loss_bbox``, ``loss_giou``,
+    ``cardinality_error``; for each aux layer ``i`` the same without ``class_error``, suffixed ``_i``.
+    Every aux layer is matched again on its own predictions. Values are unweighted; use
+    :meth:`weighted_total` for the training loss.
+
+    Args:
+        num_classes: class slots; index ``num_classes`` is "no object".
+        matcher: the Hungarian matcher.
+        weight_dict: loss name -> weight (see :func:`build_weight_dict`); losses absent from it are logs.
+        eos_coef: weight of the "no object" class in the cross-entropy.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        matcher: HungarianMatcher,
+        weight_dict: dict[str, float],
+        eos_coef: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.weight_dict = dict(weight_dict)
+        self.eos_coef = eos_coef
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = eos_coef
+        self.register_buffer("empty_weight", empty_weight)
+
+    def forward(self, outputs: dict, targets: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Compute every loss.
+
+        Args:
+            outputs: the model's ``pred_logits (B, Q, C+1)``, ``pred_boxes (B, Q, 4)`` and optional
+                ``aux_outputs``.
+            targets: ``B`` dicts with ``labels (T_i,)`` int64 and ``boxes (T_i, 4)`` normalized cxcywh.
+
+        Returns:
+            The loss dict in the official key order (0-dim tensors).
+        """
+        layers = [outputs] + list(outputs.get("aux_outputs", []))
+        matchings = self.matcher.match_layers(
+            torch.stack([layer["pred_logits"] for layer in layers]),
+            torch.stack([layer["pred_boxes"] for layer in layers]),
+            targets,
+        )
+        device = outputs["pred_logits"].device
+        num_boxes = count_target_boxes(targets, device)
+        target_labels = [t["labels"].to(device) for t in targets]
+        target_boxes = [t["boxes"].to(device) for t in targets]
+        losses: dict[str, Tensor] = {}
+        for layer_index, (layer, matching) in enumerate(zip(layers, matchings, strict=True)):
+            suffix = "" if layer_index == 0 else f"_{layer_index - 1}"
+            layer_losses = self.layer_losses(
+                layer, matching, target_labels, target_boxes, num_boxes, with_class_error=layer_index == 0
+            )
+            losses.update({f"{key}{suffix}": value for key, value in layer_losses.items()})
+        return losses
+
+    def layer_losses(
+        self,
+        layer: dict[str, Tensor],
+        matching: Matching,
+        target_labels: list[Tensor],
+        target_boxes: list[Tensor],
+        num_boxes: Tensor,
+        with_class_error: bool,
+    ) -> dict[str, Tensor]:
+        """The losses of one decoder layer's predictions under its matching."""
+        logits, boxes = layer["pred_logits"], layer["pred_boxes"]
+        device = logits.device
+        batch_idx = torch.cat([torch.full_like(query, i) for i, (query, _) in enumerate(matching)]).to(device)
+        query_idx = torch.cat([query for query, _ in matching]).to(device)
+        matched_labels = torch.cat(
+            [labels[t.to(device)] for labels, (_, t) in zip(target_labels, matching, strict=True)]
+        )
+        matched_target_boxes = torch.cat(
+            [tboxes[t.to(device)] for tboxes, (_, t) in zip(target_boxes, matching, strict=True)]
+        )
+
+        # Classification over all queries; unmatched ones are "no object" (down-weighted by eos_coef).
+        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=device)
+        target_classes[batch_idx, query_idx] = matched_labels
+        losses = {
+            "loss_ce": F.cross_entropy(
+                logits.transpose(1, 2), target_classes, weight=self.empty_weight.to(logits.dtype)
+            )
+        }
+        if with_class_error:
+            losses["class_error"] = self._class_error(logits[batch_idx, query_idx], matched_labels)
+
+        # Boxes of matched queries only, normalized by the (all-process) number of target boxes.
+        matched_pred_boxes = boxes[batch_idx, query_idx]
+        losses["loss_bbox"] = F.l1_loss(matched_pred_boxes, matched_target_boxes, reduction="sum") / num_boxes
+        losses["loss_giou"] = (
+            generalized_box_iou_loss(
+                box_convert(matched_pred_boxes, "cxcywh", "xyxy"),
+                box_convert(matched_target_boxes, "cxcywh", "xyxy"),
+                reduction="sum",
+            )
+            / num_boxes
+        )
+        losses["cardinality_error"] = self._cardinality_error(logits, target_labels)
+        # Official order: loss_ce, class_error, loss_bbox, loss_giou, cardinality_error.
+        return losses
+
+    @torch.no_grad()
+    def _class_error(self, matched_logits: Tensor, matched_labels: Tensor) -> Tensor:
+        """Top-1 error in percent of the matched queries (100 when the batch has no object)."""
+        if matched_labels.numel() == 0:
+            return torch.tensor(100.0, device=matched_logits.device)
+        accuracy = (matched_logits.argmax(-1) == matched_labels).float().mean() * 100
+        return 100 - accuracy
+
+    @torch.no_grad()
+    def _cardinality_error(self, logits: Tensor, target_labels: list[Tensor]) -> Tensor:
+        """Mean absolute difference between predicted object count and true count (a log, no gradient)."""
+        predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()
+        actual = torch.tensor([float(len(t)) for t in target_labels], device=logits.device)
+        return F.l1_loss(predicted, actual)
+
+    def weighted_total(self, losses: dict[str, Tensor]) -> Tensor:
+        """Sum of ``weight * loss`` over the losses in ``weight_dict``, in the dict's key order."""
+        terms = [losses[key] * self.weight_dict[key] for key in losses if key in self.weight_dict]
+        return torch.stack(terms).sum() if terms else torch.zeros(())

@@ -1,0 +1,164 @@
+"""DETR: backbone -> input projection -> transformer -> class and box heads."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from detr_lightning.batching import pad_images_to_batch
+from detr_lightning.models.backbone import BackboneWithPosition, ResNetBackbone
+from detr_lightning.models.position_encoding import build_position_encoding
+from detr_lightning.models.transformer import Transformer
+
+
+class MLP(nn.Module):
+    """``num_layers`` linear layers with ReLU between them (none after the last)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
+        super().__init__()
+        dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)
+        dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims_in, dims_out, strict=True))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+class DETR(nn.Module):
+    """The detection transformer.
+
+    Args:
+        backbone: backbone + position encoding.
+        transformer: the encoder-decoder.
+        num_classes: number of class slots (official convention: max category id + 1); the class head
+            has ``num_classes + 1`` outputs, the last one meaning "no object".
+        num_queries: number of object queries ``Q``.
+        aux_loss: also return the predictions of every decoder layer but the last.
+    """
+
+    def __init__(
+        self,
+        backbone: BackboneWithPosition,
+        transformer: Transformer,
+        num_classes: int,
+        num_queries: int = 100,
+        aux_loss: bool = True,
+    ) -> None:
+        super().__init__()
+        hidden_dim = transformer.d_model
+        # Attribute order gives the official state-dict order.
+        self.transformer = transformer
+        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        self.input_proj = nn.Conv2d(backbone.num_channels, hidden_dim, kernel_size=1)
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.num_queries = num_queries
+        self.aux_loss = aux_loss
+        #: The keyword arguments of :func:`build_detr` that rebuild this architecture (set by it).
+        self.architecture: dict[str, Any] = {}
+
+    def forward(self, images: Tensor | Sequence[Tensor], mask: Tensor | None = None) -> dict[str, Any]:
+        """Detect objects.
+
+        Args:
+            images: a list of normalized ``(3, H_i, W_i)`` images of any sizes (padded here), or a padded
+                batch ``(B, 3, H, W)``.
+            mask: ``(B, H, W)`` bool, True on padding, for a padded batch; None means no padding.
+
+        Returns:
+            ``pred_logits (B, Q, num_classes + 1)``, ``pred_boxes (B, Q, 4)`` normalized cxcywh relative
+            to each unpadded image, and with ``aux_loss`` ``aux_outputs``: one dict of the same two keys
+            for each decoder layer but the last.
+        """
+        if isinstance(images, Tensor) and images.dim() == 4:
+            if mask is None:
+                mask = images.new_zeros((images.shape[0], *images.shape[-2:]), dtype=torch.bool)
+        else:
+            if mask is not None:
+                raise ValueError("pass a mask only with a padded (B, 3, H, W) batch")
+            images, mask = pad_images_to_batch(list(images))
+        features, feature_mask, pos = self.backbone(images, mask)
+        hs = self.transformer(self.input_proj(features), feature_mask, self.query_embed.weight, pos)[0]
+        logits = self.class_embed(hs)  # (L, B, Q, C + 1)
+        boxes = self.bbox_embed(hs).sigmoid()  # (L, B, Q, 4)
+        out: dict[str, Any] = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+        if self.aux_loss:
+            out["aux_outputs"] = [
+                {"pred_logits": layer_logits, "pred_boxes": layer_boxes}
+                for layer_logits, layer_boxes in zip(logits[:-1], boxes[:-1], strict=True)
+            ]
+        return out
+
+    def reset_class_head(self, num_classes: int) -> None:
+        """Replace the class head by a freshly initialised one with ``num_classes + 1`` outputs."""
+        old = self.class_embed
+        self.class_embed = nn.Linear(old.in_features, num_classes + 1).to(old.weight.device, old.weight.dtype)
+        self.num_classes = num_classes
+        self.architecture["num_classes"] = num_classes
+
+
+def build_detr(
+    num_classes: int,
+    backbone: str = "resnet50",
+    dilation: bool = False,
+    pretrained_backbone: bool = False,
+    train_backbone: bool = True,
+    position_embedding: str = "sine",
+    hidden_dim: int = 256,
+    nheads: int = 8,
+    enc_layers: int = 6,
+    dec_layers: int = 6,
+    dim_feedforward: int = 2048,
+    dropout: float = 0.1,
+    activation: str = "relu",
+    pre_norm: bool = False,
+    num_queries: int = 100,
+    aux_loss: bool = True,
+) -> DETR:
+    """Build a DETR from plain arguments (the official defaults give DETR-R50).
+
+    ``pretrained_backbone`` loads torchvision's ImageNet weights into the ResNet; ``train_backbone=False``
+    freezes it entirely (the official ``lr_backbone <= 0``).
+    """
+    trunk = ResNetBackbone(
+        backbone, dilation=dilation, pretrained=pretrained_backbone, train_backbone=train_backbone
+    )
+    joined = BackboneWithPosition(trunk, build_position_encoding(position_embedding, hidden_dim))
+    transformer = Transformer(
+        d_model=hidden_dim,
+        nhead=nheads,
+        num_encoder_layers=enc_layers,
+        num_decoder_layers=dec_layers,
+        dim_feedforward=dim_feedforward,
+        dropout=dropout,
+        activation=activation,
+        normalize_before=pre_norm,
+    )
+    model = DETR(joined, transformer, num_classes=num_classes, num_queries=num_queries, aux_loss=aux_loss)
+    model.architecture = {
+        "num_classes": num_classes,
+        "backbone": backbone,
+        "dilation": dilation,
+        "position_embedding": position_embedding,
+        "hidden_dim": hidden_dim,
+        "nheads": nheads,
+        "enc_layers": enc_layers,
+        "dec_layers": dec_layers,
+        "dim_feedforward": dim_feedforward,
+        "dropout": dropout,
+        "activation": activation,
+        "pre_norm": pre_norm,
+        "num_queries": num_queries,
+        "aux_loss": aux_loss,
+    }
+    return model

@@ -1,0 +1,100 @@
+"""Hungarian matching of predictions to ground-truth boxes (one query per object)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+from torchvision.ops import box_convert, generalized_box_iou
+
+#: Per image: (matched query indices ascending, matched target indices), both int64.
+Matching = list[tuple[Tensor, Tensor]]
+
+
+class HungarianMatcher(nn.Module):
+    """Optimal one-to-one assignment between queries and targets, per image.
+
+    The cost of assigning query ``q`` to target ``t`` is
+    ``cost_bbox * L1(box_q, box_t) + cost_class * -p_q(class_t) + cost_giou * -GIoU(box_q, box_t)``,
+    with the probability from a softmax over all classes including "no object".
+
+    Args:
+        cost_class: weight of the classification term.
+        cost_bbox: weight of the L1 distance between normalized cxcywh boxes.
+        cost_giou: weight of the generalized-IoU term.
+    """
+
+    def __init__(self, cost_class: float = 1.0, cost_bbox: float = 5.0, cost_giou: float = 2.0) -> None:
+        super().__init__()
+        if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
+            raise ValueError(
+                "HungarianMatcher: at least one of cost_class, cost_bbox, cost_giou must be non-zero"
+            )
+        self.cost_class = cost_class
+        self.cost_bbox = cost_bbox
+        self.cost_giou = cost_giou
+
+    @torch.no_grad()
+    def cost_matrix(
+        self, pred_logits: Tensor, pred_boxes: Tensor, targets: Sequence[dict[str, Tensor]]
+    ) -> Tensor:
+        """Costs of every query against every target of the batch.
+
+        Args:
+            pred_logits: ``(..., B, Q, C + 1)``; leading dims (e.g. decoder layers) are matched independently.
+            pred_boxes: ``(..., B, Q, 4)`` normalized cxcywh.
+            targets: ``B`` dicts with ``labels (T_i,)`` and ``boxes (T_i, 4)`` normalized cxcywh.
+
+        Returns:
+            ``(..., B, Q, T)`` with ``T = sum(T_i)``: image ``i``'s own block is its slice of ``T``.
+        """
+        target_labels = torch.cat([t["labels"] for t in targets])
+        target_boxes = torch.cat([t["boxes"] for t in targets]).to(pred_boxes.dtype)
+        prob = pred_logits.softmax(-1)  # (..., B, Q, C + 1)
+        cost_class = -prob[..., target_labels]  # (..., B, Q, T)
+        cost_bbox = torch.cdist(pred_boxes, target_boxes, p=1)
+        cost_giou = -generalized_box_iou(
+            box_convert(pred_boxes, "cxcywh", "xyxy"), box_convert(target_boxes, "cxcywh", "xyxy")
+        )
+        cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
+        # Non-finite predictions (a diverging run) must not crash the solver; they just match last.
+        return torch.nan_to_num(cost, nan=1e8, posinf=1e8, neginf=-1e8)
+
+    @torch.no_grad()
+    def forward(self, outputs: dict[str, Tensor], targets: Sequence[dict[str, Tensor]]) -> Matching:
+        """Match one set of predictions (``pred_logits (B, Q, C+1)``, ``pred_boxes (B, Q, 4)``)."""
+        return self.match_layers(outputs["pred_logits"][None], outputs["pred_boxes"][None], targets)[0]
+
+    @torch.no_grad()
+    def match_layers(
+        self, pred_logits: Tensor, pred_boxes: Tensor, targets: Sequence[dict[str, Tensor]]
+    ) -> list[Matching]:
+        """Match several layers' predictions at once (one device-to-host copy for all of them).
+
+        Args:
+            pred_logits: ``(L, B, Q, C + 1)``; pred_boxes: ``(L, B, Q, 4)``.
+
+        Returns:
+            ``L`` matchings, each a list over images of ``(query_idx, target_idx)``.
+        """
+        num_layers, batch = pred_logits.shape[:2]
+        sizes = [len(t["boxes"]) for t in targets]
+        empty = torch.empty(0, dtype=torch.int64)
+        if sum(sizes) == 0:
+            return [[(empty, empty) for _ in range(batch)] for _ in range(num_layers)]
+        cost = self.cost_matrix(pred_logits, pred_boxes, targets).float().cpu()  # (L, B, Q, T)
+        matchings: list[Matching] = []
+        for layer_cost in cost:
+            matching: Matching = []
+            for image_index, block in enumerate(layer_cost.split(sizes, dim=-1)):
+                query_idx, target_idx = linear_sum_assignment(block[image_index].numpy())
+                matching.append(
+                    (
+                        torch.as_tensor(query_idx, dtype=torch.int64),
+                        torch.as_tensor(target_idx, dtype=torch.int64),
+                    )
+                )
+            matchings.append(matching)
+        return matchings
