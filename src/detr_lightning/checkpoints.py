@@ -123,8 +123,10 @@ def load_weights_file(path: str | os.PathLike) -> Any:
             f"Loader said: {detail}. "
             "Re-save only the state dict: torch.save({'model': model.state_dict()}, path)."
         ) from None
-    except (RuntimeError, EOFError, ValueError) as error:
-        raise CheckpointError(f"{path} is not a readable PyTorch weight file ({error}).") from None
+    except Exception as error:  # torch.load raises many types on corrupt or foreign files
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch weight file ({type(error).__name__}: {error})."
+        ) from None
 
 
 def extract_state_dict(checkpoint: Any, path: str | os.PathLike = "<checkpoint>") -> dict[str, Tensor]:
