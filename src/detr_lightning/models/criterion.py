@@ -114,7 +114,8 @@ class SetCriterion(nn.Module):
         with_class_error: bool,
     ) -> dict[str, Tensor]:
         """The losses of one decoder layer's predictions under its matching."""
-        logits, boxes = layer["pred_logits"], layer["pred_boxes"]
+        # Losses in float32 even under mixed precision (the log-softmax and GIoU need the range).
+        logits, boxes = layer["pred_logits"].float(), layer["pred_boxes"].float()
         device = logits.device
         batch_idx = torch.cat([torch.full_like(query, i) for i, (query, _) in enumerate(matching)]).to(device)
         query_idx = torch.cat([query for query, _ in matching]).to(device)
@@ -129,9 +130,7 @@ class SetCriterion(nn.Module):
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=device)
         target_classes[batch_idx, query_idx] = matched_labels
         losses = {
-            "loss_ce": F.cross_entropy(
-                logits.transpose(1, 2), target_classes, weight=self.empty_weight.to(logits.dtype)
-            )
+            "loss_ce": F.cross_entropy(logits.transpose(1, 2), target_classes, weight=self.empty_weight)
         }
         if with_class_error:
             losses["class_error"] = self._class_error(logits[batch_idx, query_idx], matched_labels)

@@ -84,7 +84,10 @@ class HungarianMatcher(nn.Module):
         empty = torch.empty(0, dtype=torch.int64)
         if sum(sizes) == 0:
             return [[(empty, empty) for _ in range(batch)] for _ in range(num_layers)]
-        cost = self.cost_matrix(pred_logits, pred_boxes, targets).float().cpu()  # (L, B, Q, T)
+        # Costs in float32 even under mixed precision: half-precision GIoU/softmax can give NaN or ties.
+        with torch.autocast(pred_logits.device.type, enabled=False):
+            cost = self.cost_matrix(pred_logits.float(), pred_boxes.float(), targets)
+        cost = cost.cpu()  # (L, B, Q, T): one device-to-host copy for every layer
         matchings: list[Matching] = []
         for layer_cost in cost:
             matching: Matching = []
