@@ -1,0 +1,197 @@
+"""The data check: every split's annotation file and images, with one clear message per problem.
+
+Runs before training (from `CocoDataModule.setup`) and alone::
+
+    python -m detr_lightning.data.check DIR [--label-mapping contiguous] [--skip-images]
+
+Errors (exit code 2, no traceback) name the file, the record and the fix; repairs (clamped boxes,
+dropped zero-area boxes, negative sizes) are counted in one warning line per split; the report lists
+images, boxes and boxes per class for each split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pycocotools.coco import COCO
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from detr_lightning.data.annotations import (
+    RepairCounts,
+    build_coco,
+    read_annotation_file,
+    validate_annotations,
+)
+from detr_lightning.data.categories import LABEL_MAPPINGS, LabelMap, build_label_map
+from detr_lightning.data.errors import DataError
+from detr_lightning.data.images import verify_image_files
+from detr_lightning.data.layout import SPLITS, DatasetLayout, SplitFiles, resolve_layout
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CheckedSplit:
+    """One split after its annotation file passed the record check (boxes already repaired)."""
+
+    files: SplitFiles
+    data: dict[str, Any]
+    repairs: RepairCounts
+    images_verified: bool = False
+    images_read_unrotated: frozenset[int] = frozenset()
+    _coco: COCO | None = field(default=None, repr=False)
+
+    @property
+    def coco(self) -> COCO:
+        """pycocotools index of the repaired file: original category ids, crowd boxes included."""
+        if self._coco is None:
+            self._coco = build_coco(self.data)
+        return self._coco
+
+    def verify_images(self) -> None:
+        """Check every image file of the split (once): present, decodable, of the recorded size."""
+        if self.images_verified:
+            return
+        self.images_read_unrotated = verify_image_files(
+            self.data["images"], self.files.img_dir, self.files.ann_file
+        )
+        self.images_verified = True
+        if self.images_read_unrotated:
+            log.warning(
+                "data: %s: %d images have a 90° EXIF orientation but records of the stored size; "
+                "they are read without rotation",
+                self.files.ann_file,
+                len(self.images_read_unrotated),
+            )
+
+
+def load_split(files: SplitFiles) -> CheckedSplit:
+    """Read and check one split's annotation file; logs one warning line if boxes were repaired."""
+    data = read_annotation_file(files.ann_file)
+    repairs = validate_annotations(data, files.ann_file)
+    if not data["images"]:
+        raise DataError(
+            f"{files.ann_file}: the {files.split} split has no images. Fix: export images into this split or "
+            f"point data.{files.split}.ann_file at a file that has some."
+        )
+    if repairs.total():
+        log.warning("data: repaired %s (%s split): %s", files.ann_file, files.split, repairs.describe())
+    return CheckedSplit(files=files, data=data, repairs=repairs)
+
+
+@dataclass(frozen=True)
+class SplitStatistics:
+    """Counts shown in the check report for one split."""
+
+    images: int
+    images_without_boxes: int
+    boxes: int
+    crowd_boxes: int
+    boxes_per_label: dict[int, int]
+
+
+def split_statistics(split: CheckedSplit, label_map: LabelMap) -> SplitStatistics:
+    """Images, boxes (crowd ones apart) and non-crowd boxes per label of one split."""
+    annotations = split.data["annotations"]
+    regular = [ann for ann in annotations if not ann["iscrowd"]]
+    per_label = Counter(label_map.category_to_label[ann["category_id"]] for ann in regular)
+    images_with_boxes = {ann["image_id"] for ann in regular}
+    return SplitStatistics(
+        images=len(split.data["images"]),
+        images_without_boxes=len(split.data["images"]) - len(images_with_boxes),
+        boxes=len(regular),
+        crowd_boxes=len(annotations) - len(regular),
+        boxes_per_label={label: per_label.get(label, 0) for label in label_map.class_names},
+    )
+
+
+def check_dataset(
+    layout: DatasetLayout, label_mapping: str = "raw", check_images: bool = True
+) -> tuple[dict[str, CheckedSplit], LabelMap]:
+    """Check every split of ``layout``; returns the checked splits and the label map built from them."""
+    splits = {name: load_split(files) for name, files in layout.splits.items()}
+    label_map = build_label_map(
+        [(split.files.ann_file, split.data) for split in splits.values()], label_mapping
+    )
+    if check_images:
+        for split in splits.values():
+            split.verify_images()
+    return splits, label_map
+
+
+def render_report(splits: dict[str, CheckedSplit], label_map: LabelMap, console: Console) -> None:
+    """Print the per-split summary and the boxes-per-class table."""
+    statistics = {name: split_statistics(split, label_map) for name, split in splits.items()}
+    summary = Table(title="Splits")
+    for column in ("split", "annotation file", "images", "without boxes", "boxes", "crowd", "repaired"):
+        summary.add_column(column, justify="left" if column in ("split", "annotation file") else "right")
+    for name, stats in statistics.items():
+        summary.add_row(
+            name,
+            escape(str(splits[name].files.ann_file)),
+            str(stats.images),
+            str(stats.images_without_boxes),
+            str(stats.boxes),
+            str(stats.crowd_boxes),
+            str(splits[name].repairs.total()),
+        )
+    console.print(summary)
+
+    per_class = Table(
+        title=f"Boxes per class (label_mapping={label_map.mode}, num_classes={label_map.num_classes})"
+    )
+    per_class.add_column("label", justify="right")
+    per_class.add_column("category id", justify="right")
+    per_class.add_column("name")
+    for name in statistics:
+        per_class.add_column(name, justify="right")
+    category_ids = label_map.label_to_category_id
+    for label, class_name in label_map.class_names.items():
+        counts = [str(stats.boxes_per_label[label]) for stats in statistics.values()]
+        per_class.add_row(str(label), str(category_ids[label]), escape(class_name), *counts)
+    console.print(per_class)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line entry point; returns the exit code (0 ok, 2 data error)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m detr_lightning.data.check", description="Check a COCO-format detection dataset."
+    )
+    parser.add_argument("root", type=Path, help="dataset folder (Roboflow export or COCO layout)")
+    parser.add_argument("--label-mapping", choices=LABEL_MAPPINGS, default="raw")
+    parser.add_argument("--skip-images", action="store_true", help="check annotation files only")
+    for split in SPLITS:
+        parser.add_argument(f"--{split}-ann-file", type=Path, help=f"explicit {split} annotation file")
+        parser.add_argument(f"--{split}-img-dir", type=Path, help=f"explicit {split} image folder")
+    args = parser.parse_args(argv)
+
+    console = Console(soft_wrap=True)
+    error_console = Console(stderr=True, soft_wrap=True)
+    log_format = "%(levelname)s: %(message)s"
+    logging.basicConfig(level=logging.INFO, format=log_format, stream=sys.stderr, force=True)
+    overrides = {
+        split: {"ann_file": getattr(args, f"{split}_ann_file"), "img_dir": getattr(args, f"{split}_img_dir")}
+        for split in SPLITS
+    }
+    try:
+        layout = resolve_layout(args.root, overrides)
+        splits, label_map = check_dataset(layout, args.label_mapping, check_images=not args.skip_images)
+    except DataError as err:
+        error_console.print(f"[bold red]data check failed:[/bold red] {escape(str(err))}")
+        return 2
+    render_report(splits, label_map, console)
+    console.print(f"[green]data check passed[/green] ({', '.join(splits)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

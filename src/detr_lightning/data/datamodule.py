@@ -1,0 +1,300 @@
+"""`CocoDataModule`: COCO-format splits, the data check, DETR transforms and the loaders.
+
+Distributed use: the loaders build their own samplers. Training uses a seeded ``DistributedSampler``
+(shuffled, padded like the official code) when there are several ranks; validation and test use
+`EvalShardSampler` (every image exactly once, no padding) on any number of ranks. Both are
+``DistributedSampler`` instances, so Lightning leaves them alone with the default
+``Trainer(use_distributed_sampler=True)``, and ``use_distributed_sampler=False`` works as well.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import lightning
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler
+
+from detr_lightning.data.categories import LABEL_MAPPINGS, LabelMap, build_label_map
+from detr_lightning.data.check import CheckedSplit, load_split
+from detr_lightning.data.coco import CocoDetection
+from detr_lightning.data.collate import collate_detection
+from detr_lightning.data.demo import ensure_demo_dataset
+from detr_lightning.data.errors import DataError
+from detr_lightning.data.layout import SPLITS, DatasetLayout, detect_layout, resolve_layout
+from detr_lightning.data.samplers import EvalShardSampler
+from detr_lightning.data.transforms import (
+    DETR_CROP_RESIZE_SCALES,
+    DETR_CROP_SIZE,
+    DETR_EVAL_MAX_SIZE,
+    DETR_EVAL_SCALE,
+    DETR_TRAIN_MAX_SIZE,
+    DETR_TRAIN_SCALES,
+    DetectionTransform,
+    make_eval_geometry,
+    make_train_geometry,
+)
+
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed ``random`` and ``numpy`` in a DataLoader worker from its torch seed (already per worker)."""
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def _positive_ints(name: str, values: Sequence[int]) -> tuple[int, ...]:
+    result = tuple(int(value) for value in values)
+    if not result or any(value <= 0 for value in result):
+        raise DataError(f"data.{name}={list(values)} must be a non-empty list of positive sizes in pixels.")
+    return result
+
+
+class CocoDataModule(lightning.LightningDataModule):
+    """COCO-format detection data for DETR.
+
+    Args:
+        root: dataset folder (Roboflow export or COCO layout, see `detr_lightning.data.layout`).
+        label_mapping: ``"raw"`` (labels are category ids, ``num_classes = max id + 1``) or
+            ``"contiguous"`` (annotated categories as ``0..K-1``).
+        train, val, test: optional ``{"ann_file": ..., "img_dir": ...}`` overriding detection per split.
+        batch_size: training images per process and step.
+        val_batch_size: validation/test batch size; ``None`` means ``batch_size``.
+        num_workers, persistent_workers: DataLoader workers (persistence only applies with workers).
+        pin_memory: ``None`` pins when CUDA is available.
+        train_scales, train_max_size: multi-scale resize (shorter side choices, longer-side cap).
+        train_crop_resize_scales, train_crop_size: the crop branch (resize choices, ``(min, max)`` crop).
+        val_scale, val_max_size: evaluation resize.
+        seed: shuffling and worker seeds (each rank adds its rank to the worker seeds).
+        check_images: verify every image file (presence, format, size) in `setup`.
+        drop_last: drop the last incomplete training batch (the official code does).
+        generate_demo: write the built-in demo dataset to ``root`` if no dataset is there.
+    """
+
+    def __init__(
+        self,
+        root: str | Path | None = None,
+        label_mapping: str = "raw",
+        train: Mapping[str, str | Path | None] | None = None,
+        val: Mapping[str, str | Path | None] | None = None,
+        test: Mapping[str, str | Path | None] | None = None,
+        batch_size: int = 2,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = False,
+        train_scales: Sequence[int] = DETR_TRAIN_SCALES,
+        train_max_size: int | None = DETR_TRAIN_MAX_SIZE,
+        train_crop_resize_scales: Sequence[int] = DETR_CROP_RESIZE_SCALES,
+        train_crop_size: Sequence[int] = DETR_CROP_SIZE,
+        val_scale: int = DETR_EVAL_SCALE,
+        val_max_size: int | None = DETR_EVAL_MAX_SIZE,
+        seed: int = 42,
+        check_images: bool = True,
+        drop_last: bool = True,
+        generate_demo: bool = False,
+    ) -> None:
+        super().__init__()
+        self.root = Path(root).expanduser() if root is not None else None
+        if label_mapping not in LABEL_MAPPINGS:
+            raise DataError(
+                f"data.label_mapping={label_mapping!r} is not supported. "
+                f"Fix: use one of {', '.join(LABEL_MAPPINGS)}."
+            )
+        self.label_mapping = label_mapping
+        self.split_overrides = {
+            name: dict(paths) for name, paths in (("train", train), ("val", val), ("test", test)) if paths
+        }
+        if batch_size <= 0 or (val_batch_size is not None and val_batch_size <= 0):
+            raise DataError(
+                f"data.batch_size={batch_size}, data.val_batch_size={val_batch_size}: must be positive."
+            )
+        self.batch_size = int(batch_size)
+        self.val_batch_size = int(val_batch_size) if val_batch_size is not None else self.batch_size
+        self.num_workers = int(num_workers)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
+        self.train_scales = _positive_ints("train_scales", train_scales)
+        self.train_max_size = train_max_size
+        self.train_crop_resize_scales = _positive_ints("train_crop_resize_scales", train_crop_resize_scales)
+        crop_size = _positive_ints("train_crop_size", train_crop_size)
+        if len(crop_size) != 2 or crop_size[0] > crop_size[1]:
+            raise DataError(
+                f"data.train_crop_size={list(train_crop_size)} must be [min, max] with min <= max."
+            )
+        self.train_crop_size = (crop_size[0], crop_size[1])
+        self.val_scale = _positive_ints("val_scale", [val_scale])[0]
+        self.val_max_size = val_max_size
+        self.seed = int(seed)
+        self.check_images = check_images
+        self.drop_last = drop_last
+        self.generate_demo = generate_demo
+
+        self._layout: DatasetLayout | None = None
+        self._splits: dict[str, CheckedSplit] = {}
+        self._label_map: LabelMap | None = None
+        self._datasets: dict[str, CocoDetection] = {}
+
+    # ----------------------------------------------------------------------------------- files and labels
+
+    def prepare_data(self) -> None:
+        """Write the demo dataset if asked to and nothing is at ``root`` (atomic, so ranks may race)."""
+        if (
+            self.generate_demo
+            and self.root is not None
+            and not (self.root.is_dir() and detect_layout(self.root))
+        ):
+            ensure_demo_dataset(self.root)
+
+    @property
+    def layout(self) -> DatasetLayout:
+        """The splits' files (detected once, logged in one line)."""
+        if self._layout is None:
+            self.prepare_data()
+            self._layout = resolve_layout(self.root, self.split_overrides)
+        return self._layout
+
+    def has_split(self, split: str) -> bool:
+        """Whether the layout has ``split`` ("train", "val" or "test")."""
+        return split in self.layout.splits
+
+    def checked_split(self, split: str) -> CheckedSplit:
+        """The split's annotation file after the record check and box repairs (read once)."""
+        if split not in self._splits:
+            self._splits[split] = load_split(self.layout.require(split))
+        return self._splits[split]
+
+    @property
+    def label_map(self) -> LabelMap:
+        """Labels of every split in the layout; reads the annotation files, not the images."""
+        if self._label_map is None:
+            splits = [self.checked_split(split) for split in self.layout.splits]
+            self._label_map = build_label_map(
+                [(s.files.ann_file, s.data) for s in splits], self.label_mapping
+            )
+        return self._label_map
+
+    @property
+    def num_classes(self) -> int:
+        """``max category id + 1`` (raw) or the number of annotated categories (contiguous)."""
+        return self.label_map.num_classes
+
+    @property
+    def class_names(self) -> dict[int, str]:
+        """Label -> category name."""
+        return self.label_map.class_names
+
+    @property
+    def label_to_category_id(self) -> dict[int, int]:
+        """Label -> original COCO category id (identity for raw)."""
+        return self.label_map.label_to_category_id
+
+    def check_num_classes(self, num_classes: int) -> None:
+        """Raise a `DataError` naming both numbers if ``num_classes`` cannot hold the data's labels."""
+        self.label_map.check_num_classes(num_classes)
+
+    def coco_gt(self, split: str) -> COCO:
+        """pycocotools index of the split's annotation file: original ids, crowd boxes, repaired boxes."""
+        return self.checked_split(split).coco
+
+    # ---------------------------------------------------------------------------------------- datasets
+
+    def setup(self, stage: str | None = None) -> None:
+        """Check the stage's splits (annotations and, if ``check_images``, every image) and build datasets."""
+        names = STAGE_SPLITS[stage] if stage in STAGE_SPLITS else tuple(self.layout.splits)
+        label_map = self.label_map
+        for name in names:
+            split = self.checked_split(name)
+            if self.check_images:
+                split.verify_images()
+            if name not in self._datasets:
+                if name == "train":
+                    geometry = make_train_geometry(
+                        self.train_scales,
+                        self.train_max_size,
+                        self.train_crop_resize_scales,
+                        self.train_crop_size,
+                    )
+                else:
+                    geometry = make_eval_geometry(self.val_scale, self.val_max_size)
+                self._datasets[name] = CocoDetection(
+                    split.coco,
+                    split.files.img_dir,
+                    label_map,
+                    transform=DetectionTransform(geometry),
+                    images_read_unrotated=split.images_read_unrotated,
+                    ann_file=split.files.ann_file,
+                )
+
+    def dataset(self, split: str) -> CocoDetection:
+        """The dataset of ``split`` (built by `setup`)."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
+        if split not in self._datasets:
+            self.setup("test" if split == "test" else "validate" if split == "val" else "fit")
+        return self._datasets[split]
+
+    # ------------------------------------------------------------------------------------------ loaders
+
+    def _replicas(self) -> tuple[int, int]:
+        """``(number of ranks, this rank)`` from the attached Trainer, else from torch.distributed."""
+        trainer = self.trainer
+        if trainer is not None:
+            kwargs = trainer.distributed_sampler_kwargs
+            if kwargs:
+                return int(kwargs["num_replicas"]), int(kwargs["rank"])
+            return 1, 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_world_size(), torch.distributed.get_rank()
+        return 1, 0
+
+    def _loader(
+        self, dataset: CocoDetection, sampler: Sampler, batch_size: int, drop_last: bool, seed: int
+    ) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=drop_last,
+            collate_fn=collate_detection,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            worker_init_fn=seed_worker,
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.dataset("train")
+        num_replicas, rank = self._replicas()
+        if num_replicas > 1:
+            sampler: Sampler = DistributedSampler(
+                dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=self.seed
+            )
+        else:
+            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed))
+        if self.drop_last and len(sampler) < self.batch_size:
+            raise DataError(
+                f"the train split has {len(dataset)} images ({len(sampler)} per process), fewer than "
+                f"data.batch_size={self.batch_size}, so no full batch exists. Fix: lower data.batch_size "
+                "or set data.drop_last=false."
+            )
+        return self._loader(dataset, sampler, self.batch_size, self.drop_last, seed=self.seed + rank)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        dataset = self.dataset(split)
+        num_replicas, rank = self._replicas()
+        sampler = EvalShardSampler(dataset, num_replicas=num_replicas, rank=rank)
+        return self._loader(dataset, sampler, self.val_batch_size, drop_last=False, seed=self.seed + rank)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")

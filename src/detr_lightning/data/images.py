@@ -1,0 +1,140 @@
+"""Image files: decoding to RGB tensors, and cheap header checks against the annotation records.
+
+EXIF orientation. Decoding applies the EXIF orientation tag (phone photos are stored sideways), so the
+record's ``width``/``height`` must normally be the *displayed* size. Some datasets (COCO itself among
+them) were annotated on the stored pixels instead; an image whose record matches only the stored size of
+a 90°-rotated file is therefore read without rotation, and the check counts such images.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2 import functional as F
+
+from detr_lightning.data.errors import DataError
+
+# What torchvision.io.decode_image reads; EXIF orientation is only applied for JPEG and PNG.
+DECODABLE_FORMATS = frozenset({"JPEG", "PNG", "GIF", "WEBP"})
+ORIENTED_FORMATS = frozenset({"JPEG", "PNG"})
+EXIF_ORIENTATION_TAG = 0x0112
+SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})  # transpose and 90° rotations
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """Format and size of an image file as read from its header (no pixel decoding)."""
+
+    format: str
+    stored_width: int
+    stored_height: int
+    orientation: int
+
+    @property
+    def displayed_size(self) -> tuple[int, int]:
+        """``(width, height)`` after the EXIF orientation is applied."""
+        if self.orientation in SWAPPING_ORIENTATIONS and self.format in ORIENTED_FORMATS:
+            return self.stored_height, self.stored_width
+        return self.stored_width, self.stored_height
+
+
+def read_image_header(path: Path) -> ImageHeader:
+    """Header of ``path``; raises `OSError`/`UnidentifiedImageError` if it is missing or not an image."""
+    with Image.open(path) as image:
+        orientation = 1
+        exif_bytes = image.info.get("exif")
+        if exif_bytes:
+            exif = Image.Exif()
+            exif.load(exif_bytes)
+            orientation = int(exif.get(EXIF_ORIENTATION_TAG, 1))
+        width, height = image.size
+        return ImageHeader(str(image.format), width, height, orientation)
+
+
+def read_image_rgb(path: Path, apply_exif_orientation: bool = True) -> Tensor:
+    """Decode a JPEG/PNG/GIF/WEBP file to a ``(3, H, W)`` uint8 RGB tensor.
+
+    Grayscale, grayscale+alpha, RGBA and palette images are converted to RGB (alpha is dropped);
+    16-bit PNGs are scaled to 8 bits; animated GIFs give their first frame.
+    """
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its decoders in favour of torchcodec; they still work.
+        warnings.filterwarnings("ignore", message="The image decoding", category=DeprecationWarning)
+        image = decode_image(str(path), mode=ImageReadMode.RGB, apply_exif_orientation=apply_exif_orientation)
+    if image.ndim == 4:  # an animated GIF: (frames, 3, H, W); use the first frame
+        image = image[0]
+    if image.dtype != torch.uint8:
+        image = F.to_dtype(image, torch.uint8, scale=True)
+    return image
+
+
+def _inspect(path: Path) -> ImageHeader | Exception:
+    try:
+        return read_image_header(path)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+        return err
+
+
+def verify_image_files(images: Iterable[dict[str, Any]], img_dir: Path, ann_file: Path) -> frozenset[int]:
+    """Check that every image record has a decodable file of the recorded size.
+
+    Reads headers only (threads, no pixel decoding), so a few thousand images take seconds.
+
+    Returns:
+        Ids of images whose record matches the stored (unrotated) size of a file with a 90° EXIF
+        orientation: these are read without applying the orientation.
+    """
+    records = list(images)
+    paths = [img_dir / record["file_name"] for record in records]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        headers = list(pool.map(_inspect, paths))
+
+    problems: dict[str, list[str]] = {"missing": [], "undecodable": [], "format": [], "size": []}
+    read_unrotated = set()
+    for record, path, header in zip(records, paths, headers, strict=True):
+        where = f"{path} (image id {record['id']})"
+        if isinstance(header, FileNotFoundError) or (isinstance(header, Exception) and not path.exists()):
+            problems["missing"].append(where)
+        elif isinstance(header, Exception):
+            problems["undecodable"].append(f"{where}: {type(header).__name__}: {header}")
+        elif header.format not in DECODABLE_FORMATS:
+            problems["format"].append(f"{where} is {header.format}")
+        else:
+            recorded = (record["width"], record["height"])
+            if recorded == header.displayed_size:
+                continue
+            if recorded == (header.stored_width, header.stored_height):
+                read_unrotated.add(record["id"])
+                continue
+            problems["size"].append(
+                f"{where} is {header.displayed_size[0]}x{header.displayed_size[1]} (width x height) but its "
+                f"record says {recorded[0]}x{recorded[1]}"
+            )
+
+    fixes = {
+        "missing": ("image file not found", f"put the image there or correct its file_name in {ann_file}"),
+        "undecodable": (
+            "image file cannot be decoded",
+            "replace the file or remove its record and annotations",
+        ),
+        "format": (
+            "unsupported image format",
+            f"convert it to JPEG or PNG (decodable: {sorted(DECODABLE_FORMATS)})",
+        ),
+        "size": ("image size differs from its record", f"correct width/height in {ann_file} or re-export"),
+    }
+    for kind, found in problems.items():
+        if found:
+            what, fix = fixes[kind]
+            more = f" (and {len(found) - 1} more like it)" if len(found) > 1 else ""
+            raise DataError(f"{ann_file}: {what}: {found[0]}{more}. Fix: {fix}.")
+    return frozenset(read_unrotated)

@@ -1,0 +1,173 @@
+"""Where a dataset's annotation files and image folders are: layout detection plus explicit overrides.
+
+Recognised layouts under ``data.root=DIR``:
+
+- Roboflow export: ``DIR/{train,valid,test}/_annotations.coco.json`` with the images beside each file.
+- COCO / official DETR: ``DIR/annotations/instances_{train,val}2017.json`` with ``DIR/{train,val}2017/``,
+  or the ``custom_{train,val}.json`` names of the woctezuma/detr fine-tuning fork.
+
+``data.<split>.ann_file`` / ``data.<split>.img_dir`` override whatever detection found for that split.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from detr_lightning.data.errors import DataError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+ROBOFLOW_ANNOTATION_NAME = "_annotations.coco.json"
+ROBOFLOW_SPLIT_FOLDERS = {"train": ("train",), "val": ("valid", "val"), "test": ("test",)}
+COCO_ANNOTATION_NAMES = {
+    "train": ("instances_train2017.json", "custom_train.json"),
+    "val": ("instances_val2017.json", "custom_val.json"),
+}
+COCO_IMAGE_FOLDERS = {"train": "train2017", "val": "val2017"}
+
+
+@dataclass(frozen=True)
+class SplitFiles:
+    """One split's annotation file and the folder its ``file_name``s are relative to."""
+
+    split: str
+    ann_file: Path
+    img_dir: Path
+
+
+@dataclass(frozen=True)
+class DatasetLayout:
+    """The splits found for a dataset and how they were found."""
+
+    kind: str
+    root: Path | None
+    splits: dict[str, SplitFiles]
+
+    def describe(self) -> str:
+        """One line naming the layout and every chosen file, for the log."""
+        parts = [
+            f"{files.split}={files.ann_file} (images in {files.img_dir})" for files in self.splits.values()
+        ]
+        where = f" in {self.root}" if self.root is not None else ""
+        return f"data: {self.kind} layout{where}: " + "; ".join(parts)
+
+    def require(self, split: str) -> SplitFiles:
+        """The files of ``split``, or a `DataError` saying how to provide them."""
+        if split in self.splits:
+            return self.splits[split]
+        found = ", ".join(self.splits) or "none"
+        raise DataError(
+            f"no {split} split in {self.root or 'the configured files'} ({self.kind} layout; splits found: "
+            f"{found}). Fix: add it in that layout or set data.{split}.ann_file and data.{split}.img_dir."
+        )
+
+
+def _detect_roboflow(root: Path) -> dict[str, SplitFiles]:
+    splits = {}
+    for split, folders in ROBOFLOW_SPLIT_FOLDERS.items():
+        for folder in folders:
+            ann_file = root / folder / ROBOFLOW_ANNOTATION_NAME
+            if ann_file.is_file():
+                splits[split] = SplitFiles(split, ann_file, ann_file.parent)
+                break
+    return splits
+
+
+def _detect_coco(root: Path) -> dict[str, SplitFiles]:
+    splits = {}
+    for split, names in COCO_ANNOTATION_NAMES.items():
+        for name in names:
+            ann_file = root / "annotations" / name
+            if ann_file.is_file():
+                splits[split] = SplitFiles(split, ann_file, root / COCO_IMAGE_FOLDERS[split])
+                break
+    return splits
+
+
+def detect_layout(root: Path) -> DatasetLayout | None:
+    """The layout found under ``root`` (Roboflow first, then COCO), or ``None`` when neither matches."""
+    if splits := _detect_roboflow(root):
+        return DatasetLayout("Roboflow export", root, splits)
+    if splits := _detect_coco(root):
+        kind = (
+            "COCO"
+            if all(f.ann_file.name.startswith("instances_") for f in splits.values())
+            else "COCO (custom)"
+        )
+        return DatasetLayout(kind, root, splits)
+    return None
+
+
+def _resolve_path(value: str | Path, root: Path | None) -> Path:
+    path = Path(value).expanduser()
+    if root is not None and not path.is_absolute():
+        return root / path
+    return path
+
+
+def resolve_layout(
+    root: str | Path | None,
+    overrides: Mapping[str, Mapping[str, str | Path | None] | None] | None = None,
+) -> DatasetLayout:
+    """Detect the layout under ``root`` and apply explicit per-split overrides; logs one line.
+
+    Args:
+        root: dataset folder, or ``None`` when every split is given explicitly.
+        overrides: ``{split: {"ann_file": ..., "img_dir": ...}}``; relative paths are taken relative to
+            ``root`` when it is set. An ``ann_file`` without ``img_dir`` reads images from the annotation
+            file's folder (as in Roboflow exports) unless detection found a folder for that split.
+    """
+    root_path = Path(root).expanduser() if root is not None else None
+    if root_path is not None and not root_path.is_dir():
+        raise DataError(f"data.root={root_path} is not a folder. Fix: point data.root at the dataset folder.")
+    detected = detect_layout(root_path) if root_path is not None else None
+    splits = dict(detected.splits) if detected is not None else {}
+    overridden = False
+    for split, paths in (overrides or {}).items():
+        if split not in SPLITS:
+            raise DataError(f"data.{split}: unknown split. Fix: use one of {', '.join(SPLITS)}.")
+        ann_value = (paths or {}).get("ann_file")
+        img_value = (paths or {}).get("img_dir")
+        if ann_value is None and img_value is None:
+            continue
+        overridden = True
+        if ann_value is not None:
+            ann_file = _resolve_path(ann_value, root_path)
+        elif split in splits:
+            ann_file = splits[split].ann_file
+        else:
+            raise DataError(
+                f"data.{split}.img_dir={img_value} is set but no annotation file was found for the {split} "
+                f"split. Fix: also set data.{split}.ann_file."
+            )
+        if img_value is not None:
+            img_dir = _resolve_path(img_value, root_path)
+        elif split in splits:
+            img_dir = splits[split].img_dir
+        else:
+            img_dir = ann_file.parent
+        splits[split] = SplitFiles(split, ann_file, img_dir)
+    if not splits and root_path is None:
+        raise DataError(
+            "data.root is not set and no split is given explicitly. Fix: set data.root=DIR or "
+            "data.train.ann_file and data.train.img_dir."
+        )
+    if not splits:
+        raise DataError(
+            f"no dataset found in {root_path}: expected a Roboflow export "
+            f"({root_path}/train/{ROBOFLOW_ANNOTATION_NAME}, valid/, test/) or a COCO layout "
+            f"({root_path}/annotations/instances_train2017.json with {root_path}/train2017/). "
+            "Fix: point data.root at such a folder or set data.train.ann_file and data.train.img_dir."
+        )
+    if detected is None:
+        kind = "explicit"
+    else:
+        kind = detected.kind + (" + explicit overrides" if overridden else "")
+    layout = DatasetLayout(kind, root_path, {split: splits[split] for split in SPLITS if split in splits})
+    log.info(layout.describe())
+    return layout

@@ -1,0 +1,187 @@
+"""The official DETR augmentations, written with ``torchvision.transforms.v2`` and ``tv_tensors``.
+
+Training: horizontal flip (p=0.5), then with p=0.5 each either
+  - a multi-scale resize (shorter side from ``scales``, longer side <= ``max_size``), or
+  - resize to ``crop_resize_scales`` + random crop of ``crop_size`` + the same multi-scale resize.
+Evaluation: shorter side ``scale`` (longer side <= ``max_size``).
+Then ImageNet normalisation and boxes as normalised ``cxcywh``.
+
+Official values (COCO at 800 px): scales 480..800 step 32, max 1333; crop branch [400, 500, 600] and
+crop 384..600; eval 800/1333. For the built-in demo dataset (128–192 px images) see
+`detr_lightning.data.demo`.
+
+Sizes follow the official ``get_size_with_aspect_ratio`` exactly (integer truncation), and resizing is
+bilinear with antialiasing, as PIL did for the official code. Random choices use the torch RNG, which
+the DataLoader seeds per worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchvision import tv_tensors
+from torchvision.ops import box_convert
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+DETR_TRAIN_SCALES = tuple(range(480, 801, 32))
+DETR_TRAIN_MAX_SIZE = 1333
+DETR_CROP_RESIZE_SCALES = (400, 500, 600)
+DETR_CROP_SIZE = (384, 600)
+DETR_EVAL_SCALE = 800
+DETR_EVAL_MAX_SIZE = 1333
+
+
+def short_side_resize_shape(height: int, width: int, size: int, max_size: int | None) -> tuple[int, int]:
+    """Output ``(height, width)`` of the official resize: shorter side ``size``, longer side <= ``max_size``.
+
+    Example: ``(480, 640)`` with ``size=800, max_size=1333`` gives ``(800, 1066)``.
+    """
+    if max_size is not None:
+        shorter, longer = float(min(height, width)), float(max(height, width))
+        if longer / shorter * size > max_size:
+            size = int(round(max_size * shorter / longer))
+    if (width <= height and width == size) or (height <= width and height == size):
+        return height, width
+    if width < height:
+        return int(size * height / width), size
+    return size, int(size * width / height)
+
+
+def _canvas_size(flat_inputs: list[Any]) -> tuple[int, int]:
+    for inpt in flat_inputs:
+        if isinstance(inpt, tv_tensors.Image):
+            return int(inpt.shape[-2]), int(inpt.shape[-1])
+    for inpt in flat_inputs:
+        if isinstance(inpt, tv_tensors.BoundingBoxes):
+            return inpt.canvas_size
+    raise TypeError("the sample holds neither a tv_tensors.Image nor tv_tensors.BoundingBoxes")
+
+
+def _randint(low: int, high: int) -> int:
+    """Uniform integer in ``[low, high]`` (both included) from the torch RNG."""
+    return int(torch.randint(low, high + 1, ()).item())
+
+
+class RandomShortSideResize(v2.Transform):
+    """Resize so the shorter side is a random choice of ``sizes`` and the longer side <= ``max_size``."""
+
+    def __init__(self, sizes: Sequence[int], max_size: int | None = None) -> None:
+        super().__init__()
+        if len(sizes) == 0:
+            raise ValueError("RandomShortSideResize needs at least one size")
+        self.sizes = [int(size) for size in sizes]
+        self.max_size = max_size
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = _canvas_size(flat_inputs)
+        size = self.sizes[_randint(0, len(self.sizes) - 1)]
+        return {"shape": short_side_resize_shape(height, width, size, self.max_size)}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return self._call_kernel(F.resize, inpt, size=list(params["shape"]), antialias=True)
+
+
+class RandomSizeCrop(v2.Transform):
+    """Crop a random region of random size: width in ``[min_size, min(W, max_size)]``, same for height.
+
+    Where the image is smaller than ``min_size`` the lower bound becomes the image size (the official
+    code would fail there). Boxes are cut at the region border; emptied boxes are dropped later.
+    """
+
+    def __init__(self, min_size: int, max_size: int) -> None:
+        super().__init__()
+        if min_size > max_size:
+            raise ValueError(f"RandomSizeCrop: min_size {min_size} > max_size {max_size}")
+        self.min_size = int(min_size)
+        self.max_size = int(max_size)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = _canvas_size(flat_inputs)
+        crop_width = _randint(min(self.min_size, width), min(width, self.max_size))
+        crop_height = _randint(min(self.min_size, height), min(height, self.max_size))
+        top = _randint(0, height - crop_height)
+        left = _randint(0, width - crop_width)
+        return {"top": top, "left": left, "height": crop_height, "width": crop_width}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return self._call_kernel(F.crop, inpt, **params)
+
+
+def make_train_geometry(
+    scales: Sequence[int] = DETR_TRAIN_SCALES,
+    max_size: int | None = DETR_TRAIN_MAX_SIZE,
+    crop_resize_scales: Sequence[int] = DETR_CROP_RESIZE_SCALES,
+    crop_size: tuple[int, int] = DETR_CROP_SIZE,
+) -> v2.Transform:
+    """The official training geometry: flip, then multi-scale resize or resize + crop + multi-scale resize."""
+    return v2.Compose(
+        [
+            v2.RandomHorizontalFlip(p=0.5),
+            v2.RandomChoice(
+                [
+                    RandomShortSideResize(scales, max_size),
+                    v2.Compose(
+                        [
+                            RandomShortSideResize(crop_resize_scales),
+                            RandomSizeCrop(*crop_size),
+                            RandomShortSideResize(scales, max_size),
+                        ]
+                    ),
+                ]
+            ),
+        ]
+    )
+
+
+def make_eval_geometry(
+    scale: int = DETR_EVAL_SCALE, max_size: int | None = DETR_EVAL_MAX_SIZE
+) -> v2.Transform:
+    """The official evaluation geometry: shorter side ``scale``, longer side <= ``max_size``."""
+    return RandomShortSideResize([scale], max_size)
+
+
+class DetectionTransform:
+    """Geometric augmentation + normalisation of one image and its absolute ``xyxy`` boxes.
+
+    Call with ``image`` ``(3, H, W)`` uint8 and a target dict holding ``boxes`` ``(N, 4)`` float32 absolute
+    ``xyxy`` plus per-box tensors ``labels``, ``iscrowd`` (``(N,)``); other keys are passed through.
+    Returns ``image`` ``(3, H', W')`` float32 normalised with ImageNet mean/std and the target with
+    ``boxes`` ``(N', 4)`` normalised ``cxcywh`` (relative to ``H', W'``), ``labels``/``iscrowd``
+    ``(N',)``, ``area`` ``(N',)`` = box area in pixels of the transformed image, ``size`` = ``(H', W')``.
+    Boxes are clamped to the image and those left with no width or height are dropped (``N' <= N``).
+    """
+
+    def __init__(self, geometry: v2.Transform | None = None) -> None:
+        self.geometry = geometry
+
+    def __call__(self, image: Tensor, target: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        height, width = int(image.shape[-2]), int(image.shape[-1])
+        image = tv_tensors.Image(image)
+        boxes = tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=(height, width))
+        if self.geometry is not None:
+            image, boxes = self.geometry(image, boxes)
+        height, width = int(image.shape[-2]), int(image.shape[-1])
+
+        pixels = F.to_dtype(image, torch.float32, scale=True)
+        pixels = F.normalize(pixels, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)).as_subclass(Tensor)
+
+        xyxy = boxes.as_subclass(Tensor).clone()  # (N, 4)
+        xyxy[:, 0::2] = xyxy[:, 0::2].clamp(0, width)
+        xyxy[:, 1::2] = xyxy[:, 1::2].clamp(0, height)
+        keep = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
+        xyxy = xyxy[keep]
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+        out = dict(target)
+        out["boxes"] = box_convert(xyxy, "xyxy", "cxcywh") / scale  # (N', 4) in [0, 1]
+        out["labels"] = target["labels"][keep]
+        out["iscrowd"] = target["iscrowd"][keep]
+        out["area"] = (xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1])
+        out["size"] = torch.tensor([height, width], dtype=torch.int64)
+        return pixels, out

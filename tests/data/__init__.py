@@ -1,0 +1,1 @@
+"""Tests of detr_lightning.data."""
