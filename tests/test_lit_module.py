@@ -1,4 +1,4 @@
-"""The LightningModule on synthetic batches: optimizer recipe, logged keys, checkpoints, pretrained loading."""
+"""The LightningModule on synthetic batches: optimizer recipe, logged losses, checkpoints, pretrained."""
 
 from __future__ import annotations
 

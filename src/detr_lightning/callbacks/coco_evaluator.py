@@ -1,0 +1,258 @@
+"""COCO box mAP/AR of the validation and test epochs, as a Lightning callback.
+
+The LightningModule stays metric-free: its ``validation_step``/``test_step`` return
+``{"image_ids": list[int], "detections": list[dict]}`` with, per image, ``boxes (Q, 4)`` absolute xyxy in
+original-image pixels, ``scores (Q,)`` and ``labels (Q,)`` int64 model labels (all queries, no threshold).
+Ground truth comes from the datamodule's annotation file, ``trainer.datamodule.coco_gt(split)``, never from
+the batch (batch targets drop crowd boxes and are resized); ``trainer.datamodule.label_to_category_id`` maps
+model labels to category ids and ``trainer.datamodule.class_names`` names the classes.
+
+Distributed runs: every rank keeps its images' detections on the CPU (converted to COCO terms as each batch
+ends), at epoch end one ``all_gather_object`` brings them together, rank 0 drops the images the
+distributed sampler repeated, runs COCOeval once and broadcasts the figures, and every rank logs the same
+values. So no collective ever sees a CPU tensor on NCCL, COCOeval runs on one rank instead of all, and
+the numbers are those of the whole split counted once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning
+import torch
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
+from rich.console import Console
+from rich.text import Text
+from torch import Tensor
+
+from detr_lightning.metrics import (
+    coco_detections,
+    coco_results,
+    coco_summary_lines,
+    evaluate_coco_detections,
+    flatten_map_result,
+    per_class_table,
+    unique_images,
+)
+
+Split = Literal["val", "test"]
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILES: dict[str, str] = {"val": "predictions.coco.json", "test": "predictions_test.coco.json"}
+
+
+class CocoEvaluator(lightning.Callback):
+    """Scores validation and test detections with COCO box mAP/AR, logs, prints and saves the figures.
+
+    Logs ``val/map``, ``val/map_50``, ``val/map_75``, ``val/map_small|medium|large``, ``val/mar_1|10|100``,
+    ``val/mar_small|medium|large`` and ``val/ap/<class name>`` (``test/...`` in test), equal to
+    ``pycocotools`` ``COCOeval`` on the annotation file. On global rank 0 it prints the 12-line COCO summary
+    after every evaluation and a per-class table for the final one, and writes into ``output_dir``:
+
+    - ``metrics.json``: the last val and/or test figures as logged (after fit, test and stand-alone validate);
+    - ``predictions.coco.json`` (last val epoch) and ``predictions_test.coco.json``: detections in the COCO
+      results format with original category ids, which any COCO tool re-scores to the same numbers.
+
+    Args:
+        backend: COCOeval implementation, ``faster_coco_eval`` (default) or ``pycocotools``: same numbers.
+        class_metrics: compute per-class AP (one more COCOeval pass per class).
+        print_summary: print the 12-line COCO summary after each val epoch and test.
+        print_per_class: print the per-class table after fit, test and stand-alone validate.
+        write_metrics: write ``metrics.json``.
+        write_predictions: write the predictions files.
+        output_dir: where the files go; ``trainer.default_root_dir`` when ``None``.
+    """
+
+    def __init__(
+        self,
+        backend: Literal["faster_coco_eval", "pycocotools"] = "faster_coco_eval",
+        class_metrics: bool = True,
+        print_summary: bool = True,
+        print_per_class: bool = True,
+        write_metrics: bool = True,
+        write_predictions: bool = True,
+        output_dir: str | Path | None = None,
+    ) -> None:
+        super().__init__()
+        self.backend = backend
+        self.class_metrics = class_metrics
+        self.print_summary = print_summary
+        self.print_per_class = print_per_class
+        self.write_metrics = write_metrics
+        self.write_predictions = write_predictions
+        self.output_dir = output_dir
+        # This rank's images of the running epoch: (image id, detections in COCO terms on the CPU).
+        self._epoch_records: dict[str, list[tuple[int, dict[str, Tensor]]]] = {"val": [], "test": []}
+        # The last figures per split, as logged (every rank); the results and detections behind them (rank 0).
+        self.figures: dict[str, dict[str, float]] = {}
+        self._results: dict[str, dict[str, Tensor]] = {}
+        self._detections: dict[str, tuple[list[int], list[dict[str, Tensor]]]] = {}
+
+    # ------------------------------------------------------------------ validation
+    def on_validation_epoch_start(
+        self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
+    ) -> None:
+        self._epoch_records["val"] = []
+
+    def on_validation_batch_end(
+        self,
+        trainer: lightning.Trainer,
+        pl_module: lightning.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        # The sanity check scores two batches: numbers nobody should read, and Lightning drops its logs.
+        if not trainer.sanity_checking:
+            self._collect("val", trainer, outputs)
+
+    def on_validation_epoch_end(
+        self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
+    ) -> None:
+        if not trainer.sanity_checking:
+            self._evaluate("val", trainer, pl_module)
+
+    def on_validation_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING:  # stand-alone trainer.validate(); fit ends in on_fit_end
+            self._finish("val", trainer)
+
+    def on_fit_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        self._finish("val", trainer)
+
+    # ------------------------------------------------------------------ test
+    def on_test_epoch_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        self._epoch_records["test"] = []
+
+    def on_test_batch_end(
+        self,
+        trainer: lightning.Trainer,
+        pl_module: lightning.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._collect("test", trainer, outputs)
+
+    def on_test_epoch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        self._evaluate("test", trainer, pl_module)
+
+    def on_test_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        self._finish("test", trainer)
+
+    # ------------------------------------------------------------------ steps
+    def _collect(self, split: Split, trainer: lightning.Trainer, outputs: Any) -> None:
+        """Keep a batch's detections, in COCO terms, on the CPU."""
+        if not isinstance(outputs, dict) or "image_ids" not in outputs or "detections" not in outputs:
+            raise TypeError(
+                f"CocoEvaluator needs {split} steps to return {{'image_ids': list[int], 'detections': "
+                f"list[dict]}} (boxes xyxy in original pixels, scores, labels); got {type(outputs).__name__}"
+                + (f" with keys {sorted(outputs)}" if isinstance(outputs, dict) else "")
+            )
+        image_ids, detections = outputs["image_ids"], outputs["detections"]
+        if len(image_ids) != len(detections):
+            raise ValueError(
+                f"{split} step returned {len(image_ids)} image ids but {len(detections)} detections"
+            )
+        label_to_category_id = _datamodule(trainer).label_to_category_id
+        converted = coco_detections(detections, label_to_category_id)
+        self._epoch_records[split].extend(
+            (int(image_id), {key: value.detach().cpu() for key, value in detection.items()})
+            for image_id, detection in zip(image_ids, converted, strict=True)
+        )
+
+    def _evaluate(
+        self, split: Split, trainer: lightning.Trainer, pl_module: lightning.LightningModule
+    ) -> None:
+        """Gather, score on rank 0, share and log the figures of one epoch."""
+        records = _gather_to_all_ranks(trainer, self._epoch_records[split])
+        self._epoch_records[split] = []
+        figures: dict[str, float] = {}
+        if trainer.is_global_zero and records:
+            image_ids, detections = unique_images([i for i, _ in records], [d for _, d in records])
+            datamodule = _datamodule(trainer)
+            coco_gt = datamodule.coco_gt(split)
+            result = evaluate_coco_detections(
+                image_ids, detections, coco_gt, backend=self.backend, class_metrics=self.class_metrics
+            )
+            figures = flatten_map_result(result, split, _category_names(datamodule, coco_gt))
+            self._results[split] = result
+            self._detections[split] = (image_ids, detections)
+        figures = trainer.strategy.broadcast(figures, src=0)
+        if not figures:
+            rank_zero_warn(
+                f"CocoEvaluator: no {split} detections were collected, so no {split} mAP is logged"
+            )
+            return
+        # Identical on every rank (computed once, broadcast). Synced with max, which returns them unchanged
+        # (a mean over 3 ranks could round) and spares one "use sync_dist=True" warning per key in DDP.
+        log_options = {"sync_dist": True, "reduce_fx": "max"}
+        pl_module.log(f"{split}/map", figures[f"{split}/map"], prog_bar=True, **log_options)
+        pl_module.log_dict({k: v for k, v in figures.items() if k != f"{split}/map"}, **log_options)
+        self.figures[split] = figures
+        if trainer.is_global_zero and self.print_summary:
+            title = f"COCO box evaluation, {split}" + (
+                f" (epoch {trainer.current_epoch})" if trainer.state.fn == TrainerFn.FITTING else ""
+            )
+            summary = Text("\n".join([title, *coco_summary_lines(self._results[split])]))
+            Console().print(summary, soft_wrap=True)
+
+    def _finish(self, split: Split, trainer: lightning.Trainer) -> None:
+        """After fit, test or validate: print the per-class table and write the files (rank 0)."""
+        if not trainer.is_global_zero or split not in self._results:
+            return
+        result = self._results[split]
+        datamodule = _datamodule(trainer)
+        if self.print_per_class and self.class_metrics:
+            coco_gt = datamodule.coco_gt(split)
+            Console().print(per_class_table(result, _category_names(datamodule, coco_gt)))
+        output_dir = Path(self.output_dir if self.output_dir is not None else trainer.default_root_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if self.write_metrics:
+            all_figures = {key: value for figures in self.figures.values() for key, value in figures.items()}
+            (output_dir / METRICS_FILE).write_text(json.dumps(all_figures, indent=2) + "\n")
+        if self.write_predictions:
+            image_ids, detections = self._detections[split]
+            with open(output_dir / PREDICTIONS_FILES[split], "w") as file:
+                json.dump(coco_results(image_ids, detections), file)
+
+
+def _datamodule(trainer: lightning.Trainer) -> Any:
+    """The trainer's datamodule, checked for what the evaluator reads."""
+    datamodule = trainer.datamodule
+    missing = [name for name in ("coco_gt", "label_to_category_id") if not hasattr(datamodule, name)]
+    if datamodule is None or missing:
+        raise TypeError(
+            "CocoEvaluator reads ground truth from the datamodule: pass `datamodule=` to "
+            "trainer.fit/validate/test, with `coco_gt(split)` and `label_to_category_id`"
+            + (
+                f" (missing: {', '.join(missing)} on {type(datamodule).__name__})"
+                if datamodule is not None
+                else ""
+            )
+        )
+    return datamodule
+
+
+def _category_names(datamodule: Any, coco_gt: Any) -> dict[int, str]:
+    """Category id -> name: the datamodule's class names, else the annotation file's."""
+    names = {category_id: str(category["name"]) for category_id, category in coco_gt.cats.items()}
+    label_to_category_id = datamodule.label_to_category_id
+    for label, name in (getattr(datamodule, "class_names", None) or {}).items():
+        if label in label_to_category_id:
+            names[int(label_to_category_id[label])] = str(name)
+    return names
+
+
+def _gather_to_all_ranks(trainer: lightning.Trainer, records: list[Any]) -> list[Any]:
+    """Every rank's records, rank by rank (pickled, so any backend carries CPU tensors)."""
+    if trainer.world_size == 1 or not (
+        torch.distributed.is_available() and torch.distributed.is_initialized()
+    ):
+        return records
+    per_rank: list[list[Any] | None] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(per_rank, records)
+    return [record for rank_records in per_rank for record in rank_records or []]

@@ -1,0 +1,1 @@
+"""Tests of the COCO metrics and the evaluator callback."""
