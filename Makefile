@@ -15,19 +15,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# The built-in demo: synthetic data written to data/demo on first use, a small DETR on CPU.
 train: install
-	$(BIN)/python train.py
+	$(BIN)/python train.py experiment=demo
 
 test: install
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests train.py
+	$(BIN)/ruff format --check src tests train.py
 
 format: install
-	$(BIN)/ruff format src tests
-	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests train.py
+	$(BIN)/ruff check --fix src tests train.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -181,6 +181,7 @@ def infer_architecture(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
         "dec_layers": dec_layers,
         "dim_feedforward": int(state_dict[ffn_key].shape[0]),
         "pre_norm": "transformer.encoder.norm.weight" in state_dict,
+        "backbone_norm": "batch" if any(k.endswith("num_batches_tracked") for k in state_dict) else "frozen",
         "position_embedding": "learned" if "backbone.1.row_embed.weight" in state_dict else "sine",
     }
 

@@ -52,6 +52,8 @@ class DETRLitModule(lightning.LightningModule):
             )
         self.optimizer_args = dict(optimizer or {})
         self.scheduler_args = dict(scheduler or {})
+        if self.pretrained:
+            model_args["pretrained_backbone"] = False  # DETR weights replace the ImageNet ones anyway
         if self.optimizer_args.get("lr_backbone", 1e-5) <= 0:
             model_args["train_backbone"] = False
         self.model = build_detr(**model_args)

@@ -23,9 +23,13 @@ RESNETS = {
     "resnet101": (torchvision.models.resnet101, torchvision.models.ResNet101_Weights.IMAGENET1K_V1),
 }
 
-#: Parameters whose name contains one of these train (when the backbone trains at all); conv1 and
-#: layer1 stay frozen, as in the official code.
-TRAINABLE_STAGES = ("layer2", "layer3", "layer4")
+#: ResNet stages from the top; ``trainable_layers=k`` trains the last ``k`` of them (official: 3, i.e.
+#: conv1 and layer1 frozen; torchvision's ``trainable_backbone_layers`` has the same meaning).
+STAGES_TOP_DOWN = ("layer4", "layer3", "layer2", "layer1", "conv1")
+
+#: Normalization layers: ``frozen`` (official, for pretrained weights) or trainable ``batch`` norm
+#: (for a backbone trained from scratch, where frozen identity statistics leave activations unscaled).
+NORM_LAYERS = {"frozen": FrozenBatchNorm2d, "batch": nn.BatchNorm2d}
 
 
 class ResNetBackbone(nn.Module):
@@ -37,6 +41,9 @@ class ResNetBackbone(nn.Module):
         pretrained: load torchvision's ImageNet weights (through torchvision's weights API, cached in the
             torch hub directory; offline: :class:`~detr_lightning.checkpoints.WeightsUnavailableError`).
         train_backbone: when False every backbone parameter is frozen (official ``lr_backbone <= 0``).
+        trainable_layers: how many stages train, counted from ``layer4`` down to ``conv1`` (0-5; official 3).
+        norm: ``frozen`` batch norm (official; its statistics come from the weights) or ``batch`` (trainable,
+            for training from scratch; adds ``num_batches_tracked`` buffers to the state dict).
     """
 
     def __init__(
@@ -45,8 +52,16 @@ class ResNetBackbone(nn.Module):
         dilation: bool = False,
         pretrained: bool = False,
         train_backbone: bool = True,
+        trainable_layers: int = 3,
+        norm: str = "frozen",
     ) -> None:
         super().__init__()
+        if not 0 <= trainable_layers <= len(STAGES_TOP_DOWN):
+            raise ValueError(
+                f"trainable_layers={trainable_layers} must be between 0 and {len(STAGES_TOP_DOWN)}"
+            )
+        if norm not in NORM_LAYERS:
+            raise ValueError(f"unknown backbone norm {norm!r}; choose one of {sorted(NORM_LAYERS)}")
         if name not in RESNETS:
             raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(RESNETS)}")
         constructor, weights = RESNETS[name]
@@ -56,15 +71,21 @@ class ResNetBackbone(nn.Module):
                 "use resnet50 or resnet101 for DC5"
             )
         resnet = constructor(
-            weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=FrozenBatchNorm2d
+            weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=NORM_LAYERS[norm]
         )
         if pretrained:
             from detr_lightning.checkpoints import fetch_torchvision_weights
 
-            resnet.load_state_dict(fetch_torchvision_weights(weights))
+            missing, unexpected = resnet.load_state_dict(fetch_torchvision_weights(weights), strict=False)
+            missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+            if missing or unexpected:
+                raise RuntimeError(
+                    f"ImageNet weights of {name} do not fit: missing {missing}, unexpected {unexpected}"
+                )
+        trainable_stages = STAGES_TOP_DOWN[:trainable_layers] if train_backbone else ()
         for param_name, param in resnet.named_parameters():
-            trainable = train_backbone and any(stage in param_name for stage in TRAINABLE_STAGES)
-            param.requires_grad_(trainable)
+            stage = "conv1" if param_name.startswith(("conv1.", "bn1.")) else param_name.split(".")[0]
+            param.requires_grad_(stage in trainable_stages)
         self.body = IntermediateLayerGetter(resnet, return_layers={"layer4": "0"})
         self.num_channels = 512 if name in ("resnet18", "resnet34") else 2048
         self.stride = 16 if dilation else 32

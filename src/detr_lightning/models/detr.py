@@ -113,6 +113,8 @@ def build_detr(
     dilation: bool = False,
     pretrained_backbone: bool = False,
     train_backbone: bool = True,
+    trainable_backbone_layers: int = 3,
+    backbone_norm: str = "frozen",
     position_embedding: str = "sine",
     hidden_dim: int = 256,
     nheads: int = 8,
@@ -128,10 +130,17 @@ def build_detr(
     """Build a DETR from plain arguments (the official defaults give DETR-R50).
 
     ``pretrained_backbone`` loads torchvision's ImageNet weights into the ResNet; ``train_backbone=False``
-    freezes it entirely (the official ``lr_backbone <= 0``).
+    freezes it entirely (the official ``lr_backbone <= 0``); ``trainable_backbone_layers`` (official 3:
+    conv1 and layer1 frozen) and ``backbone_norm`` (``frozen`` officially, ``batch`` to train a backbone
+    from scratch) are passed to :class:`ResNetBackbone`.
     """
     trunk = ResNetBackbone(
-        backbone, dilation=dilation, pretrained=pretrained_backbone, train_backbone=train_backbone
+        backbone,
+        dilation=dilation,
+        pretrained=pretrained_backbone,
+        train_backbone=train_backbone,
+        trainable_layers=trainable_backbone_layers,
+        norm=backbone_norm,
     )
     joined = BackboneWithPosition(trunk, build_position_encoding(position_embedding, hidden_dim))
     transformer = Transformer(
@@ -149,6 +158,7 @@ def build_detr(
         "num_classes": num_classes,
         "backbone": backbone,
         "dilation": dilation,
+        "backbone_norm": backbone_norm,
         "position_embedding": position_embedding,
         "hidden_dim": hidden_dim,
         "nheads": nheads,

@@ -1,0 +1,60 @@
+"""Fixtures for the training entry point: a small demo dataset and composed configs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from detr_lightning.data.demo import ensure_demo_dataset
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = REPO_ROOT / "conf"
+
+#: Overrides that make any experiment a seconds-long CPU run on the small demo set.
+QUICK = [
+    "trainer.accelerator=cpu",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=3",
+    "data.num_workers=0",
+    "data.persistent_workers=false",
+    "data.batch_size=2",
+    "callbacks.progress_bar=null",
+]
+
+
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory) -> Path:
+    """The demo dataset with 12/6/6 images (same generator as the built-in one)."""
+    return ensure_demo_dataset(tmp_path_factory.mktemp("data") / "demo", num_train=12, num_val=6, num_test=6)
+
+
+@pytest.fixture
+def compose_config():
+    """``compose_config(overrides)`` -> the composed train config (with the hydra node)."""
+
+    def compose_with(overrides: list[str]):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return compose(config_name="train", overrides=overrides, return_hydra_config=True)
+
+    yield compose_with
+    GlobalHydra.instance().clear()
+
+
+def run_train_cli(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run ``python train.py ARGS`` as a user would, from ``cwd``."""
+    env = {**os.environ, "DETR_LIGHTNING_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -1,0 +1,69 @@
+"""Every config group composes, and the experiments hold the settings they promise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from detr_lightning.training import build_module
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+@pytest.mark.parametrize(
+    "group", ["backbone", "transformer", "matcher", "loss", "optimizer", "scheduler", "data", "trainer", "logger"]
+)
+def test_every_option_of_every_group_composes(compose_config, group):
+    for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
+        cfg = compose_config([f"{group}={option}", "data.root=/some/data"])
+        OmegaConf.to_container(cfg.model, resolve=True)
+
+
+def test_experiments_compose(compose_config):
+    for experiment in sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")):
+        cfg = compose_config([f"experiment={experiment}"])
+        assert cfg.task_name == experiment
+
+
+def test_fire_extinguishers_reproduces_the_run_settings(compose_config):
+    cfg = compose_config(["experiment=fire_extinguishers", "data.root=/data/fire"])
+    assert cfg.model.backbone == "resnet50" and cfg.model.dilation is False
+    assert (cfg.model.num_classes, cfg.model.num_queries, cfg.model.aux_loss) == (2, 100, True)
+    assert cfg.model.pretrained == "detr_r50" and cfg.model.position_embedding == "sine"
+    assert (cfg.model.hidden_dim, cfg.model.nheads, cfg.model.enc_layers, cfg.model.dec_layers) == (256, 8, 6, 6)
+    assert (cfg.model.dim_feedforward, cfg.model.dropout, cfg.model.pre_norm) == (2048, 0.1, False)
+    assert (cfg.optimizer.lr, cfg.optimizer.lr_backbone, cfg.optimizer.weight_decay) == (1e-4, 1e-5, 1e-4)
+    assert (cfg.matcher.cost_class, cfg.matcher.cost_bbox, cfg.matcher.cost_giou) == (1, 5, 2)
+    assert (cfg.loss.bbox_loss_coef, cfg.loss.giou_loss_coef, cfg.loss.eos_coef) == (5, 2, 0.1)
+    assert (cfg.data.batch_size, cfg.trainer.max_epochs, cfg.trainer.gradient_clip_val) == (2, 5, 0.1)
+    assert (cfg.seed, cfg.scheduler.lr_drop) == (42, 200)
+    module = build_module(cfg, num_classes=cfg.model.num_classes)
+    trainable = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
+    assert trainable == 41_279_495  # "number of params" in the run's log
+
+
+def test_loss_overrides_reach_the_criterion(compose_config):
+    cfg = compose_config(
+        ["experiment=demo", "loss.bbox_loss_coef=3", "loss.giou_loss_coef=4", "loss.eos_coef=0.2", "matcher.cost_giou=7"]
+    )
+    module = build_module(cfg, num_classes=5)
+    assert module.criterion.weight_dict["loss_bbox_0"] == 3 and module.criterion.weight_dict["loss_giou"] == 4
+    assert module.criterion.empty_weight[-1] == pytest.approx(0.2)
+    assert module.criterion.matcher.cost_giou == 7
+
+
+def test_no_aux_loss_switches_the_aux_outputs_off(compose_config):
+    module = build_module(compose_config(["experiment=demo", "loss.aux_loss=false"]), num_classes=5)
+    assert module.model.aux_loss is False and set(module.criterion.weight_dict) == {"loss_ce", "loss_bbox", "loss_giou"}
+
+
+def test_trainer_and_loggers_instantiate(compose_config, tmp_path):
+    cfg = compose_config(["experiment=demo", "logger=csv", f"hydra.run.dir={tmp_path}"])
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig().set_config(cfg)
+    trainer = instantiate(cfg.trainer, logger=False)
+    assert trainer.gradient_clip_val == 0.1 and trainer.max_epochs == cfg.trainer.max_epochs

@@ -1,0 +1,108 @@
+"""`python train.py ...` as users run it: run directory contents, clear errors, sweeps."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from detr_lightning import load_official_detr
+
+from .conftest import QUICK, run_train_cli
+
+
+def test_demo_run_writes_everything_a_user_looks_for(small_demo, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_train_cli(
+        ["experiment=demo", f"data.root={small_demo}", f"hydra.run.dir={run_dir}", *QUICK], cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in result.stdout
+    for name in ("square", "disc", "triangle"):
+        assert name in result.stdout  # per-class table with class names
+
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    for checkpoint in ("best.ckpt", "last.ckpt"):
+        model = load_official_detr(run_dir / "checkpoints" / checkpoint)  # weights_only=True loads it
+        assert model.num_classes == 5  # demo category ids go up to 4
+
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    assert len(rows) == 1 and rows[0]["epoch"] == "0"
+    for column in ("train/loss", "train/loss_ce", "train/loss_giou_0", "val/loss", "val/map", "val/mar_100"):
+        assert rows[0][column] != "", column
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert {"val/map", "val/map_50", "test/map"} <= set(metrics)
+
+    # Any COCO tool re-scores the written predictions to the logged figure.
+    predictions = json.loads((run_dir / "predictions.coco.json").read_text())
+    assert predictions and {"image_id", "category_id", "bbox", "score"} <= set(predictions[0])
+    assert {p["category_id"] for p in predictions} <= {1, 2, 4}  # original category ids
+    ground_truth = COCO(str(small_demo / "valid" / "_annotations.coco.json"))
+    evaluation = COCOeval(ground_truth, ground_truth.loadRes(predictions), "bbox")
+    evaluation.evaluate()
+    evaluation.accumulate()
+    evaluation.summarize()
+    assert abs(evaluation.stats[0] - metrics["val/map"]) < 1e-6
+
+
+def test_missing_data_is_one_clear_message(tmp_path):
+    result = run_train_cli(["data.root=" + str(tmp_path / "nowhere"), *QUICK], cwd=tmp_path, timeout=120)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output
+    assert str(tmp_path / "nowhere") in output
+
+
+def test_num_classes_too_small_for_the_data(small_demo, tmp_path):
+    result = run_train_cli(
+        ["experiment=demo", f"data.root={small_demo}", "model.num_classes=3", *QUICK], cwd=tmp_path, timeout=120
+    )
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output and "num_classes" in output and "5" in output
+
+
+def test_unknown_config_key_is_rejected(tmp_path):
+    result = run_train_cli(["experiment=demo", "optimizer.learning_rate=1"], cwd=tmp_path, timeout=120)
+    assert result.returncode != 0 and "learning_rate" in result.stderr
+
+
+def test_multirun_sweeps_loss_coefficients(small_demo, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    result = run_train_cli(
+        [
+            "-m",
+            "experiment=demo",
+            f"data.root={small_demo}",
+            f"hydra.sweep.dir={sweep_dir}",
+            "loss.bbox_loss_coef=2,5",
+            "debug=fast_dev_run",
+            *QUICK,
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in jobs] == ["0", "1"]
+    coefficients = [(job / ".hydra" / "overrides.yaml").read_text() for job in jobs]
+    assert "loss.bbox_loss_coef=2" in coefficients[0] and "loss.bbox_loss_coef=5" in coefficients[1]
+
+
+def test_resume_from_last_checkpoint_continues_the_epochs(small_demo, tmp_path):
+    first = tmp_path / "first"
+    args = ["experiment=demo", f"data.root={small_demo}", "test=false", *QUICK]
+    assert run_train_cli([*args, f"hydra.run.dir={first}"], cwd=tmp_path).returncode == 0
+    last = first / "checkpoints" / "last.ckpt"
+    second = tmp_path / "second"
+    result = run_train_cli(
+        [*args, f"hydra.run.dir={second}", f"ckpt_path={last}", "trainer.max_epochs=2"], cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader((second / "metrics.csv").open()))
+    assert [row["epoch"] for row in rows][-1] == "1"
+    state = torch.load(second / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert state["epoch"] == 1
