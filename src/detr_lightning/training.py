@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import lightning
@@ -43,8 +44,42 @@ def build_module(cfg: DictConfig, num_classes: int) -> DETRLitModule:
     )
 
 
+def quiet_third_party_logs() -> None:
+    """faster-coco-eval logs its own copy of the COCO summary at INFO; ours is printed once."""
+    logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
+
+
+def resolve_resume_checkpoint(ckpt_path: str | None, output_dir: str | None) -> str | None:
+    """``ckpt_path=last``: the newest ``checkpoints/last.ckpt`` among the runs beside this one
+    (``outputs/<task_name>/*``); any other value is a path used as given."""
+    if ckpt_path != "last":
+        if ckpt_path and not Path(ckpt_path).expanduser().is_file():
+            raise CheckpointError(
+                f"ckpt_path={ckpt_path} does not exist. Fix: give a run's checkpoints/last.ckpt."
+            )
+        return ckpt_path
+    if output_dir is None:
+        raise CheckpointError("ckpt_path=last needs the run directory; give the checkpoint's path instead.")
+    this_run = Path(output_dir).resolve()
+    candidates = [
+        path
+        for path in this_run.parent.glob("*/checkpoints/last.ckpt")
+        if path.resolve().parent.parent != this_run
+    ]
+    if not candidates:
+        raise CheckpointError(
+            f"ckpt_path=last: no earlier run with checkpoints/last.ckpt in {this_run.parent}. "
+            "Fix: give the checkpoint's path."
+        )
+    latest = max(candidates, key=lambda path: path.stat().st_mtime)
+    log.info("Resuming from %s", latest)
+    return str(latest)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the model of ``cfg`` on its data, then test the best checkpoint; return the final figures."""
+    quiet_third_party_logs()
+    ckpt_path = resolve_resume_checkpoint(cfg.get("ckpt_path"), cfg.trainer.get("default_root_dir"))
     if cfg.get("seed") is not None:
         lightning.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
@@ -55,7 +90,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("model.num_classes=%d from the data (%s)", num_classes, datamodule.label_mapping)
     datamodule.check_num_classes(num_classes)
     module = build_module(cfg, num_classes)
-    if cfg.model.get("pretrained") and not cfg.get("ckpt_path"):
+    if cfg.model.get("pretrained") and not ckpt_path:
         module.load_pretrained()
 
     callbacks = instantiate_group(cfg.get("callbacks"))
@@ -65,11 +100,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in trainer.loggers:
         logger.log_hyperparams(hyperparameters)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if _is_scalar(v)}
     if cfg.get("test") and datamodule.has_split("test") and not trainer.fast_dev_run:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True, verbose=False)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if _is_scalar(v)})
     return metrics
 

@@ -47,11 +47,13 @@ def compose_config():
     GlobalHydra.instance().clear()
 
 
-def run_train_cli(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run ``python train.py ARGS`` as a user would, from ``cwd``."""
+def run_train_cli(
+    args: list[str], cwd: Path, timeout: float = 240, script: str = "train.py"
+) -> subprocess.CompletedProcess:
+    """Run ``python train.py ARGS`` (or another entry point) as a user would, from ``cwd``."""
     env = {**os.environ, "DETR_LIGHTNING_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
     return subprocess.run(
-        [sys.executable, str(REPO_ROOT / "train.py"), *args],
+        [sys.executable, str(REPO_ROOT / script), *args],
         cwd=cwd,
         env=env,
         capture_output=True,

@@ -48,6 +48,22 @@ def test_demo_run_writes_everything_a_user_looks_for(small_demo, tmp_path):
     evaluation.summarize()
     assert abs(evaluation.stats[0] - metrics["val/map"]) < 1e-6
 
+    # eval.py on the best checkpoint reuses the run's data settings and gives the same figures.
+    eval_dir = tmp_path / "eval"
+    result = run_train_cli(
+        [
+            f"ckpt_path={run_dir / 'checkpoints' / 'best.ckpt'}",
+            f"hydra.run.dir={eval_dir}",
+            "data.num_workers=0",
+        ],
+        cwd=tmp_path,
+        script="eval.py",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = json.loads((eval_dir / "metrics.json").read_text())
+    assert abs(evaluated["val/map"] - metrics["val/map"]) < 1e-6
+    assert (eval_dir / "predictions.coco.json").is_file()
+
 
 def test_missing_data_is_one_clear_message(tmp_path):
     result = run_train_cli(["data.root=" + str(tmp_path / "nowhere"), *QUICK], cwd=tmp_path, timeout=120)
@@ -59,7 +75,9 @@ def test_missing_data_is_one_clear_message(tmp_path):
 
 def test_num_classes_too_small_for_the_data(small_demo, tmp_path):
     result = run_train_cli(
-        ["experiment=demo", f"data.root={small_demo}", "model.num_classes=3", *QUICK], cwd=tmp_path, timeout=120
+        ["experiment=demo", f"data.root={small_demo}", "model.num_classes=3", *QUICK],
+        cwd=tmp_path,
+        timeout=120,
     )
     assert result.returncode != 0
     output = result.stdout + result.stderr
@@ -93,16 +111,25 @@ def test_multirun_sweeps_loss_coefficients(small_demo, tmp_path):
 
 
 def test_resume_from_last_checkpoint_continues_the_epochs(small_demo, tmp_path):
-    first = tmp_path / "first"
+    runs = tmp_path / "outputs" / "demo"
+    first, second = runs / "2026-01-01_00-00-00", runs / "2026-01-01_01-00-00"
     args = ["experiment=demo", f"data.root={small_demo}", "test=false", *QUICK]
     assert run_train_cli([*args, f"hydra.run.dir={first}"], cwd=tmp_path).returncode == 0
-    last = first / "checkpoints" / "last.ckpt"
-    second = tmp_path / "second"
     result = run_train_cli(
-        [*args, f"hydra.run.dir={second}", f"ckpt_path={last}", "trainer.max_epochs=2"], cwd=tmp_path
+        [*args, f"hydra.run.dir={second}", "ckpt_path=last", "trainer.max_epochs=2"], cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = list(csv.DictReader((second / "metrics.csv").open()))
     assert [row["epoch"] for row in rows][-1] == "1"
+    assert str(first / "checkpoints" / "last.ckpt") in result.stdout + result.stderr
+    assert [row["epoch"] for row in rows] == ["0", "1"]  # the resumed run keeps the first epoch's row
     state = torch.load(second / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert state["epoch"] == 1
+    assert state["optimizer_states"][0]["state"]  # AdamW moments carried over
+
+
+def test_resume_without_an_earlier_run_says_so(tmp_path):
+    result = run_train_cli(
+        ["ckpt_path=last", f"hydra.run.dir={tmp_path / 'out' / 'x'}"], cwd=tmp_path, timeout=120
+    )
+    assert result.returncode != 0 and "no earlier run" in result.stderr + result.stdout

@@ -1,0 +1,79 @@
+"""Evaluate a project checkpoint or official DETR weights: what ``eval.py`` runs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from detr_lightning.checkpoints import CheckpointError, load_weights_file
+from detr_lightning.lit_module import DETRLitModule
+from detr_lightning.training import build_module, instantiate_group, quiet_third_party_logs
+
+log = logging.getLogger(__name__)
+
+
+def data_config_for_checkpoint(cfg: DictConfig, ckpt_path: Path, command_line: list[str]) -> DictConfig:
+    """The data settings of the run that wrote ``ckpt_path`` (its ``.hydra/config.yaml``), with the
+    ``data.*`` overrides of this command line applied on top; ``cfg.data`` when the run's config is gone."""
+    run_config = ckpt_path.resolve().parent.parent / ".hydra" / "config.yaml"
+    if not run_config.is_file():
+        return cfg.data
+    data = OmegaConf.load(run_config).data
+    data_overrides = [o.removeprefix("data.") for o in command_line if o.startswith("data.")]
+    if data_overrides:
+        data = OmegaConf.merge(data, OmegaConf.from_dotlist(data_overrides))
+    log.info("Data settings of %s (with %s)", run_config, data_overrides or "no overrides")
+    return data
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Run the COCO evaluation of ``cfg.split`` and return the figures (also in ``metrics.json``)."""
+    quiet_third_party_logs()
+    if not cfg.get("ckpt_path") and not cfg.model.get("pretrained"):
+        raise CheckpointError(
+            "Nothing to evaluate: give ckpt_path=RUN/checkpoints/best.ckpt or model.pretrained=detr_r50."
+        )
+    if cfg.split not in ("val", "test"):
+        raise CheckpointError(f"split={cfg.split!r}: choose val or test.")
+    data_cfg = cfg.data
+    if cfg.get("ckpt_path"):
+        ckpt_path = Path(cfg.ckpt_path).expanduser()
+        if not ckpt_path.is_file():
+            raise CheckpointError(
+                f"ckpt_path={ckpt_path} does not exist. Fix: point it at a run's checkpoints/best.ckpt."
+            )
+        command_line = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+        data_cfg = data_config_for_checkpoint(cfg, ckpt_path, command_line)
+    with open_dict(data_cfg):
+        data_cfg.generate_demo = False
+    datamodule = instantiate(data_cfg)
+    if not datamodule.has_split(cfg.split):
+        raise CheckpointError(f"{data_cfg.root} has no {cfg.split} split to evaluate.")
+    if cfg.get("ckpt_path"):
+        module = load_project_checkpoint(ckpt_path)
+    else:
+        num_classes = cfg.model.num_classes or datamodule.num_classes
+        module = build_module(cfg, num_classes)
+        module.load_pretrained()
+    datamodule.check_num_classes(module.model.num_classes)
+    trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=False)
+    run = trainer.validate if cfg.split == "val" else trainer.test
+    results = run(module, datamodule=datamodule, verbose=False)
+    return {k: float(v) for k, v in (results[0] if results else {}).items()}
+
+
+def load_project_checkpoint(path: Path) -> DETRLitModule:
+    """A LightningModule from a checkpoint of this project, read with ``weights_only=True``."""
+    checkpoint = load_weights_file(path)
+    if not isinstance(checkpoint, dict) or "hyper_parameters" not in checkpoint:
+        raise CheckpointError(
+            f"{path} is not a Lightning checkpoint of this project. Fix: for official DETR weights use "
+            "model.pretrained=PATH instead of ckpt_path."
+        )
+    module = DETRLitModule(**checkpoint["hyper_parameters"])
+    module.load_state_dict(checkpoint["state_dict"])
+    return module
