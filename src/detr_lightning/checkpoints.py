@@ -172,7 +172,11 @@ def infer_architecture(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
     dec_layers = _layer_count(state_dict, "transformer.decoder.layers.")
     ffn_key = "transformer.decoder.layers.0.linear1.weight"
     num_queries, hidden_dim = state_dict["query_embed.weight"].shape
+    extra_group_queries = (
+        state_dict["query_embed_groups"].shape[0] if "query_embed_groups" in state_dict else 0
+    )
     return {
+        "num_groups": 1 + extra_group_queries // int(num_queries),
         "backbone": resnets[(bottleneck, layer3_blocks)],
         "num_classes": state_dict["class_embed.weight"].shape[0] - 1,
         "num_queries": int(num_queries),

@@ -88,9 +88,10 @@ class DETRLitModule(lightning.LightningModule):
             source, num_classes=self.model.num_classes, nheads=arch["nheads"], dilation=arch["dilation"]
         )
         ours, theirs = self.model.state_dict(), pretrained.state_dict()
+        group_queries = {"query_embed_groups"} if self.model.num_groups > 1 else set()
         mismatched = sorted(
             k
-            for k in set(ours) | set(theirs)
+            for k in (set(ours) | set(theirs)) - group_queries
             if k not in ours or k not in theirs or ours[k].shape != theirs[k].shape
         )
         if mismatched:
@@ -101,7 +102,9 @@ class DETRLitModule(lightning.LightningModule):
                 f"(e.g. backbone=resnet50 transformer=detr model.num_queries=100 for detr_r50). "
                 f"First differing keys: {mismatched[:5]}"
             )
-        self.model.load_state_dict(theirs)
+        theirs = {k: v for k, v in theirs.items() if k not in group_queries}
+        self.model.load_state_dict(theirs, strict=not group_queries)
+        self.model.copy_group_zero_queries()
         log.info("Loaded pretrained DETR weights from %s", source)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -75,6 +75,8 @@ class CocoDataModule(lightning.LightningDataModule):
         check_images: verify every image file (presence, format, size) in `setup`.
         drop_last: drop the last incomplete training batch (the official code does).
         generate_demo: write the built-in demo dataset to ``root`` if no dataset is there.
+        demo_root: when set, the demo is only written if ``root`` is this folder, so a mistyped
+            ``data.root`` on the demo experiment is reported as missing data, never filled with shapes.
     """
 
     def __init__(
@@ -99,6 +101,7 @@ class CocoDataModule(lightning.LightningDataModule):
         check_images: bool = True,
         drop_last: bool = True,
         generate_demo: bool = False,
+        demo_root: str | Path | None = None,
     ) -> None:
         super().__init__()
         self.root = Path(root).expanduser() if root is not None else None
@@ -135,6 +138,7 @@ class CocoDataModule(lightning.LightningDataModule):
         self.check_images = check_images
         self.drop_last = drop_last
         self.generate_demo = generate_demo
+        self.demo_root = Path(demo_root).expanduser() if demo_root is not None else None
 
         self._layout: DatasetLayout | None = None
         self._splits: dict[str, CheckedSplit] = {}
@@ -148,6 +152,7 @@ class CocoDataModule(lightning.LightningDataModule):
         if (
             self.generate_demo
             and self.root is not None
+            and (self.demo_root is None or self.demo_root.resolve() == self.root.resolve())
             and not (self.root.is_dir() and detect_layout(self.root))
         ):
             ensure_demo_dataset(self.root)

@@ -43,6 +43,15 @@ def count_target_boxes(targets: Sequence[dict[str, Tensor]], device: torch.devic
     return torch.clamp(num_boxes / world_size, min=1)
 
 
+def split_query_groups(stacked: Tensor, num_groups: int) -> Tensor:
+    """``(L, B, K * Q, X)`` -> ``(L * K, B, Q, X)``, ordered layer-major (index ``layer * K + group``)."""
+    if num_groups == 1:
+        return stacked
+    layers, batch, queries, features = stacked.shape
+    grouped = stacked.view(layers, batch, num_groups, queries // num_groups, features).transpose(1, 2)
+    return grouped.reshape(layers * num_groups, batch, queries // num_groups, features)
+
+
 class SetCriterion(nn.Module):
     """The official DETR loss, with the official log keys.
 
@@ -79,28 +88,42 @@ class SetCriterion(nn.Module):
 
         Args:
             outputs: the model's ``pred_logits (B, Q, C+1)``, ``pred_boxes (B, Q, 4)`` and optional
-                ``aux_outputs``.
+                ``aux_outputs``; with ``num_groups = K`` (Group DETR training) the query dimension holds
+                ``K`` groups of ``Q / K`` queries, each matched on its own, their losses summed.
             targets: ``B`` dicts with ``labels (T_i,)`` int64 and ``boxes (T_i, 4)`` normalized cxcywh.
 
         Returns:
             The loss dict in the official key order (0-dim tensors).
         """
         layers = [outputs] + list(outputs.get("aux_outputs", []))
-        matchings = self.matcher.match_layers(
-            torch.stack([layer["pred_logits"] for layer in layers]),
-            torch.stack([layer["pred_boxes"] for layer in layers]),
-            targets,
-        )
+        num_groups = int(outputs.get("num_groups", 1))
+        # (L, B, K * Q, ...) -> (L * K, B, Q, ...): every (layer, query group) is its own matching problem.
+        logits = split_query_groups(torch.stack([layer["pred_logits"] for layer in layers]), num_groups)
+        boxes = split_query_groups(torch.stack([layer["pred_boxes"] for layer in layers]), num_groups)
+        matchings = self.matcher.match_layers(logits, boxes, targets)
         device = outputs["pred_logits"].device
         num_boxes = count_target_boxes(targets, device)
         target_labels = [t["labels"].to(device) for t in targets]
         target_boxes = [t["boxes"].to(device) for t in targets]
         losses: dict[str, Tensor] = {}
-        for layer_index, (layer, matching) in enumerate(zip(layers, matchings, strict=True)):
+        for layer_index in range(len(layers)):
             suffix = "" if layer_index == 0 else f"_{layer_index - 1}"
-            layer_losses = self.layer_losses(
-                layer, matching, target_labels, target_boxes, num_boxes, with_class_error=layer_index == 0
-            )
+            layer_losses: dict[str, Tensor] = {}
+            for group in range(num_groups):
+                problem = layer_index * num_groups + group
+                group_losses = self.layer_losses(
+                    {"pred_logits": logits[problem], "pred_boxes": boxes[problem]},
+                    matchings[problem],
+                    target_labels,
+                    target_boxes,
+                    num_boxes,
+                    with_class_error=layer_index == 0,
+                )
+                if group == 0:  # logs (class and cardinality errors) describe group 0, the inference group
+                    layer_losses = group_losses
+                else:  # Group DETR: the weighted losses are summed over groups
+                    for key in ("loss_ce", "loss_bbox", "loss_giou"):
+                        layer_losses[key] = layer_losses[key] + group_losses[key]
             losses.update({f"{key}{suffix}": value for key, value in layer_losses.items()})
         return losses
 

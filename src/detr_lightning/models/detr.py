@@ -42,6 +42,10 @@ class DETR(nn.Module):
             has ``num_classes + 1`` outputs, the last one meaning "no object".
         num_queries: number of object queries ``Q``.
         aux_loss: also return the predictions of every decoder layer but the last.
+        num_groups: Group DETR (training only): ``K`` independent sets of ``Q`` queries decoded together,
+            each group's self-attention restricted to itself, each matched to the targets on its own.
+            Group 0 is ``query_embed``; the others live in ``query_embed_groups``. In eval mode only
+            group 0 runs, so inference is the plain model. 1 (default) is the official model.
     """
 
     def __init__(
@@ -51,8 +55,11 @@ class DETR(nn.Module):
         num_classes: int,
         num_queries: int = 100,
         aux_loss: bool = True,
+        num_groups: int = 1,
     ) -> None:
         super().__init__()
+        if num_groups < 1:
+            raise ValueError(f"num_groups={num_groups} must be at least 1")
         hidden_dim = transformer.d_model
         # Attribute order gives the official state-dict order.
         self.transformer = transformer
@@ -61,6 +68,10 @@ class DETR(nn.Module):
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
         self.input_proj = nn.Conv2d(backbone.num_channels, hidden_dim, kernel_size=1)
         self.backbone = backbone
+        if num_groups > 1:
+            # Same initialisation as nn.Embedding; fine-tuning from official weights copies group 0 in.
+            self.query_embed_groups = nn.Parameter(torch.randn((num_groups - 1) * num_queries, hidden_dim))
+        self.num_groups = num_groups
         self.num_classes = num_classes
         self.num_queries = num_queries
         self.aux_loss = aux_loss
@@ -88,10 +99,18 @@ class DETR(nn.Module):
                 raise ValueError("pass a mask only with a padded (B, 3, H, W) batch")
             images, mask = pad_images_to_batch(list(images))
         features, feature_mask, pos = self.backbone(images, mask)
-        hs = self.transformer(self.input_proj(features), feature_mask, self.query_embed.weight, pos)[0]
+        groups = self.num_groups if self.training else 1
+        queries = self.query_embed.weight  # (Q, D)
+        self_attn_mask = None
+        if groups > 1:
+            queries = torch.cat([queries, self.query_embed_groups])  # (K * Q, D)
+            self_attn_mask = group_attention_mask(groups, self.num_queries, queries.device)
+        hs = self.transformer(self.input_proj(features), feature_mask, queries, pos, self_attn_mask)[0]
         logits = self.class_embed(hs)  # (L, B, Q, C + 1)
         boxes = self.bbox_embed(hs).sigmoid()  # (L, B, Q, 4)
         out: dict[str, Any] = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+        if groups > 1:
+            out["num_groups"] = groups  # the criterion matches each block of Q queries separately
         if self.aux_loss:
             out["aux_outputs"] = [
                 {"pred_logits": layer_logits, "pred_boxes": layer_boxes}
@@ -99,12 +118,24 @@ class DETR(nn.Module):
             ]
         return out
 
+    def copy_group_zero_queries(self) -> None:
+        """Initialise every extra query group from group 0 (after loading official weights)."""
+        if self.num_groups > 1:
+            with torch.no_grad():
+                self.query_embed_groups.copy_(self.query_embed.weight.repeat(self.num_groups - 1, 1))
+
     def reset_class_head(self, num_classes: int) -> None:
         """Replace the class head by a freshly initialised one with ``num_classes + 1`` outputs."""
         old = self.class_embed
         self.class_embed = nn.Linear(old.in_features, num_classes + 1).to(old.weight.device, old.weight.dtype)
         self.num_classes = num_classes
         self.architecture["num_classes"] = num_classes
+
+
+def group_attention_mask(num_groups: int, num_queries: int, device: torch.device) -> Tensor:
+    """``(K * Q, K * Q)`` bool, True where a query may not attend: outside its own group of ``Q``."""
+    group_of_query = torch.arange(num_groups * num_queries, device=device) // num_queries
+    return group_of_query[:, None] != group_of_query[None, :]
 
 
 def build_detr(
@@ -126,6 +157,7 @@ def build_detr(
     pre_norm: bool = False,
     num_queries: int = 100,
     aux_loss: bool = True,
+    num_groups: int = 1,
 ) -> DETR:
     """Build a DETR from plain arguments (the official defaults give DETR-R50).
 
@@ -153,7 +185,14 @@ def build_detr(
         activation=activation,
         normalize_before=pre_norm,
     )
-    model = DETR(joined, transformer, num_classes=num_classes, num_queries=num_queries, aux_loss=aux_loss)
+    model = DETR(
+        joined,
+        transformer,
+        num_classes=num_classes,
+        num_queries=num_queries,
+        aux_loss=aux_loss,
+        num_groups=num_groups,
+    )
     model.architecture = {
         "num_classes": num_classes,
         "backbone": backbone,
@@ -170,5 +209,6 @@ def build_detr(
         "pre_norm": pre_norm,
         "num_queries": num_queries,
         "aux_loss": aux_loss,
+        "num_groups": num_groups,
     }
     return model
