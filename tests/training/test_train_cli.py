@@ -133,3 +133,69 @@ def test_resume_without_an_earlier_run_says_so(tmp_path):
         ["ckpt_path=last", f"hydra.run.dir={tmp_path / 'out' / 'x'}"], cwd=tmp_path, timeout=120
     )
     assert result.returncode != 0 and "no earlier run" in result.stderr + result.stdout
+
+
+def test_fire_extinguishers_fast_dev_run_from_official_format_weights(small_demo, tmp_path):
+    """The reference experiment end to end, with a tiny generated file in the official checkpoint format."""
+    import argparse
+
+    from detr_lightning.models import build_detr
+
+    official = build_detr(
+        num_classes=91,
+        backbone="resnet18",
+        hidden_dim=64,
+        nheads=4,
+        enc_layers=2,
+        dec_layers=2,
+        dim_feedforward=256,
+    )
+    weights = tmp_path / "detr-tiny-official.pth"
+    torch.save(
+        {"model": official.state_dict(), "args": argparse.Namespace(nheads=4, dilation=False)}, weights
+    )
+    result = run_train_cli(
+        [
+            "experiment=fire_extinguishers",
+            f"data.root={small_demo}",
+            "model.num_classes=5",  # the demo's ids go up to 4 (the fire-extinguisher data: 2)
+            f"model.pretrained={weights}",
+            "backbone=resnet18",
+            "transformer=tiny",
+            "debug=fast_dev_run",
+            f"hydra.run.dir={tmp_path / 'run'}",
+            *QUICK,
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Re-initialised the class head for num_classes=5" in result.stdout + result.stderr
+
+
+def test_ddp_evaluation_equals_single_process(small_demo, tmp_path):
+    """The same checkpoint scored by 2 CPU processes (gloo) and by 1: every image once, same mAP."""
+    run_dir = tmp_path / "run"
+    args = ["experiment=demo", f"data.root={small_demo}", "test=false", *QUICK]
+    assert run_train_cli([*args, f"hydra.run.dir={run_dir}"], cwd=tmp_path).returncode == 0
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    figures = {}
+    for devices in (1, 2):
+        out = tmp_path / f"eval_{devices}"
+        extra = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"] if devices == 2 else []
+        result = run_train_cli(
+            [
+                f"ckpt_path={checkpoint}",
+                f"hydra.run.dir={out}",
+                "data.num_workers=0",
+                "data.val_batch_size=4",
+                *extra,
+            ],
+            cwd=tmp_path,
+            script="eval.py",
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        figures[devices] = json.loads((out / "metrics.json").read_text())
+        images = {p["image_id"] for p in json.loads((out / "predictions.coco.json").read_text())}
+        assert len(images) == 6  # every validation image, once
+    for key in ("val/map", "val/map_50", "val/mar_100"):
+        assert abs(figures[1][key] - figures[2][key]) < 1e-6, key
