@@ -14,7 +14,8 @@ CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 @pytest.mark.parametrize(
-    "group", ["backbone", "transformer", "matcher", "loss", "optimizer", "scheduler", "data", "trainer", "logger"]
+    "group",
+    ["backbone", "transformer", "matcher", "loss", "optimizer", "scheduler", "data", "trainer", "logger"],
 )
 def test_every_option_of_every_group_composes(compose_config, group):
     for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
@@ -33,7 +34,12 @@ def test_fire_extinguishers_reproduces_the_run_settings(compose_config):
     assert cfg.model.backbone == "resnet50" and cfg.model.dilation is False
     assert (cfg.model.num_classes, cfg.model.num_queries, cfg.model.aux_loss) == (2, 100, True)
     assert cfg.model.pretrained == "detr_r50" and cfg.model.position_embedding == "sine"
-    assert (cfg.model.hidden_dim, cfg.model.nheads, cfg.model.enc_layers, cfg.model.dec_layers) == (256, 8, 6, 6)
+    assert (cfg.model.hidden_dim, cfg.model.nheads, cfg.model.enc_layers, cfg.model.dec_layers) == (
+        256,
+        8,
+        6,
+        6,
+    )
     assert (cfg.model.dim_feedforward, cfg.model.dropout, cfg.model.pre_norm) == (2048, 0.1, False)
     assert (cfg.optimizer.lr, cfg.optimizer.lr_backbone, cfg.optimizer.weight_decay) == (1e-4, 1e-5, 1e-4)
     assert (cfg.matcher.cost_class, cfg.matcher.cost_bbox, cfg.matcher.cost_giou) == (1, 5, 2)
@@ -47,7 +53,13 @@ def test_fire_extinguishers_reproduces_the_run_settings(compose_config):
 
 def test_loss_overrides_reach_the_criterion(compose_config):
     cfg = compose_config(
-        ["experiment=demo", "loss.bbox_loss_coef=3", "loss.giou_loss_coef=4", "loss.eos_coef=0.2", "matcher.cost_giou=7"]
+        [
+            "experiment=demo",
+            "loss.bbox_loss_coef=3",
+            "loss.giou_loss_coef=4",
+            "loss.eos_coef=0.2",
+            "matcher.cost_giou=7",
+        ]
     )
     module = build_module(cfg, num_classes=5)
     assert module.criterion.weight_dict["loss_bbox_0"] == 3 and module.criterion.weight_dict["loss_giou"] == 4
@@ -57,7 +69,11 @@ def test_loss_overrides_reach_the_criterion(compose_config):
 
 def test_no_aux_loss_switches_the_aux_outputs_off(compose_config):
     module = build_module(compose_config(["experiment=demo", "loss.aux_loss=false"]), num_classes=5)
-    assert module.model.aux_loss is False and set(module.criterion.weight_dict) == {"loss_ce", "loss_bbox", "loss_giou"}
+    assert module.model.aux_loss is False and set(module.criterion.weight_dict) == {
+        "loss_ce",
+        "loss_bbox",
+        "loss_giou",
+    }
 
 
 def test_trainer_and_loggers_instantiate(compose_config, tmp_path):
