@@ -90,6 +90,12 @@ class CocoEvaluator(lightning.Callback):
         self._results: dict[str, dict[str, Tensor]] = {}
         self._detections: dict[str, tuple[list[int], list[dict[str, Tensor]]]] = {}
 
+    @property
+    def results(self) -> dict[str, dict[str, Tensor]]:
+        """The last metric result per split, behind ``figures`` (0-dim ``map``..., ``map_per_class (K,)``,
+        ``mar_100_per_class (K,)``, ``classes (K,)``); on global rank 0 only, where COCOeval runs."""
+        return self._results
+
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(
         self, trainer: lightning.Trainer, pl_module: lightning.LightningModule

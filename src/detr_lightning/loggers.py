@@ -1,0 +1,222 @@
+"""Weights & Biases for Hydra runs: a `WandbLogger` that never waits on a login prompt or the network.
+
+``conf/logger/wandb.yaml`` builds it with :func:`wandb_logger`. The mode is decided before wandb starts:
+
+- ``WANDB_MODE`` set: wandb's own choice (``offline``/``dryrun``, ``online``/``run``, ``disabled``);
+- ``offline: true``: offline; ``offline: false``: online, and an error if no credentials are found;
+- ``offline: null`` (default): online when credentials are found (``WANDB_API_KEY``,
+  ``WANDB_IDENTITY_TOKEN_FILE`` or a ``.netrc`` entry for the server) *and* the server answers within a
+  few seconds, else offline.
+
+An offline run is written to ``<save_dir>/wandb/offline-run-<time>-<id>/`` and one log line says how to
+upload it (``wandb sync <that folder>``). In a Hydra multirun the jobs of one sweep share a W&B group (the
+sweep folder's name); each job is its own run because `detr_lightning.sweep.run_sweep_job` finishes the
+run when the job ends (a new `WandbLogger` would otherwise log into the run still open).
+"""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+import socket
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
+
+log = logging.getLogger(__name__)
+
+WANDB_DEFAULT_BASE_URL = "https://api.wandb.ai"
+#: How long the W&B server may take to accept a connection before the run goes offline.
+SERVER_PROBE_TIMEOUT_S = 3.0
+#: ``WANDB_MODE`` values and the mode each one means.
+_ENV_MODES = {
+    "online": "online",
+    "run": "online",
+    "offline": "offline",
+    "dryrun": "offline",
+    "disabled": "disabled",
+}
+
+
+class WandbLoggerWithSyncHint(WandbLogger):
+    """A `WandbLogger` that, when it starts an offline run, logs the one command that uploads it.
+
+    Args:
+        offline_reason: why the run is offline (shown in the line), e.g. ``"no W&B credentials found"``.
+        *args, **kwargs: those of `WandbLogger` (and, through it, of ``wandb.init``).
+    """
+
+    def __init__(self, *args: Any, offline_reason: str = "offline mode", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.offline_reason = offline_reason
+        # Lightning always passes anonymous=None, which wandb (>= 0.19) answers with a deprecation warning.
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)
+
+    @property
+    def experiment(self) -> Any:
+        starting = self._experiment is None
+        run = super().experiment
+        if starting and self._experiment is not None and getattr(run, "offline", False):
+            log.info(
+                "W&B offline (%s): run `wandb sync %s` to upload", self.offline_reason, run.settings.sync_dir
+            )
+        return run
+
+
+def wandb_logger(
+    project: str = "detr-lightning",
+    save_dir: str | os.PathLike = ".",
+    name: str | None = None,
+    group: str | None = None,
+    job_type: str | None = "train",
+    tags: Sequence[str] = (),
+    entity: str | None = None,
+    offline: bool | None = None,
+    log_model: bool | Literal["all"] = False,
+    **wandb_init_kwargs: Any,
+) -> WandbLoggerWithSyncHint:
+    """A `WandbLogger` in a mode that needs no prompt (see the module docstring), named after the Hydra job.
+
+    Args:
+        project, entity, tags, job_type: as in ``wandb.init``.
+        save_dir: the run folder; the W&B files go to ``<save_dir>/wandb``.
+        name: the run's display name; ``None``/empty: the job's overrides (Hydra's ``override_dirname``), or
+            a W&B-chosen name when there are none or no Hydra job is running.
+        group: the W&B group; ``None``: the sweep folder's name for the jobs of a Hydra multirun (so one
+            sweep is one group), no group for single runs.
+        offline: ``None`` decides by credentials and network, ``True`` forces offline, ``False`` requires
+            credentials and goes online.
+        log_model: upload checkpoints as artifacts (online only; offline it is switched off with a warning,
+            the checkpoints stay in the run folder).
+        **wandb_init_kwargs: anything else for ``wandb.init`` (e.g. ``notes``, ``settings``).
+
+    Raises:
+        ValueError: ``offline=False`` (or ``WANDB_MODE=online``) with no credentials: wandb would prompt.
+    """
+    mode, offline_reason = resolve_wandb_mode(offline)
+    if mode == "offline" and log_model:
+        rank_zero_warn(
+            f"logger.wandb.log_model={log_model} is ignored: W&B is offline ({offline_reason}), checkpoints "
+            "stay in the run folder. Fix: log in (`wandb login` or WANDB_API_KEY) to upload them."
+        )
+        log_model = False
+    init_kwargs: dict[str, Any] = {"mode": mode, **wandb_init_kwargs}
+    if mode == "offline" and "settings" not in init_kwargs:
+        import wandb
+
+        # The sync hint is our one line; wandb's own end-of-run summary and sync advice are left out.
+        init_kwargs["settings"] = wandb.Settings(quiet=True)
+    return WandbLoggerWithSyncHint(
+        name=name or _hydra_job_overrides(),
+        save_dir=os.fspath(save_dir),
+        project=project,
+        entity=entity,
+        group=group or _hydra_sweep_name(),
+        job_type=job_type,
+        tags=list(tags),
+        log_model=log_model,
+        offline_reason=offline_reason,
+        **init_kwargs,
+    )
+
+
+def resolve_wandb_mode(offline: bool | None) -> tuple[str, str]:
+    """``(mode, why)``: the ``wandb.init`` mode (``online``, ``offline``, ``disabled``) and the reason."""
+    if offline:
+        return "offline", "logger.wandb.offline=true"
+    env_mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env_mode:
+        if env_mode not in _ENV_MODES:
+            raise ValueError(
+                f"WANDB_MODE={env_mode!r} is not a W&B mode. "
+                f"Fix: unset it or use one of {', '.join(_ENV_MODES)}."
+            )
+        if _ENV_MODES[env_mode] != "online":
+            return _ENV_MODES[env_mode], f"WANDB_MODE={env_mode}"
+    wants_online = offline is False or bool(env_mode)
+    base_url = os.environ.get("WANDB_BASE_URL") or WANDB_DEFAULT_BASE_URL
+    if not wandb_credentials_found(base_url):
+        if wants_online:
+            setting = f"WANDB_MODE={env_mode}" if env_mode else "logger.wandb.offline=false"
+            fallback = "unset WANDB_MODE" if env_mode else "use logger.wandb.offline=null"
+            raise ValueError(
+                f"{setting} asks for W&B online, but no credentials for {base_url} were found "
+                "(WANDB_API_KEY, WANDB_IDENTITY_TOKEN_FILE or ~/.netrc), so wandb would wait on a login "
+                f"prompt. Fix: run `wandb login` or set WANDB_API_KEY; or {fallback} to fall back to offline."
+            )
+        return "offline", "no W&B credentials found"
+    if wants_online or wandb_server_reachable(base_url):
+        return "online", ""
+    return "offline", f"{base_url} unreachable"
+
+
+def wandb_credentials_found(base_url: str = WANDB_DEFAULT_BASE_URL) -> bool:
+    """Whether wandb can log in to ``base_url`` without asking: an API key or token file in the environment,
+    or a ``.netrc`` entry (``$NETRC``, ``~/.netrc`` or ``~/_netrc``) with a password for its host."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlsplit(base_url).hostname
+    if os.environ.get("NETRC"):  # as wandb: the variable, when set, is the only file read
+        candidates = [Path(os.environ["NETRC"]).expanduser()]
+    else:
+        candidates = [Path("~/.netrc").expanduser(), Path("~/_netrc").expanduser()]
+    netrc_path = next((path for path in candidates if path.is_file()), None)
+    if host is None or netrc_path is None:
+        return False
+    try:
+        entry = netrc.netrc(netrc_path).authenticators(host)
+    except (netrc.NetrcParseError, OSError):
+        return False
+    return bool(entry and entry[2])
+
+
+def wandb_server_reachable(base_url: str, timeout_s: float = SERVER_PROBE_TIMEOUT_S) -> bool:
+    """Whether ``base_url``'s host accepts a TCP connection within ``timeout_s`` (name lookup included)."""
+    parts = urlsplit(base_url)
+    if parts.hostname is None:
+        return False
+    address = (parts.hostname, parts.port or (80 if parts.scheme == "http" else 443))
+    connected = threading.Event()
+
+    def connect() -> None:
+        try:
+            with socket.create_connection(address, timeout=timeout_s):
+                connected.set()
+        except OSError:
+            pass
+
+    # A daemon thread, because a name lookup ignores socket timeouts and may hang on a broken resolver.
+    probe = threading.Thread(target=connect, name="wandb-server-probe", daemon=True)
+    probe.start()
+    probe.join(timeout_s)
+    return connected.is_set()
+
+
+def _hydra_job_overrides() -> str | None:
+    """The Hydra job's overrides as ``key=value,...`` (``override_dirname``); ``None`` outside Hydra."""
+    hydra_config = _hydra_config()
+    overrides = hydra_config.job.override_dirname if hydra_config is not None else ""
+    return overrides or None
+
+
+def _hydra_sweep_name() -> str | None:
+    """The sweep folder's name in a Hydra multirun job; ``None`` in a single run or outside Hydra."""
+    from hydra.types import RunMode
+
+    hydra_config = _hydra_config()
+    if hydra_config is None or hydra_config.mode != RunMode.MULTIRUN:
+        return None
+    return Path(hydra_config.sweep.dir).name
+
+
+def _hydra_config() -> Any:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
