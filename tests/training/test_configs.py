@@ -83,3 +83,15 @@ def test_trainer_and_loggers_instantiate(compose_config, tmp_path):
     HydraConfig().set_config(cfg)
     trainer = instantiate(cfg.trainer, logger=False)
     assert trainer.gradient_clip_val == 0.1 and trainer.max_epochs == cfg.trainer.max_epochs
+
+
+@pytest.mark.parametrize("logger", ["csv", "tensorboard"])
+def test_file_loggers_write_metrics(compose_config, tmp_path, logger):
+    from hydra.core.hydra_config import HydraConfig
+
+    cfg = compose_config(["experiment=demo", f"logger={logger}", f"paths.output_dir={tmp_path}"])
+    HydraConfig().set_config(cfg)
+    (instance,) = [instantiate(node) for node in cfg.logger.values()]
+    instance.log_metrics({"val/map": 0.5}, step=1)
+    instance.finalize("success")
+    assert any(path.is_file() for path in tmp_path.rglob("*")), f"{logger} wrote nothing under {tmp_path}"
