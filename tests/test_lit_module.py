@@ -152,3 +152,25 @@ def test_pretrained_weights_replace_the_class_head(tmp_path):
     torch.save({"model": bigger.state_dict()}, path)
     with pytest.raises(CheckpointError, match="different architecture"):
         module.load_pretrained(str(path))
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_trains_with_finite_losses(tmp_path, precision):
+    """CPU autocast (16-mixed falls back to bf16 on CPU); matching and losses stay in float32."""
+    module = make_module()
+    trainer = lightning.Trainer(
+        accelerator="cpu",
+        precision=precision,
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        gradient_clip_val=0.1,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(
+        module, train_dataloaders=loader(synthetic_batches(2)), val_dataloaders=loader(synthetic_batches(1))
+    )
+    assert torch.isfinite(trainer.callback_metrics["train/loss_epoch"])
+    assert torch.isfinite(trainer.callback_metrics["val/loss"])
