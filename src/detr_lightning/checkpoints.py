@@ -186,6 +186,9 @@ def infer_architecture(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
         "dim_feedforward": int(state_dict[ffn_key].shape[0]),
         "pre_norm": "transformer.encoder.norm.weight" in state_dict,
         "backbone_norm": "batch" if any(k.endswith("num_batches_tracked") for k in state_dict) else "frozen",
+        "backbone_output_stage": "layer4"
+        if any(k.startswith(f"{body}layer4.") for k in state_dict)
+        else "layer3",
         "position_embedding": "learned" if "backbone.1.row_embed.weight" in state_dict else "sine",
     }
 

@@ -130,3 +130,21 @@ def test_learned_encoding_is_x_then_y_and_bounded():
     torch.testing.assert_close(pos[0, 4:, 1, 2], encoding.row_embed.weight[1])
     with pytest.raises(ValueError, match="6x6"):
         encoding(torch.zeros(1, 7, 2, dtype=torch.bool))
+
+
+def test_layer3_output_stage_halves_the_stride_and_drops_layer4():
+    model = build_detr(num_classes=3, backbone="resnet18", backbone_output_stage="layer3", **TINY).eval()
+    assert not any(".layer4." in key for key in model.state_dict())
+    assert model.backbone[0].num_channels == 256 and model.backbone[0].stride == 16
+    features, _, _ = model.backbone(torch.zeros(1, 3, 160, 96), torch.zeros(1, 160, 96, dtype=torch.bool))
+    assert features.shape == (1, 256, 10, 6)
+
+
+def test_from_scratch_backbone_trains_every_stage_with_batch_norm():
+    model = build_detr(
+        num_classes=3, backbone="resnet18", backbone_norm="batch", trainable_backbone_layers=5, **TINY
+    )
+    assert all(p.requires_grad for p in model.backbone.parameters())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())
+    none_train = build_detr(num_classes=3, backbone="resnet18", trainable_backbone_layers=0, **TINY)
+    assert not any(p.requires_grad for p in none_train.backbone.parameters())

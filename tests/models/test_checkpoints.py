@@ -187,3 +187,15 @@ def test_imagenet_backbone_weights_through_torchvision_api(monkeypatch, tmp_path
     torch.save(reference.state_dict(), tmp_path / "checkpoints" / weights.url.rsplit("/", 1)[1])
     backbone = ResNetBackbone("resnet18", pretrained=True)
     torch.testing.assert_close(backbone.body.layer3[0].conv1.weight, reference.layer3[0].conv1.weight)
+
+
+def test_backbone_variants_are_read_from_the_weights(tmp_path):
+    variant = build_detr(
+        num_classes=3, backbone_norm="batch", backbone_output_stage="layer3", num_groups=3, **TINY
+    )
+    path = tmp_path / "variant.pth"
+    torch.save({"model": variant.state_dict()}, path)
+    loaded = load_official_detr(path, nheads=2)
+    for key in ("backbone_norm", "backbone_output_stage", "num_groups"):
+        assert loaded.architecture[key] == variant.architecture[key], key
+    assert_same_weights(variant, loaded)

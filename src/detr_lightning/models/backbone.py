@@ -44,6 +44,8 @@ class ResNetBackbone(nn.Module):
         trainable_layers: how many stages train, counted from ``layer4`` down to ``conv1`` (0-5; official 3).
         norm: ``frozen`` batch norm (official; its statistics come from the weights) or ``batch`` (trainable,
             for training from scratch; adds ``num_batches_tracked`` buffers to the state dict).
+        output_stage: ``layer4`` (official, stride 32) or ``layer3`` (stride 16 at a fraction of the compute,
+            for small images; the model then has no ``layer4`` weights).
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class ResNetBackbone(nn.Module):
         train_backbone: bool = True,
         trainable_layers: int = 3,
         norm: str = "frozen",
+        output_stage: str = "layer4",
     ) -> None:
         super().__init__()
         if not 0 <= trainable_layers <= len(STAGES_TOP_DOWN):
@@ -86,9 +89,12 @@ class ResNetBackbone(nn.Module):
         for param_name, param in resnet.named_parameters():
             stage = "conv1" if param_name.startswith(("conv1.", "bn1.")) else param_name.split(".")[0]
             param.requires_grad_(stage in trainable_stages)
-        self.body = IntermediateLayerGetter(resnet, return_layers={"layer4": "0"})
-        self.num_channels = 512 if name in ("resnet18", "resnet34") else 2048
-        self.stride = 16 if dilation else 32
+        if output_stage not in ("layer3", "layer4"):
+            raise ValueError(f"output_stage={output_stage!r}: choose layer4 (official) or layer3")
+        self.body = IntermediateLayerGetter(resnet, return_layers={output_stage: "0"})
+        last_stage_channels = 512 if name in ("resnet18", "resnet34") else 2048
+        self.num_channels = last_stage_channels if output_stage == "layer4" else last_stage_channels // 2
+        self.stride = (16 if dilation else 32) if output_stage == "layer4" else 16
 
     def forward(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """Run the trunk.

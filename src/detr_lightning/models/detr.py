@@ -146,6 +146,7 @@ def build_detr(
     train_backbone: bool = True,
     trainable_backbone_layers: int = 3,
     backbone_norm: str = "frozen",
+    backbone_output_stage: str = "layer4",
     position_embedding: str = "sine",
     hidden_dim: int = 256,
     nheads: int = 8,
@@ -173,6 +174,7 @@ def build_detr(
         train_backbone=train_backbone,
         trainable_layers=trainable_backbone_layers,
         norm=backbone_norm,
+        output_stage=backbone_output_stage,
     )
     joined = BackboneWithPosition(trunk, build_position_encoding(position_embedding, hidden_dim))
     transformer = Transformer(
@@ -198,6 +200,7 @@ def build_detr(
         "backbone": backbone,
         "dilation": dilation,
         "backbone_norm": backbone_norm,
+        "backbone_output_stage": backbone_output_stage,
         "position_embedding": position_embedding,
         "hidden_dim": hidden_dim,
         "nheads": nheads,
