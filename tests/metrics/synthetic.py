@@ -22,6 +22,22 @@ from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+#: The 12 COCOeval stats in ``COCOeval.stats`` order, as torchmetrics names them.
+STAT_KEYS = [
+    "map",
+    "map_50",
+    "map_75",
+    "map_small",
+    "map_medium",
+    "map_large",
+    "mar_1",
+    "mar_10",
+    "mar_100",
+    "mar_small",
+    "mar_medium",
+    "mar_large",
+]
+
 CATEGORIES = [
     {"id": 1, "name": "cat", "supercategory": "animal"},
     {"id": 3, "name": "dog", "supercategory": "animal"},

@@ -19,27 +19,13 @@ from detr_lightning.metrics import detections_to_coco_results
 from .synthetic import (
     IMAGE_IDS,
     LABEL_TO_CATEGORY_ID,
+    STAT_KEYS,
     FakeDataModule,
     make_coco_dict,
     make_detections,
     perfect_detections,
     reference_cocoeval,
 )
-
-STAT_NAMES = [
-    "map",
-    "map_50",
-    "map_75",
-    "map_small",
-    "map_medium",
-    "map_large",
-    "mar_1",
-    "mar_10",
-    "mar_100",
-    "mar_small",
-    "mar_medium",
-    "mar_large",
-]
 
 
 class FixedDetectionsModule(lightning.LightningModule):
@@ -109,12 +95,12 @@ def test_validate_equals_pycocotools_on_the_written_files(tmp_path, coco_dict, c
     trainer.validate(FixedDetectionsModule(make_detections(coco_dict)), datamodule=FakeDataModule(coco_dict))
 
     stats, printed_by_pycocotools = reference_cocoeval(coco_dict, tmp_path / "predictions.coco.json")
-    logged = [trainer.callback_metrics[f"val/{name}"].item() for name in STAT_NAMES]
+    logged = [trainer.callback_metrics[f"val/{name}"].item() for name in STAT_KEYS]
     expected = torch.tensor(stats, dtype=torch.float32).tolist()
     assert logged == expected
     assert 0.2 < logged[0] < 0.8
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert [metrics[f"val/{name}"] for name in STAT_NAMES] == expected
+    assert [metrics[f"val/{name}"] for name in STAT_KEYS] == expected
     assert {"val/ap/cat", "val/ap/dog", "val/ap/traffic light"} <= set(metrics)
     category_stats, _ = reference_cocoeval(coco_dict, tmp_path / "predictions.coco.json", category_id=7)
     assert metrics["val/ap/traffic light"] == torch.tensor(category_stats[0], dtype=torch.float32).item()
@@ -180,7 +166,7 @@ def test_ddp_counts_the_image_the_sampler_repeats_once(tmp_path, coco_dict):
     stats, _ = reference_cocoeval(coco_dict, expected_rows)
     expected = torch.tensor(stats, dtype=torch.float32).tolist()
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert [metrics[f"val/{name}"] for name in STAT_NAMES] == expected
+    assert [metrics[f"val/{name}"] for name in STAT_KEYS] == expected
     assert trainer.callback_metrics["val/map"].item() == expected[0]
     rows = json.loads((tmp_path / "predictions.coco.json").read_text())
     assert sorted(rows, key=lambda row: row["image_id"]) == sorted(

@@ -24,27 +24,13 @@ from .synthetic import (
     CATEGORIES,
     IMAGE_IDS,
     LABEL_TO_CATEGORY_ID,
+    STAT_KEYS,
     UNMAPPED_LABEL,
     make_coco,
     make_coco_dict,
     make_detections,
     reference_cocoeval,
 )
-
-STAT_KEYS = [
-    "map",
-    "map_50",
-    "map_75",
-    "map_small",
-    "map_medium",
-    "map_large",
-    "mar_1",
-    "mar_10",
-    "mar_100",
-    "mar_small",
-    "mar_medium",
-    "mar_large",
-]
 
 
 @pytest.fixture(scope="module")
