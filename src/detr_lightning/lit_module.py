@@ -151,7 +151,7 @@ class DETRLitModule(lightning.LightningModule):
         orig_sizes = torch.stack([t["orig_size"] for t in targets])
         detections = self.postprocess(outputs, orig_sizes)
         return {
-            "image_ids": [int(t["image_id"]) for t in targets],
+            "image_ids": torch.stack([t["image_id"] for t in targets]).tolist(),  # one host sync
             "detections": [{k: v.detach() for k, v in d.items()} for d in detections],
         }
 

@@ -52,6 +52,18 @@ def split_query_groups(stacked: Tensor, num_groups: int) -> Tensor:
     return grouped.reshape(layers * num_groups, batch, queries // num_groups, features)
 
 
+def matched_indices(matching: Matching, image_offsets: Tensor) -> Tensor:
+    """``(3, M)`` int64 on the CPU: image, query and batch-wide target index of every matched pair.
+
+    ``image_offsets[i]`` is the position of image ``i``'s first target in the concatenated targets; one
+    tensor means one host-to-device copy per matching instead of several per image.
+    """
+    image = torch.cat([torch.full_like(query, i) for i, (query, _) in enumerate(matching)])
+    query = torch.cat([query for query, _ in matching])
+    target = torch.cat([target + image_offsets[i] for i, (_, target) in enumerate(matching)])
+    return torch.stack([image, query, target])
+
+
 class SetCriterion(nn.Module):
     """The official DETR loss, with the official log keys.
 
@@ -103,8 +115,12 @@ class SetCriterion(nn.Module):
         matchings = self.matcher.match_layers(logits, boxes, targets)
         device = outputs["pred_logits"].device
         num_boxes = count_target_boxes(targets, device)
-        target_labels = [t["labels"].to(device) for t in targets]
-        target_boxes = [t["boxes"].to(device) for t in targets]
+        # Targets of the whole batch, moved once: every (layer, group) indexes into them.
+        sizes = [len(t["labels"]) for t in targets]
+        all_labels = torch.cat([t["labels"] for t in targets]).to(device)
+        all_boxes = torch.cat([t["boxes"] for t in targets]).to(device)
+        image_offsets = torch.tensor([0, *sizes[:-1]]).cumsum(0)
+        target_counts = torch.tensor(sizes, dtype=torch.float32).to(device)
         losses: dict[str, Tensor] = {}
         for layer_index in range(len(layers)):
             suffix = "" if layer_index == 0 else f"_{layer_index - 1}"
@@ -112,14 +128,17 @@ class SetCriterion(nn.Module):
             for group in range(num_groups):
                 problem = layer_index * num_groups + group
                 group_losses = self.layer_losses(
-                    {"pred_logits": logits[problem], "pred_boxes": boxes[problem]},
-                    matchings[problem],
-                    target_labels,
-                    target_boxes,
+                    logits[problem],
+                    boxes[problem],
+                    matched_indices(matchings[problem], image_offsets).to(device),
+                    all_labels,
+                    all_boxes,
                     num_boxes,
-                    with_class_error=layer_index == 0,
+                    # Logs (class and cardinality errors) describe group 0, the inference group.
+                    target_counts=target_counts if group == 0 else None,
+                    with_class_error=layer_index == 0 and group == 0,
                 )
-                if group == 0:  # logs (class and cardinality errors) describe group 0, the inference group
+                if group == 0:
                     layer_losses = group_losses
                 else:  # Group DETR: the weighted losses are summed over groups
                     for key in ("loss_ce", "loss_bbox", "loss_giou"):
@@ -129,28 +148,33 @@ class SetCriterion(nn.Module):
 
     def layer_losses(
         self,
-        layer: dict[str, Tensor],
-        matching: Matching,
-        target_labels: list[Tensor],
-        target_boxes: list[Tensor],
+        pred_logits: Tensor,
+        pred_boxes: Tensor,
+        indices: Tensor,
+        all_labels: Tensor,
+        all_boxes: Tensor,
         num_boxes: Tensor,
+        target_counts: Tensor | None,
         with_class_error: bool,
     ) -> dict[str, Tensor]:
-        """The losses of one decoder layer's predictions under its matching."""
+        """The losses of one decoder layer's predictions under its matching.
+
+        Args:
+            pred_logits: ``(B, Q, C + 1)``; pred_boxes: ``(B, Q, 4)``.
+            indices: ``(3, M)`` image, query and batch-wide target index of each matched pair.
+            all_labels: ``(T,)``, all_boxes: ``(T, 4)``: the batch's targets, concatenated.
+            target_counts: ``(B,)`` objects per image; gives ``cardinality_error`` when set.
+        """
         # Losses in float32 even under mixed precision (the log-softmax and GIoU need the range).
-        logits, boxes = layer["pred_logits"].float(), layer["pred_boxes"].float()
-        device = logits.device
-        batch_idx = torch.cat([torch.full_like(query, i) for i, (query, _) in enumerate(matching)]).to(device)
-        query_idx = torch.cat([query for query, _ in matching]).to(device)
-        matched_labels = torch.cat(
-            [labels[t.to(device)] for labels, (_, t) in zip(target_labels, matching, strict=True)]
-        )
-        matched_target_boxes = torch.cat(
-            [tboxes[t.to(device)] for tboxes, (_, t) in zip(target_boxes, matching, strict=True)]
-        )
+        logits, boxes = pred_logits.float(), pred_boxes.float()
+        batch_idx, query_idx, target_idx = indices
+        matched_labels = all_labels[target_idx]
+        matched_target_boxes = all_boxes[target_idx]
 
         # Classification over all queries; unmatched ones are "no object" (down-weighted by eos_coef).
-        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=device)
+        target_classes = torch.full(
+            logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device
+        )
         target_classes[batch_idx, query_idx] = matched_labels
         losses = {
             "loss_ce": F.cross_entropy(logits.transpose(1, 2), target_classes, weight=self.empty_weight)
@@ -169,7 +193,8 @@ class SetCriterion(nn.Module):
             )
             / num_boxes
         )
-        losses["cardinality_error"] = self._cardinality_error(logits, target_labels)
+        if target_counts is not None:
+            losses["cardinality_error"] = self._cardinality_error(logits, target_counts)
         # Official order: loss_ce, class_error, loss_bbox, loss_giou, cardinality_error.
         return losses
 
@@ -182,11 +207,10 @@ class SetCriterion(nn.Module):
         return 100 - accuracy
 
     @torch.no_grad()
-    def _cardinality_error(self, logits: Tensor, target_labels: list[Tensor]) -> Tensor:
+    def _cardinality_error(self, logits: Tensor, target_counts: Tensor) -> Tensor:
         """Mean absolute difference between predicted object count and true count (a log, no gradient)."""
         predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()
-        actual = torch.tensor([float(len(t)) for t in target_labels], device=logits.device)
-        return F.l1_loss(predicted, actual)
+        return F.l1_loss(predicted, target_counts)
 
     def weighted_total(self, losses: dict[str, Tensor]) -> Tensor:
         """Sum of ``weight * loss`` over the losses in ``weight_dict``, in the dict's key order."""

@@ -124,13 +124,6 @@ class DETR(nn.Module):
             with torch.no_grad():
                 self.query_embed_groups.copy_(self.query_embed.weight.repeat(self.num_groups - 1, 1))
 
-    def reset_class_head(self, num_classes: int) -> None:
-        """Replace the class head by a freshly initialised one with ``num_classes + 1`` outputs."""
-        old = self.class_embed
-        self.class_embed = nn.Linear(old.in_features, num_classes + 1).to(old.weight.device, old.weight.dtype)
-        self.num_classes = num_classes
-        self.architecture["num_classes"] = num_classes
-
 
 def group_attention_mask(num_groups: int, num_queries: int, device: torch.device) -> Tensor:
     """``(K * Q, K * Q)`` bool, True where a query may not attend: outside its own group of ``Q``."""
