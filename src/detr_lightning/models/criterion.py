@@ -115,88 +115,90 @@ class SetCriterion(nn.Module):
         matchings = self.matcher.match_layers(logits, boxes, targets)
         device = outputs["pred_logits"].device
         num_boxes = count_target_boxes(targets, device)
-        # Targets of the whole batch, moved once: every (layer, group) indexes into them.
         sizes = [len(t["labels"]) for t in targets]
-        all_labels = torch.cat([t["labels"] for t in targets]).to(device)
-        all_boxes = torch.cat([t["boxes"] for t in targets]).to(device)
+        all_labels = torch.cat([t["labels"] for t in targets]).to(device)  # (T,)
+        all_boxes = torch.cat([t["boxes"] for t in targets]).to(device)  # (T, 4)
         image_offsets = torch.tensor([0, *sizes[:-1]]).cumsum(0)
+        # (4, M): problem, image, query and batch-wide target of every matched pair of every problem,
+        # built on the CPU and moved in one copy.
+        pairs = torch.cat(
+            [
+                torch.cat([torch.full((1, indices.shape[1]), p), indices])
+                for p, indices in enumerate(matched_indices(m, image_offsets) for m in matchings)
+            ],
+            dim=1,
+        ).to(device)
+        per_problem = self.problem_losses(logits, boxes, pairs, all_labels, all_boxes, num_boxes)
+        # Group DETR: the weighted losses of a layer are summed over its K groups.
+        num_layers = len(layers)
+        summed = {key: value.view(num_layers, num_groups).sum(1) for key, value in per_problem.items()}
+        inference_group = slice(0, None, num_groups)  # group 0 of every layer: the logs describe it
         target_counts = torch.tensor(sizes, dtype=torch.float32).to(device)
+        cardinality = self._cardinality_error(logits[inference_group], target_counts)  # (L,)
+        first = pairs[:, pairs[0] == 0]  # the last decoder layer's group-0 matching
+        class_error = self._class_error(logits[0][first[1], first[2]], all_labels[first[3]])
+        # Official key order: loss_ce, class_error, loss_bbox, loss_giou, cardinality_error, then aux layers.
         losses: dict[str, Tensor] = {}
-        for layer_index in range(len(layers)):
-            suffix = "" if layer_index == 0 else f"_{layer_index - 1}"
-            layer_losses: dict[str, Tensor] = {}
-            for group in range(num_groups):
-                problem = layer_index * num_groups + group
-                group_losses = self.layer_losses(
-                    logits[problem],
-                    boxes[problem],
-                    matched_indices(matchings[problem], image_offsets).to(device),
-                    all_labels,
-                    all_boxes,
-                    num_boxes,
-                    # Logs (class and cardinality errors) describe group 0, the inference group.
-                    target_counts=target_counts if group == 0 else None,
-                    with_class_error=layer_index == 0 and group == 0,
-                )
-                if group == 0:
-                    layer_losses = group_losses
-                else:  # Group DETR: the weighted losses are summed over groups
-                    for key in ("loss_ce", "loss_bbox", "loss_giou"):
-                        layer_losses[key] = layer_losses[key] + group_losses[key]
-            losses.update({f"{key}{suffix}": value for key, value in layer_losses.items()})
+        for layer in range(num_layers):
+            suffix = "" if layer == 0 else f"_{layer - 1}"
+            losses[f"loss_ce{suffix}"] = summed["loss_ce"][layer]
+            if layer == 0:
+                losses["class_error"] = class_error
+            losses[f"loss_bbox{suffix}"] = summed["loss_bbox"][layer]
+            losses[f"loss_giou{suffix}"] = summed["loss_giou"][layer]
+            losses[f"cardinality_error{suffix}"] = cardinality[layer]
         return losses
 
-    def layer_losses(
+    def problem_losses(
         self,
         pred_logits: Tensor,
         pred_boxes: Tensor,
-        indices: Tensor,
+        pairs: Tensor,
         all_labels: Tensor,
         all_boxes: Tensor,
         num_boxes: Tensor,
-        target_counts: Tensor | None,
-        with_class_error: bool,
     ) -> dict[str, Tensor]:
-        """The losses of one decoder layer's predictions under its matching.
+        """The three losses of every matching problem (decoder layer x query group) at once.
 
         Args:
-            pred_logits: ``(B, Q, C + 1)``; pred_boxes: ``(B, Q, 4)``.
-            indices: ``(3, M)`` image, query and batch-wide target index of each matched pair.
+            pred_logits: ``(P, B, Q, C + 1)``; pred_boxes: ``(P, B, Q, 4)`` normalized cxcywh.
+            pairs: ``(4, M)`` problem, image, query and batch-wide target index of each matched pair.
             all_labels: ``(T,)``, all_boxes: ``(T, 4)``: the batch's targets, concatenated.
-            target_counts: ``(B,)`` objects per image; gives ``cardinality_error`` when set.
+            num_boxes: 0-dim normalizer of the box losses.
+
+        Returns:
+            ``loss_ce``, ``loss_bbox``, ``loss_giou``, each ``(P,)``.
         """
         # Losses in float32 even under mixed precision (the log-softmax and GIoU need the range).
         logits, boxes = pred_logits.float(), pred_boxes.float()
-        batch_idx, query_idx, target_idx = indices
-        matched_labels = all_labels[target_idx]
-        matched_target_boxes = all_boxes[target_idx]
-
+        num_problems = logits.shape[0]
+        problem, image, query, target = pairs
         # Classification over all queries; unmatched ones are "no object" (down-weighted by eos_coef).
         target_classes = torch.full(
-            logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device
+            logits.shape[:3], self.num_classes, dtype=torch.int64, device=logits.device
         )
-        target_classes[batch_idx, query_idx] = matched_labels
-        losses = {
-            "loss_ce": F.cross_entropy(logits.transpose(1, 2), target_classes, weight=self.empty_weight)
-        }
-        if with_class_error:
-            losses["class_error"] = self._class_error(logits[batch_idx, query_idx], matched_labels)
+        target_classes[problem, image, query] = all_labels[target]
+        weighted_nll = F.cross_entropy(
+            logits.permute(0, 3, 1, 2), target_classes, weight=self.empty_weight, reduction="none"
+        )  # (P, B, Q): weight[class] * -log p(class)
+        # The official weighted mean: sum of weighted terms over the sum of weights, per problem.
+        loss_ce = weighted_nll.sum((1, 2)) / self.empty_weight[target_classes].sum((1, 2))
 
         # Boxes of matched queries only, normalized by the (all-process) number of target boxes.
-        matched_pred_boxes = boxes[batch_idx, query_idx]
-        losses["loss_bbox"] = F.l1_loss(matched_pred_boxes, matched_target_boxes, reduction="sum") / num_boxes
-        losses["loss_giou"] = (
-            generalized_box_iou_loss(
-                box_convert(matched_pred_boxes, "cxcywh", "xyxy"),
-                box_convert(matched_target_boxes, "cxcywh", "xyxy"),
-                reduction="sum",
-            )
-            / num_boxes
-        )
-        if target_counts is not None:
-            losses["cardinality_error"] = self._cardinality_error(logits, target_counts)
-        # Official order: loss_ce, class_error, loss_bbox, loss_giou, cardinality_error.
-        return losses
+        matched_pred = boxes[problem, image, query]  # (M, 4)
+        matched_target = all_boxes[target]  # (M, 4)
+        l1 = F.l1_loss(matched_pred, matched_target, reduction="none").sum(1)  # (M,)
+        giou = generalized_box_iou_loss(
+            box_convert(matched_pred, "cxcywh", "xyxy"),
+            box_convert(matched_target, "cxcywh", "xyxy"),
+            reduction="none",
+        )  # (M,)
+        zeros = l1.new_zeros(num_problems)
+        return {
+            "loss_ce": loss_ce,
+            "loss_bbox": zeros.index_add(0, problem, l1) / num_boxes,
+            "loss_giou": zeros.index_add(0, problem, giou) / num_boxes,
+        }
 
     @torch.no_grad()
     def _class_error(self, matched_logits: Tensor, matched_labels: Tensor) -> Tensor:
@@ -208,9 +210,13 @@ class SetCriterion(nn.Module):
 
     @torch.no_grad()
     def _cardinality_error(self, logits: Tensor, target_counts: Tensor) -> Tensor:
-        """Mean absolute difference between predicted object count and true count (a log, no gradient)."""
-        predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()
-        return F.l1_loss(predicted, target_counts)
+        """Per layer, the mean absolute difference between predicted and true object counts (a log).
+
+        Args:
+            logits: ``(L, B, Q, C + 1)``; target_counts: ``(B,)``. Returns ``(L,)``.
+        """
+        predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(-1).float()  # (L, B)
+        return (predicted - target_counts).abs().mean(-1)
 
     def weighted_total(self, losses: dict[str, Tensor]) -> Tensor:
         """Sum of ``weight * loss`` over the losses in ``weight_dict``, in the dict's key order."""
