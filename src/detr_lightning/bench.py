@@ -162,22 +162,28 @@ def build_our_train_step(args: argparse.Namespace, device: torch.device) -> tupl
     model.train()
     optimizer = module.configure_optimizers()["optimizer"]
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    forward = torch.compile(model) if args.compile else model
+    forward = compiled(model, args)
     images, mask, targets = train_batch(device, args.channels_last)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "16-mixed")
 
+    phases = PhaseTimer(device, enabled=args.breakdown)
+
     def step() -> Tensor:
         optimizer.zero_grad(set_to_none=True)
-        with autocast(device, args.precision):
+        with phases("forward"), autocast(device, args.precision):
             outputs = forward(images, mask)
-        losses = criterion(outputs, targets)
-        loss = criterion.weighted_total(losses) if hasattr(criterion, "weighted_total") else losses["loss"]
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, 0.1)
-        scaler.step(optimizer)
-        scaler.update()
+        with phases("loss"):
+            loss = criterion.weighted_total(criterion(outputs, targets))
+        with phases("backward"):
+            scaler.scale(loss).backward()
+        with phases("optimizer"):
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, 0.1)
+            scaler.step(optimizer)
+            scaler.update()
         return loss.detach()
+
+    step.phases = phases  # type: ignore[attr-defined]
 
     return step, model
 
@@ -209,7 +215,7 @@ def build_huggingface_train_step(
         [{"params": rest}, {"params": backbone, "lr": 1e-5}], lr=1e-4, weight_decay=1e-4
     )
     params = backbone + rest
-    forward = torch.compile(model) if args.compile else model
+    forward = compiled(model, args)
     images, mask, targets = train_batch(device, args.channels_last)
     labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
     pixel_mask = (~mask).long()
@@ -224,6 +230,35 @@ def build_huggingface_train_step(
         return loss.detach()
 
     return step, model
+
+
+def compiled(model: torch.nn.Module, args: argparse.Namespace) -> Callable[..., Any]:
+    """``torch.compile(model)`` with ``--compile-mode`` when ``--compile`` is given, else the model."""
+    if not args.compile:
+        return model
+    return torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode)
+
+
+class PhaseTimer:
+    """Seconds per named phase of a step (synchronizing the device around each), when enabled."""
+
+    def __init__(self, device: torch.device, enabled: bool) -> None:
+        self.device, self.enabled = device, enabled
+        self.seconds: dict[str, list[float]] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        synchronize(self.device)
+        self.seconds.setdefault(name, []).append(time.perf_counter() - start)
+
+    def medians(self) -> dict[str, float]:
+        return {f"{name}_median_s": round(statistics.median(v), 5) for name, v in self.seconds.items()}
 
 
 def step_flops(step: Callable[[], Tensor]) -> int:
@@ -249,10 +284,11 @@ def bench_train_step(args: argparse.Namespace) -> dict[str, Any]:
     step, _ = builder(args, device)
     reset_peak_memory(device)
     times = time_calls(step, args.steps, args.warmup, device)
+    phases = getattr(step, "phases", None)
     figures = {
         "impl": args.impl,
         "precision": args.precision,
-        "compile": args.compile,
+        "compile": args.compile and args.compile_mode,
         "channels_last": args.channels_last,
         "fused": args.fused,
         "steps": args.steps,
@@ -260,6 +296,8 @@ def bench_train_step(args: argparse.Namespace) -> dict[str, Any]:
         "images_per_s": round(len(TRAIN_SHAPES) / statistics.median(times), 3),
         "peak_memory_mib": round(peak_memory_mib(device), 1),
     }
+    if phases is not None and phases.enabled:
+        figures.update(phases.medians())  # includes warm-up steps' phases; the medians ignore them
     if flops:
         figures["gflop_per_step"] = round(flops / 1e9, 1)
         figures["achieved_tflop_s"] = round(flops / statistics.median(times) / 1e12, 3)
@@ -277,7 +315,7 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
     model = build_detr(**R50_MODEL).to(device).eval()
     if args.channels_last:
         model.backbone.to(memory_format=torch.channels_last)
-    forward = torch.compile(model) if args.compile else model
+    forward = compiled(model, args)
     postprocess = PostProcess()
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
 
@@ -300,7 +338,7 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
     batched = time_calls(runner(args.batch_size), throughput_steps, min(args.warmup, 1), device)
     figures = {
         "precision": args.precision,
-        "compile": args.compile,
+        "compile": args.compile and args.compile_mode,
         "channels_last": args.channels_last,
         "batch1_median_s": round(statistics.median(latency), 5),
         "batch1_min_s": round(min(latency), 5),
@@ -444,6 +482,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
         p.add_argument("--precision", choices=sorted(PRECISIONS), default="32")
         p.add_argument("--compile", action="store_true", help="torch.compile the model")
+        p.add_argument(
+            "--compile-mode",
+            default="default",
+            choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        )
         p.add_argument("--channels-last", action="store_true", help="channels_last backbone and images")
         p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
         p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -452,6 +495,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model_options(train, steps=10)
     train.add_argument("--impl", choices=["ours", "huggingface"], default="ours")
     train.add_argument("--fused", action="store_true", help="fused AdamW kernel")
+    train.add_argument(
+        "--breakdown", action="store_true", help="also time forward/loss/backward/optimizer (adds syncs)"
+    )
     train.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP count")
 
     infer = sub.add_parser("inference", help="DETR-R50 on 800x1066: batch-1 latency, batch-8 images/s")
