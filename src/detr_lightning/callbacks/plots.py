@@ -62,6 +62,7 @@ GROUND_TRUTH_COLOR = "#2ca02c"
 PREDICTION_COLOR = "#d62728"
 #: At most this many predictions are drawn per image (the highest scores), so a low threshold stays legible.
 MAX_DRAWN_PREDICTIONS = 30
+CELL_INCHES = 3.4  # the size of an image's cell in the grid
 
 
 class TrainingPlots(lightning.Callback):
@@ -357,13 +358,16 @@ def plot_predictions(
     count = max(len(panels), 1)
     columns = max(1, min(columns, count))
     rows = math.ceil(count / columns)
-    figure = Figure(figsize=(3.4 * columns, 3.4 * rows + 0.9), layout="constrained")
+    figure = Figure(figsize=(CELL_INCHES * columns, CELL_INCHES * rows + 0.9), layout="constrained")
     axes = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).reshape(-1)
     for axis in axes:
         axis.set_axis_off()
     names = {int(label): str(name) for label, name in class_names.items()}
     for axis, panel in zip(axes, panels, strict=False):
-        axis.imshow(panel.pixels)
+        # Enlarged small images keep their pixels (smoother is blurrier and a bigger file); reduced large
+        # ones are antialiased.
+        enlarged = max(panel.pixels.shape[:2]) <= CELL_INCHES * dpi
+        axis.imshow(panel.pixels, interpolation="nearest" if enlarged else "antialiased")
         truth_labels = panel.ground_truth["labels"].tolist()
         crowd = panel.ground_truth.get("iscrowd")
         crowd = crowd.tolist() if crowd is not None else [0] * len(truth_labels)

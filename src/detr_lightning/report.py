@@ -1,0 +1,655 @@
+"""Markdown reports of training runs: ``python -m detr_lightning.report RUN_DIR [RUN_DIR ...] [-o OUT.md]``.
+
+A report reads only the files a run leaves in its folder and says, per run: the command (``python
+<job>.py`` and the task overrides of ``.hydra/overrides.yaml``, the job name and config groups of
+``.hydra/hydra.yaml``), when it started and how long it took, the final COCO figures of ``metrics.json``
+as the 12 lines pycocotools prints (val: the last validation; test: the best checkpoint), AP per class
+by name, the best and the last epoch of ``metrics.csv`` and the plots of the `TrainingPlots` callback.
+Several runs also get a side-by-side table (the overrides that differ between them and the main figures),
+and a multirun sweep folder (``multirun/...``, with ``summary.csv``) stands for its jobs plus its summary.
+
+Every COCO figure is the ``metrics.json`` value rounded to 3 decimals (COCOeval's -1, "no such objects",
+reads ``n/a`` in tables and ``-1.000`` in the pycocotools lines). Image links are relative to the report;
+plots outside the report's folder are copied into ``plots/`` beside it.
+
+The generated part sits between ``<!-- report:begin ... -->`` and ``<!-- report:end -->``: writing into an
+existing file (e.g. ``-o experiments/demo/README.md``) replaces only that part and keeps the title and
+the hand-written text around it. A file without the markers keeps its text as the introduction, above
+the generated part. ``--notes FILE`` sets the introduction, ``--title`` the ``# `` title.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import math
+import re
+import shlex
+import shutil
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from detr_lightning.callbacks.coco_evaluator import METRICS_FILE
+from detr_lightning.callbacks.plots import METRICS_PLOT, PLOTS_DIR, PREDICTIONS_PLOT
+from detr_lightning.metrics import coco_summary_lines
+from detr_lightning.sweep import (
+    EPOCH_METRICS_FILE,
+    JOB_STATUS_FILE,
+    SUMMARY_FILE,
+    best_of_epochs,
+    find_job_dirs,
+    read_epoch_rows,
+)
+
+REPORT_FILE = "report.md"
+BEGIN_MARKER = (
+    "<!-- report:begin (written by python -m detr_lightning.report: the text up to report:end is "
+    "replaced when it runs again) -->"
+)
+END_MARKER = "<!-- report:end -->"
+_BEGIN_PATTERN = re.compile(r"<!-- report:begin\b.*?-->", re.DOTALL)
+#: The 12 figures of COCOeval.summarize(), in its order (keys of metrics.json after ``<split>/``).
+COCO_KEYS = [
+    "map",
+    "map_50",
+    "map_75",
+    "map_small",
+    "map_medium",
+    "map_large",
+    "mar_1",
+    "mar_10",
+    "mar_100",
+    "mar_small",
+    "mar_medium",
+    "mar_large",
+]
+#: The figures of the comparison table, per split: (key after ``<split>/``, label).
+MAIN_FIGURES = [("map", "mAP"), ("map_50", "mAP@0.5"), ("map_75", "mAP@0.75"), ("mar_100", "AR@100")]
+#: Columns of the epochs table: (metrics.csv column, header).
+EPOCH_COLUMNS = [
+    ("train/loss", "train loss"),
+    ("val/loss", "val loss"),
+    ("val/map", "val mAP"),
+    ("val/map_50", "val mAP@0.5"),
+    ("val/map_75", "val mAP@0.75"),
+    ("val/mar_100", "val AR@100"),
+]
+PLOT_CAPTIONS = {
+    METRICS_PLOT: "Losses, validation COCO figures and learning rate per epoch",
+    PREDICTIONS_PLOT: "Validation images: predictions (red, dashed, with scores) and ground truth (green)",
+}
+SPLIT_NOTES = {
+    "train": {"val": "the last validation epoch", "test": "the best checkpoint on the test split"},
+    "eval": {"val": "the evaluated checkpoint", "test": "the evaluated checkpoint"},
+}
+_LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)")
+
+
+# ---------------------------------------------------------------------------------------------- reading
+@dataclass
+class Run:
+    """What a report says about one run folder (missing files leave their fields empty)."""
+
+    path: Path
+    label: str
+    job_name: str = "train"
+    overrides: list[str] = field(default_factory=list)
+    choices: dict[str, str] = field(default_factory=dict)
+    started: str | None = None
+    duration_s: float | None = None
+    duration_measured: bool = False  # False: estimated from file times
+    status: str | None = None
+    final: dict[str, float] = field(default_factory=dict)
+    epochs: list[dict[str, str]] = field(default_factory=list)
+    metric: str = "val/map"
+    mode: str = "max"
+    plots: list[Path] = field(default_factory=list)
+
+    @property
+    def command(self) -> str:
+        return " ".join(["python", f"{self.job_name}.py", *(shlex.quote(o) for o in self.overrides)])
+
+    def override_values(self) -> dict[str, str]:
+        pairs = (override.partition("=") for override in self.overrides)
+        return {key.lstrip("+"): value for key, _, value in pairs}
+
+
+@dataclass
+class Sweep:
+    """A multirun folder: its command, ``summary.csv`` rows and job runs."""
+
+    path: Path
+    command: str
+    summary: list[dict[str, str]]
+    runs: list[Run]
+
+
+def is_sweep_dir(path: Path) -> bool:
+    return (path / SUMMARY_FILE).is_file() or (path / "multirun.yaml").is_file()
+
+
+def is_run_dir(path: Path) -> bool:
+    return any(
+        (path / name).is_file()
+        for name in (".hydra/overrides.yaml", METRICS_FILE, EPOCH_METRICS_FILE, JOB_STATUS_FILE)
+    )
+
+
+def read_run(path: Path, label: str | None = None, metric: str | None = None, mode: str | None = None) -> Run:
+    """Read a run folder; ``metric``/``mode`` (what "best epoch" means) default to its config's
+    ``optimized_metric``/``optimized_metric_mode``, else ``val/map``/``max``."""
+    if label is None:  # a job of a sweep is known by both names: multirun/<date>/<job>
+        label = f"{path.parent.name}/{path.name}" if is_sweep_dir(path.parent) else path.name
+    run = Run(path=path, label=label)
+    hydra = _read_yaml(path / ".hydra" / "hydra.yaml").get("hydra", {}) or {}
+    config = _read_yaml(path / ".hydra" / "config.yaml")
+    status = _read_json(path / JOB_STATUS_FILE)
+    run.job_name = str((hydra.get("job") or {}).get("name") or "train")
+    overrides = _read_yaml_list(path / ".hydra" / "overrides.yaml")
+    if overrides is None:
+        overrides = (hydra.get("overrides") or {}).get("task") or status.get("overrides") or []
+    run.overrides = [str(override) for override in overrides]
+    run.choices = {
+        str(group): str(option)
+        for group, option in ((hydra.get("runtime") or {}).get("choices") or {}).items()
+        if option is not None and not str(group).startswith("hydra/")
+    }
+    run.status = status.get("status")
+    run.started = _started(path, run.job_name, status)
+    run.duration_s, run.duration_measured = _duration(path, status)
+    run.final = {k: float(v) for k, v in _read_json(path / METRICS_FILE).items() if _is_number(v)}
+    run.epochs = read_epoch_rows(path / EPOCH_METRICS_FILE)
+    run.metric = metric or str(config.get("optimized_metric") or "val/map")
+    run.mode = mode or str(config.get("optimized_metric_mode") or "max")
+    run.plots = [path / PLOTS_DIR / name for name in (METRICS_PLOT, PREDICTIONS_PLOT)]
+    run.plots = [plot for plot in run.plots if plot.is_file()]
+    return run
+
+
+def read_sweep(path: Path, metric: str | None = None, mode: str | None = None) -> Sweep:
+    """Read a multirun folder and its jobs (labelled ``<sweep folder>/<job>``)."""
+    multirun = _read_yaml(path / "multirun.yaml").get("hydra", {}) or {}
+    task = [str(o) for o in (multirun.get("overrides") or {}).get("task") or []]
+    job_name = str((multirun.get("job") or {}).get("name") or "train")
+    command = " ".join(["python", f"{job_name}.py", "-m", *(shlex.quote(o) for o in task)])
+    try:
+        with (path / SUMMARY_FILE).open(newline="") as handle:
+            summary = list(csv.DictReader(handle))
+    except (OSError, csv.Error):
+        summary = []
+    runs = [
+        read_run(job, f"{path.name}/{job.relative_to(path).as_posix()}", metric, mode)
+        for job in find_job_dirs(path)
+    ]
+    return Sweep(path, command, summary, runs)
+
+
+def collect(
+    directories: Sequence[Path], metric: str | None = None, mode: str | None = None
+) -> tuple[list[Sweep], list[Run]]:
+    """The sweeps and the runs (sweep jobs included, in the order given) of the directories."""
+    sweeps: list[Sweep] = []
+    runs: list[Run] = []
+    for directory in directories:
+        if not directory.is_dir():
+            raise ValueError(
+                f"{directory} is not a folder: pass a run folder (outputs/...) or a sweep folder"
+            )
+        if is_sweep_dir(directory):
+            sweep = read_sweep(directory, metric, mode)
+            sweeps.append(sweep)
+            runs.extend(sweep.runs)
+        elif is_run_dir(directory):
+            runs.append(read_run(directory, metric=metric, mode=mode))
+        else:
+            raise ValueError(
+                f"{directory} is neither a run folder (with .hydra/, {METRICS_FILE} or "
+                f"{EPOCH_METRICS_FILE}) nor a sweep folder (with {SUMMARY_FILE} or multirun.yaml)"
+            )
+    _unique_labels(runs)
+    return sweeps, runs
+
+
+def _unique_labels(runs: list[Run]) -> None:
+    """Labels that tell the runs apart: the folder name, else parent/name, else a number appended."""
+    for run in runs:
+        if sum(other.label == run.label for other in runs) > 1 and "/" not in run.label:
+            run.label = f"{run.path.parent.name}/{run.path.name}"
+    seen: dict[str, int] = {}
+    for run in runs:
+        seen[run.label] = seen.get(run.label, 0) + 1
+        if seen[run.label] > 1:
+            run.label = f"{run.label} ({seen[run.label]})"
+
+
+# -------------------------------------------------------------------------------------------- rendering
+def format_figure(value: float | None) -> str:
+    """A COCO figure or loss in the report: 3 decimals; ``n/a`` for COCOeval's -1, ``–`` when absent."""
+    if value is None or math.isnan(value):
+        return "–"
+    if value < 0:
+        return "n/a"
+    return f"{value:.3f}"
+
+
+def coco_lines(figures: dict[str, float], split: str) -> list[str] | None:
+    """The 12 pycocotools summary lines of ``split`` from ``metrics.json`` figures; None when incomplete."""
+    values = {key: figures.get(f"{split}/{key}") for key in COCO_KEYS}
+    if any(value is None for value in values.values()):
+        return None
+    return coco_summary_lines(values)
+
+
+class Renderer:
+    """Markdown of runs and sweeps, with image links relative to ``out_dir`` (plots outside it copied)."""
+
+    def __init__(self, out_dir: Path | None) -> None:
+        self.out_dir = out_dir
+        self.several_runs = False
+
+    def document_body(self, sweeps: Sequence[Sweep], runs: Sequence[Run], command: str) -> str:
+        self.several_runs = len(runs) > 1
+        parts = [BEGIN_MARKER, ""]
+        if len(runs) > 1:
+            parts += self.comparison(runs)
+        for sweep in sweeps:
+            parts += self.sweep_section(sweep)
+        for run in runs:
+            parts += self.run_section(run)
+        parts += [f"_Written by `{command}` from the files of the run folders._", "", END_MARKER]
+        return "\n".join(parts)
+
+    # ------------------------------------------------------------------ sections
+    def comparison(self, runs: Sequence[Run]) -> list[str]:
+        rows: list[list[str]] = []
+        values = [run.override_values() for run in runs]
+        for key in _differing_keys(values):
+            rows.append([f"`{key}`", *(_cell(v.get(key, "")) for v in values)])
+        if any(run.status for run in runs):
+            rows.append(["status", *(run.status or "" for run in runs)])
+        rows.append(["epochs", *(str(len(run.epochs)) for run in runs)])
+        metrics = {run.metric for run in runs}
+        for metric in sorted(metrics):
+            cells = []
+            for run in runs:
+                best = best_of_epochs(run.epochs, metric, run.mode)
+                cells.append("–" if best is None else f"{format_figure(best[0])} (epoch {best[1]})")
+            rows.append([f"best `{metric}` over the epochs", *cells])
+        for split in ("val", "test"):
+            if not any(f"{split}/map" in run.final for run in runs):
+                continue
+            for key, label in MAIN_FIGURES:
+                name = f"{split}/{key}"
+                rows.append(
+                    [f"{split} {label} (`{name}`)", *(format_figure(run.final.get(name)) for run in runs)]
+                )
+        rows.append(["duration", *(_format_duration(run) for run in runs)])
+        header = ["", *(_cell(f"`{run.label}`") for run in runs)]
+        return [
+            "## Comparison",
+            "",
+            f"Final figures from each run's `{METRICS_FILE}` (val: the last validation, test: the best "
+            f"checkpoint), best epochs from `{EPOCH_METRICS_FILE}`.",
+            "",
+            *_table(header, rows),
+            "",
+        ]
+
+    def sweep_section(self, sweep: Sweep) -> list[str]:
+        lines = [f"## Sweep `{sweep.path.name}`", "", f"Command: `{sweep.command}`", ""]
+        lines.append(f"Folder: `{_shown_path(sweep.path)}`, {len(sweep.runs)} jobs.")
+        lines.append("")
+        if sweep.summary:
+            columns = [c for c in sweep.summary[0] if c != "overrides"]
+            if all(not row.get("error") for row in sweep.summary):
+                columns = [c for c in columns if c != "error"]
+            rows = [
+                [_summary_cell(column, row.get(column, "")) for column in columns] for row in sweep.summary
+            ]
+            lines += [f"Summary (`{SUMMARY_FILE}`, best first):", "", *_table(columns, rows), ""]
+        else:
+            lines += [
+                f"No `{SUMMARY_FILE}`: `python -m detr_lightning.sweep {_shown_path(sweep.path)}` writes it.",
+                "",
+            ]
+        return lines
+
+    def run_section(self, run: Run) -> list[str]:
+        lines = [f"## Run `{run.label}`", ""]
+        facts = [["command", _cell(f"`{run.command}`")]]
+        if run.choices:
+            facts.append(["config groups", _cell(", ".join(f"{k}={v}" for k, v in run.choices.items()))])
+        facts.append(["started", run.started or "–"])
+        facts.append(["duration", _format_duration(run)])
+        if run.status:
+            facts.append(["status", run.status])
+        facts.append(["folder", _cell(f"`{_shown_path(run.path)}`")])
+        lines += [*_table(["", ""], facts), ""]
+        lines += self.coco_section(run)
+        lines += self.per_class_section(run)
+        lines += self.epochs_section(run)
+        lines += self.plots_section(run)
+        return lines
+
+    def coco_section(self, run: Run) -> list[str]:
+        lines = [f"### COCO box figures (`{METRICS_FILE}`)", ""]
+        notes = SPLIT_NOTES.get(run.job_name, SPLIT_NOTES["train"])
+        blocks = []
+        for split in ("val", "test"):
+            summary = coco_lines(run.final, split)
+            if summary is not None:
+                blocks += [f"{split}: {notes[split]}", *summary]
+        if not blocks:
+            return [*lines, f"No `{METRICS_FILE}` figures: the run has not finished (or failed).", ""]
+        return [*lines, "```text", *blocks, "```", ""]
+
+    def per_class_section(self, run: Run) -> list[str]:
+        names: list[str] = []
+        splits = [split for split in ("val", "test") if any(k.startswith(f"{split}/ap/") for k in run.final)]
+        for split in splits:
+            prefix = f"{split}/ap/"
+            names.extend(
+                k[len(prefix) :] for k in run.final if k.startswith(prefix) and k[len(prefix) :] not in names
+            )
+        if not names:
+            return []
+        rows = [
+            [_cell(name), *(format_figure(run.final.get(f"{split}/ap/{name}")) for split in splits)]
+            for name in names
+        ]
+        header = ["class", *(f"{split} AP@[.50:.95]" for split in splits)]
+        return ["### AP per class", "", *_table(header, rows), ""]
+
+    def epochs_section(self, run: Run) -> list[str]:
+        if not run.epochs:
+            return []
+        columns = [(key, header) for key, header in EPOCH_COLUMNS if any(row.get(key) for row in run.epochs)]
+        numbered = [(_epoch_of(row, index), row) for index, row in enumerate(run.epochs)]
+        chosen: list[tuple[str, int, dict[str, str]]] = []
+        best = best_of_epochs(run.epochs, run.metric, run.mode)
+        if best is not None:
+            epoch, row = next((epoch, row) for epoch, row in numbered if epoch == best[1])
+            chosen.append((f"best `{run.metric}` ({run.mode})", epoch, row))
+        chosen.append(("last", *numbered[-1]))
+        rows = [
+            [label, str(epoch), *(format_figure(_to_float(row.get(key))) for key, _ in columns)]
+            for label, epoch, row in chosen
+        ]
+        return [
+            f"### Epochs (`{EPOCH_METRICS_FILE}`, {len(run.epochs)} rows)",
+            "",
+            *_table(["", "epoch", *(header for _, header in columns)], rows),
+            "",
+        ]
+
+    def plots_section(self, run: Run) -> list[str]:
+        if not run.plots:
+            return []
+        lines = ["### Plots", ""]
+        for plot in run.plots:
+            lines += [f"![{PLOT_CAPTIONS.get(plot.name, plot.stem)}]({self.link(plot, run)})", ""]
+        return lines
+
+    def link(self, plot: Path, run: Run) -> str:
+        """The plot's link from the report: relative when inside the report's folder, else copied there."""
+        if self.out_dir is None:
+            return _shown_path(plot)
+        out_dir = self.out_dir.resolve()
+        try:
+            return plot.resolve().relative_to(out_dir).as_posix()
+        except ValueError:
+            pass
+        target_dir = out_dir / PLOTS_DIR
+        if self.several_runs:
+            target_dir = target_dir / re.sub(r"[^A-Za-z0-9._-]+", "_", run.label)
+        target_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(plot, target_dir / plot.name)
+        return (target_dir / plot.name).relative_to(out_dir).as_posix()
+
+
+# ---------------------------------------------------------------------------------------------- document
+def compose_document(
+    existing: str | None, body: str, title: str | None, notes: str | None, default_title: str
+) -> str:
+    """The whole file: title, introduction and the generated ``body`` (markers included).
+
+    - ``existing`` with the markers: everything outside them is kept (``title`` replaces the first
+      ``# `` line, ``notes`` the text between it and the generated part);
+    - ``existing`` without them: its text (first ``# `` line aside) becomes the introduction;
+    - no ``existing``: ``# title``, ``notes`` if given, then the body.
+
+    A ``notes`` text that starts with a ``# `` line brings its title (``title`` still wins).
+    """
+    if notes is not None:
+        notes_title, notes_body = _split_title(notes)
+        if notes_title is not None:  # a notes file with its own "# " title: the title, unless --title
+            title, notes = title or notes_title, notes_body
+    if existing is not None:
+        begin = _BEGIN_PATTERN.search(existing)
+        end = existing.find(END_MARKER, begin.end()) if begin else -1
+        if begin and end >= 0:
+            head, tail = existing[: begin.start()], existing[end + len(END_MARKER) :]
+            if title is not None or notes is not None:
+                old_title, intro = _split_title(head)
+                head = _head(title or old_title or default_title, notes if notes is not None else intro)
+            return head + body + tail
+        old_title, intro = _split_title(existing)
+        return _head(title or old_title or default_title, notes if notes is not None else intro) + body + "\n"
+    return _head(title or default_title, notes or "") + body + "\n"
+
+
+def _split_title(text: str) -> tuple[str | None, str]:
+    lines = text.lstrip("\n").splitlines()
+    if lines and lines[0].startswith("# "):
+        return lines[0][2:].strip(), "\n".join(lines[1:])
+    return None, text
+
+
+def _head(title: str, intro: str) -> str:
+    intro = intro.strip("\n")
+    return f"# {title}\n\n" + (f"{intro}\n\n" if intro.strip() else "")
+
+
+def build_report(
+    directories: Sequence[Path],
+    out: Path | None,
+    title: str | None = None,
+    notes: str | None = None,
+    metric: str | None = None,
+    mode: str | None = None,
+    command: str = "python -m detr_lightning.report",
+) -> str:
+    """The report's text (and the plots copied beside ``out``); ``out`` None: links relative to the
+    working directory. Written to ``out`` by `main`, which also keeps what ``out`` holds outside the
+    markers."""
+    sweeps, runs = collect(directories, metric, mode)
+    if not runs:
+        raise ValueError(f"no runs in {', '.join(map(str, directories))}")
+    renderer = Renderer(out.parent if out is not None else None)
+    body = renderer.document_body(sweeps, runs, command)
+    default_title = (
+        f"Training report: {runs[0].label}" if len(runs) == 1 else f"Training report: {len(runs)} runs"
+    )
+    existing = out.read_text() if out is not None and out.is_file() else None
+    return compose_document(existing, body, title, notes, default_title)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m detr_lightning.report RUN_DIR [RUN_DIR ...] [-o OUT.md]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m detr_lightning.report",
+        description="Write a markdown report of training runs (run folders and/or multirun sweep folders).",
+    )
+    parser.add_argument(
+        "directories", nargs="+", type=Path, help="run folders (outputs/...) or sweep folders"
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        help=f"the markdown file ('-': standard output); default: <DIR>/{REPORT_FILE} for one folder",
+    )
+    parser.add_argument(
+        "--title", help="the '# ' title (default: kept from OUT, else 'Training report: ...')"
+    )
+    parser.add_argument(
+        "--notes", type=Path, help="a markdown file: the introduction, above the generated part"
+    )
+    parser.add_argument(
+        "--metric", help="the figure that picks the best epoch (default: the run's optimized_metric)"
+    )
+    parser.add_argument(
+        "--mode", choices=("max", "min"), help="its direction (default: optimized_metric_mode)"
+    )
+    args = parser.parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    command = " ".join(["python -m detr_lightning.report", *(shlex.quote(a) for a in arguments)])
+    if args.output is None and len(args.directories) > 1:
+        parser.error(
+            "several folders: say where the report goes with -o OUT.md (or -o - for standard output)"
+        )
+    out = (
+        None
+        if args.output == "-"
+        else Path(args.output)
+        if args.output
+        else args.directories[0] / REPORT_FILE
+    )
+    try:
+        notes = args.notes.read_text() if args.notes is not None else None
+        text = build_report(args.directories, out, args.title, notes, args.metric, args.mode, command)
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
+    if out is None:
+        sys.stdout.write(text)
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"Report written to {out}")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _summary_cell(column: str, value: str) -> str:
+    if column.startswith("best ") or "/" in column:
+        number = _to_float(value)
+        if number is not None and value.strip():
+            return format_figure(number)
+    return _cell(value)
+
+
+def _differing_keys(values: Sequence[dict[str, str]]) -> list[str]:
+    keys: list[str] = []
+    for job_values in values:
+        keys.extend(key for key in job_values if key not in keys)
+    return [key for key in keys if len({job_values.get(key) for job_values in values}) > 1]
+
+
+def _shown_path(path: Path) -> str:
+    """The path relative to the working directory when it is below it, else as given."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def _started(path: Path, job_name: str, status: dict[str, Any]) -> str | None:
+    if status.get("started"):
+        return str(status["started"]).replace("T", " ")
+    try:
+        with (path / f"{job_name}.log").open() as handle:
+            match = _LOG_TIME.match(handle.readline())
+        if match:
+            return match.group(1)
+    except OSError:
+        pass
+    for name in (".hydra/config.yaml", EPOCH_METRICS_FILE, METRICS_FILE):
+        if (path / name).is_file():
+            stamp = datetime.datetime.fromtimestamp((path / name).stat().st_mtime)
+            return stamp.strftime("%Y-%m-%d %H:%M:%S")
+    return None
+
+
+def _duration(path: Path, status: dict[str, Any]) -> tuple[float | None, bool]:
+    if _is_number(status.get("duration_s")):
+        return float(status["duration_s"]), True
+    try:
+        start = (path / ".hydra" / "config.yaml").stat().st_mtime
+        end = max((path / name).stat().st_mtime for name in (METRICS_FILE,) if (path / name).is_file())
+    except (OSError, ValueError):
+        return None, False
+    return max(end - start, 0.0), False
+
+
+def _format_duration(run: Run) -> str:
+    if run.duration_s is None:
+        return "–"
+    minutes, seconds = divmod(round(run.duration_s), 60)
+    hours, minutes = divmod(minutes, 60)
+    text = (
+        f"{hours} h {minutes:02d} min"
+        if hours
+        else f"{minutes} min {seconds:02d} s"
+        if minutes
+        else f"{seconds} s"
+    )
+    return text if run.duration_measured else f"about {text} (file times)"
+
+
+def _epoch_of(row: dict[str, str], default: int) -> int:
+    value = _to_float(row.get("epoch"))
+    return int(value) if value is not None else default
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        content = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return content if isinstance(content, dict) else {}
+
+
+def _read_yaml_list(path: Path) -> list[Any] | None:
+    try:
+        content = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return content if isinstance(content, list) else None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return content if isinstance(content, dict) else {}
+
+
+def _to_float(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+if __name__ == "__main__":
+    main()
