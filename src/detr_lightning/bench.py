@@ -390,9 +390,11 @@ def bench_data(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         root = write_jpeg_folder(Path(tmp), args.images)
         for workers in args.workers:
+            split = {"ann_file": root / "train" / "_annotations.coco.json", "img_dir": root / "train"}
             datamodule = CocoDataModule(
                 root,
-                train={"ann_file": root / "train" / "_annotations.coco.json", "img_dir": root / "train"},
+                train=split,
+                val=split,
                 batch_size=args.batch_size,
                 num_workers=workers,
                 pin_memory=False,

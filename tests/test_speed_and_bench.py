@@ -1,0 +1,87 @@
+"""Speed options (channels_last, torch.compile in place) and the benchmark CLI's output contract."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from detr_lightning.bench import synthetic_detections
+from detr_lightning.models import build_detr
+from detr_lightning.speed import apply_speed_options
+
+TINY = dict(
+    num_classes=3, backbone="resnet18", hidden_dim=32, nheads=2, enc_layers=1, dec_layers=1,
+    dim_feedforward=64, num_queries=5, dropout=0.0,
+)  # fmt: skip
+
+
+def test_channels_last_gives_the_same_outputs():
+    torch.manual_seed(0)
+    reference = build_detr(**TINY).eval()
+    fast = build_detr(**TINY).eval()
+    fast.load_state_dict(reference.state_dict())
+    apply_speed_options(fast, channels_last=True)
+    weights = [p for p in fast.backbone.parameters() if p.dim() == 4]
+    assert weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+    images = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        expected, actual = reference(images), fast(images)
+    torch.testing.assert_close(actual["pred_boxes"], expected["pred_boxes"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(actual["pred_logits"], expected["pred_logits"], atol=1e-5, rtol=1e-4)
+
+
+def test_compile_in_place_keeps_checkpoint_keys():
+    model = build_detr(**TINY)
+    keys = list(model.state_dict())
+    apply_speed_options(model, compile=True, compile_mode="reduce-overhead")
+    assert list(model.state_dict()) == keys  # no "_orig_mod." prefix: checkpoints load uncompiled
+    assert model._compiled_call_impl is not None
+
+
+def test_unknown_compile_mode_is_refused():
+    with pytest.raises(ValueError, match="compile_mode"):
+        apply_speed_options(build_detr(**TINY), compile=True, compile_mode="fastest")
+
+
+def test_synthetic_detections_are_valid_xywh():
+    predictions, targets = synthetic_detections(5, 10)
+    assert len(predictions) == len(targets) == 5
+    for prediction, target in zip(predictions, targets, strict=True):
+        assert prediction["boxes"].shape == (10, 4) and prediction["scores"].shape == (10,)
+        assert (prediction["boxes"][:, 2:] > 0).all() and (target["boxes"][:, 2:] > 0).all()
+
+
+def run_bench(*args: str) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-m", "detr_lightning.bench", *args], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])  # the JSON line is always last
+
+
+def test_metric_benchmark_backends_agree():
+    figures = run_bench("metric", "--images", "30", "--detections", "20")
+    assert figures["benchmark"] == "metric"
+    assert figures["max_abs_difference"] == 0.0
+    assert 0 < figures["map"] < 1
+    assert figures["faster_coco_eval_s"] > 0 and figures["pycocotools_s"] > 0
+    assert {"cpu", "cpu_cores", "torch"} <= set(figures)
+
+
+def test_data_benchmark_reports_images_per_second():
+    figures = run_bench("data", "--images", "6", "--workers", "0")
+    assert figures["workers0_images_per_s"] > 0
+
+
+def test_train_step_benchmark_runs_one_step_with_breakdown():
+    figures = run_bench(
+        "train-step", "--steps", "1", "--warmup", "0", "--device", "cpu", "--breakdown", "--no-flops"
+    )
+    assert figures["impl"] == "ours" and figures["steps"] == 1
+    assert figures["median_s"] > 0 and figures["peak_memory_mib"] > 0
+    for phase in ("forward", "loss", "backward", "optimizer"):
+        assert figures[f"{phase}_median_s"] > 0
