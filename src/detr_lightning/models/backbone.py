@@ -32,6 +32,53 @@ STAGES_TOP_DOWN = ("layer4", "layer3", "layer2", "layer1", "conv1")
 NORM_LAYERS = {"frozen": FrozenBatchNorm2d, "batch": nn.BatchNorm2d}
 
 
+class FrozenNormConv2d(nn.Conv2d):
+    """A convolution whose following frozen batch norm is applied to its weights instead of its output.
+
+    ``conv(x, W) * s + b == conv(x, W * s) + b`` for the frozen norm's per-channel scale ``s`` and shift
+    ``b``: one convolution with a bias instead of a convolution and two passes over the activations (and
+    one fewer in the backward pass). The norm stays registered where it was, with its state-dict keys; it
+    is only read here. Made by :func:`fold_frozen_batch_norms`.
+    """
+
+    folded_norm: FrozenBatchNorm2d
+
+    def forward(self, x: Tensor) -> Tensor:
+        norm = self.folded_norm
+        scale = norm.weight * (norm.running_var + norm.eps).rsqrt()  # (C_out,)
+        shift = norm.bias - norm.running_mean * scale
+        weight = self.weight * scale.reshape(-1, 1, 1, 1)
+        return F.conv2d(x, weight, shift, self.stride, self.padding, self.dilation, self.groups)
+
+
+class AppliedFrozenBatchNorm2d(FrozenBatchNorm2d):
+    """A frozen batch norm already applied by the preceding :class:`FrozenNormConv2d`: passes through."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+def fold_frozen_batch_norms(resnet: nn.Module) -> int:
+    """Fold every frozen batch norm of a torchvision ResNet into the convolution before it, in place.
+
+    Pairs are ``conv1/bn1`` of the stem and of each block (``conv2/bn2``, ``conv3/bn3``) and each
+    ``downsample`` (``0``/``1``). State-dict keys and values do not change. Returns the pairs folded.
+    """
+    folded = 0
+    for module in resnet.modules():
+        pairs = [(f"conv{i}", f"bn{i}") for i in (1, 2, 3)]
+        if isinstance(module, nn.Sequential) and len(module) == 2:
+            pairs.append(("0", "1"))  # a block's downsample: conv then norm
+        for conv_name, norm_name in pairs:
+            conv, norm = getattr(module, conv_name, None), getattr(module, norm_name, None)
+            if type(conv) is nn.Conv2d and type(norm) is FrozenBatchNorm2d and conv.bias is None:
+                conv.__class__ = FrozenNormConv2d
+                conv.__dict__["folded_norm"] = norm  # a plain attribute: not a second registration
+                norm.__class__ = AppliedFrozenBatchNorm2d
+                folded += 1
+    return folded
+
+
 class ResNetBackbone(nn.Module):
     """ResNet-18/34/50/101 trunk returning the last stage's feature map and its padding mask.
 
@@ -46,6 +93,8 @@ class ResNetBackbone(nn.Module):
             for training from scratch; adds ``num_batches_tracked`` buffers to the state dict).
         output_stage: ``layer4`` (official, stride 32) or ``layer3`` (stride 16 at a fraction of the compute,
             for small images; the model then has no ``layer4`` weights).
+        fold_frozen_norm: run each frozen batch norm as part of the convolution before it (same result
+            and state dict, fewer passes over the activations; see :class:`FrozenNormConv2d`).
     """
 
     def __init__(
@@ -57,6 +106,7 @@ class ResNetBackbone(nn.Module):
         trainable_layers: int = 3,
         norm: str = "frozen",
         output_stage: str = "layer4",
+        fold_frozen_norm: bool = True,
     ) -> None:
         super().__init__()
         if not 0 <= trainable_layers <= len(STAGES_TOP_DOWN):
@@ -85,6 +135,8 @@ class ResNetBackbone(nn.Module):
                 raise RuntimeError(
                     f"ImageNet weights of {name} do not fit: missing {missing}, unexpected {unexpected}"
                 )
+        if fold_frozen_norm and norm == "frozen":
+            fold_frozen_batch_norms(resnet)
         trainable_stages = STAGES_TOP_DOWN[:trainable_layers] if train_backbone else ()
         for param_name, param in resnet.named_parameters():
             stage = "conv1" if param_name.startswith(("conv1.", "bn1.")) else param_name.split(".")[0]
