@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from detr_lightning.checkpoints import CheckpointError
 from detr_lightning.data.errors import DataError
 from detr_lightning.lit_module import DETRLitModule
+from detr_lightning.speed import apply_speed_options
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module = build_module(cfg, num_classes)
     if cfg.model.get("pretrained") and not ckpt_path:
         module.load_pretrained()
+    apply_speed_options(module.model, **OmegaConf.to_container(cfg.get("speed") or {}, resolve=True))
 
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
