@@ -188,10 +188,13 @@ def build_our_train_step(args: argparse.Namespace, device: torch.device) -> tupl
     return step, model
 
 
-def build_huggingface_train_step(
-    args: argparse.Namespace, device: torch.device
-) -> tuple[Callable[[], Tensor], Any]:
-    """The same step with the Hugging Face DETR (ResNet-50 from ``transformers``, random weights)."""
+def huggingface_detr() -> torch.nn.Module:
+    """The Hugging Face ``DetrForObjectDetection`` with the official R50 settings and random weights.
+
+    Its ResNet-50 comes from ``transformers`` (no timm, no download). The trainable set is the official
+    one (conv1 and layer1 frozen, layer2-4 trained): this transformers version leaves its whole ResNet
+    frozen with a transformers backbone, which would skip most of the backward pass.
+    """
     try:
         from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
     except ImportError as error:
@@ -202,13 +205,18 @@ def build_huggingface_train_step(
         num_queries=100,
         auxiliary_loss=True,
     )
-    model = DetrForObjectDetection(config).to(device).train()
-    # Same trainable set as the official recipe (conv1 and layer1 frozen, layer2-4 trained): this
-    # transformers version leaves its whole ResNet frozen with a transformers backbone, which would
-    # skip most of the backward pass and not be the same work.
+    model = DetrForObjectDetection(config)
     for name, parameter in model.model.backbone.named_parameters():
         if any(f"stages.{stage}." in name for stage in (1, 2, 3)):
             parameter.requires_grad_(True)
+    return model
+
+
+def build_huggingface_train_step(
+    args: argparse.Namespace, device: torch.device
+) -> tuple[Callable[[], Tensor], Any]:
+    """The same step with the Hugging Face DETR (ResNet-50 from ``transformers``, random weights)."""
+    model = huggingface_detr().to(device).train()
     backbone = [p for n, p in model.named_parameters() if "backbone" in n and p.requires_grad]
     rest = [p for n, p in model.named_parameters() if "backbone" not in n and p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -312,12 +320,21 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
 
     device = resolve_device(args.device)
     torch.manual_seed(0)
-    model = build_detr(**R50_MODEL).to(device).eval()
-    if args.channels_last:
-        model.backbone.to(memory_format=torch.channels_last)
-    forward = compiled(model, args)
-    postprocess = PostProcess()
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    if args.impl == "huggingface":
+        model = huggingface_detr().to(device).eval()
+
+        def detect(images: Tensor, mask: Tensor) -> dict[str, Tensor]:
+            outputs = model(pixel_values=images, pixel_mask=(~mask).long())
+            return {"pred_logits": outputs.logits, "pred_boxes": outputs.pred_boxes}
+
+        forward = compiled(detect, args)
+    else:
+        model = build_detr(**R50_MODEL).to(device).eval()
+        if args.channels_last:
+            model.backbone.to(memory_format=torch.channels_last)
+        forward = compiled(model, args)
+    postprocess = PostProcess()  # the same post-processing for both: softmax, top class, boxes to pixels
 
     def runner(batch_size: int) -> Callable[[], Any]:
         images = torch.randn(batch_size, 3, 800, 1066, device=device).contiguous(memory_format=memory_format)
@@ -337,6 +354,7 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
     throughput_steps = max(1, args.steps // 2)
     batched = time_calls(runner(args.batch_size), throughput_steps, min(args.warmup, 1), device)
     figures = {
+        "impl": args.impl,
         "precision": args.precision,
         "compile": args.compile and args.compile_mode,
         "channels_last": args.channels_last,
@@ -505,6 +523,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     infer = sub.add_parser("inference", help="DETR-R50 on 800x1066: batch-1 latency, batch-8 images/s")
     model_options(infer, steps=10)
     infer.add_argument("--batch-size", type=int, default=8)
+    infer.add_argument("--impl", choices=["ours", "huggingface"], default="ours")
 
     data = sub.add_parser("data", help="images/s through dataset + train transforms + collate")
     data.add_argument("--images", type=int, default=200)
