@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 PRECISIONS = {"32": None, "32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
@@ -155,6 +156,18 @@ def build_our_train_step(args: argparse.Namespace, device: torch.device) -> tupl
         model={**R50_MODEL, "dropout": 0.1},
         optimizer={"lr": 1e-4, "lr_backbone": 1e-5, "weight_decay": 1e-4, "fused": args.fused or None},
     )
+    if not args.fold_norm:  # the official layout: frozen norms run after their convolutions
+        from detr_lightning.models.backbone import AppliedFrozenBatchNorm2d, FrozenNormConv2d
+
+        for layer in module.model.modules():
+            if isinstance(layer, FrozenNormConv2d):
+                layer.__class__ = torch.nn.Conv2d
+            elif isinstance(layer, AppliedFrozenBatchNorm2d):
+                layer.__class__ = FrozenBatchNorm2d
+    if args.attention_weights:  # the official attention: weights materialized, no fused SDPA kernel
+        for layer in module.model.modules():
+            if hasattr(layer, "need_weights"):
+                layer.need_weights = True
     module.to(device)
     if args.channels_last:
         module.model.backbone.to(memory_format=torch.channels_last)
@@ -299,6 +312,11 @@ def bench_train_step(args: argparse.Namespace) -> dict[str, Any]:
         "compile": args.compile and args.compile_mode,
         "channels_last": args.channels_last,
         "fused": args.fused,
+        **(
+            {"fold_norm": args.fold_norm, "attention_weights": args.attention_weights}
+            if args.impl == "ours"
+            else {}
+        ),
         "steps": args.steps,
         **summarize(times),
         "images_per_s": round(len(TRAIN_SHAPES) / statistics.median(times), 3),
@@ -515,6 +533,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model_options(train, steps=10)
     train.add_argument("--impl", choices=["ours", "huggingface"], default="ours")
     train.add_argument("--fused", action="store_true", help="fused AdamW kernel")
+    train.add_argument(
+        "--no-fold-norm", dest="fold_norm", action="store_false", help="frozen norms after the convolutions"
+    )
+    train.add_argument(
+        "--attention-weights", action="store_true", help="materialize attention weights (official path)"
+    )
     train.add_argument(
         "--breakdown", action="store_true", help="also time forward/loss/backward/optimizer (adds syncs)"
     )
