@@ -508,7 +508,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--mode", choices=("max", "min"), help="its direction (default: optimized_metric_mode)"
     )
     args = parser.parse_args(argv)
-    arguments = list(sys.argv[1:] if argv is None else argv)
+    # The command that writes the report again, as the file says: --notes is a one-off (the introduction
+    # stays in the file, outside the markers), so it is left out.
+    arguments = _without_option(list(sys.argv[1:] if argv is None else argv), "--notes")
     command = " ".join(["python -m detr_lightning.report", *(shlex.quote(a) for a in arguments)])
     if args.output is None and len(args.directories) > 1:
         parser.error(
@@ -539,6 +541,20 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return lines
+
+
+def _without_option(arguments: list[str], option: str) -> list[str]:
+    """``arguments`` less ``option VALUE`` and ``option=VALUE``."""
+    kept: list[str] = []
+    skip = False
+    for argument in arguments:
+        if skip:
+            skip = False
+        elif argument == option:
+            skip = True
+        elif not argument.startswith(f"{option}="):
+            kept.append(argument)
+    return kept
 
 
 def _cell(text: Any) -> str:

@@ -205,6 +205,7 @@ def test_readme_mode_keeps_the_hand_written_text(random_run, tmp_path):
     third = readme.read_text()
     assert third.startswith("# From the notes\n\nNew introduction.\n\n" + BEGIN_MARKER)
     assert "Hand-written setup." not in third and third.endswith("## Conclusion\n\nPlateau.\n")
+    assert f"report {random_run} -o {readme}`" in third  # how to write it again: --notes is a one-off
     main([str(random_run), "-o", str(readme), "--title", "Demo"])
     assert readme.read_text().startswith("# Demo\n\nNew introduction.\n\n")
     assert (readme.parent / "plots" / "metrics.png").is_file()
