@@ -1,0 +1,307 @@
+"""A trained DETR ready for inference: weights, class names and the input resize, whatever the source.
+
+Two sources, as in ``eval.py``:
+
+- a Lightning checkpoint of this project (``ckpt_path``): the architecture is read from the weights'
+  shapes plus the saved :data:`~detr_lightning.checkpoints.ARCHITECTURE_KEY` / hyper-parameters (for
+  what shapes cannot tell: heads, dilation, activation); nothing is downloaded. Class names and the
+  evaluation resize come from the training run's ``.hydra/config.yaml`` (its data annotations);
+- official weights (``model.pretrained``: a name, URL or file) with the 80 COCO class names.
+
+Used by ``predict.py`` and ``export.py``; plain PyTorch below this module, no Hydra.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch import Tensor
+from torchvision.transforms.v2 import functional as F
+
+from detr_lightning.checkpoints import (
+    ARCHITECTURE_KEY,
+    OFFICIAL_DETR_URLS,
+    CheckpointError,
+    extract_state_dict,
+    infer_architecture,
+    load_official_detr,
+    load_weights_file,
+)
+from detr_lightning.data.annotations import read_annotation_file
+from detr_lightning.data.categories import build_label_map
+from detr_lightning.data.errors import DataError
+from detr_lightning.data.layout import resolve_layout
+from detr_lightning.data.transforms import (
+    DETR_EVAL_MAX_SIZE,
+    DETR_EVAL_SCALE,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    short_side_resize_shape,
+)
+from detr_lightning.models.detr import DETR, build_detr
+
+log = logging.getLogger(__name__)
+
+# fmt: off
+_COCO_NAMES_BY_ID = (
+    "N/A", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "N/A", "stop sign", "parking meter", "bench", "bird", "cat",
+    "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "N/A", "backpack",
+    "umbrella", "N/A", "N/A", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard",
+    "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "N/A", "wine glass", "cup", "fork", "knife", "spoon", "bowl",
+    "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut",
+    "cake", "chair", "couch", "potted plant", "bed", "N/A", "dining table", "N/A", "N/A", "toilet",
+    "N/A", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven",
+    "toaster", "sink", "refrigerator", "N/A", "book", "clock", "vase", "scissors", "teddy bear",
+    "hair drier", "toothbrush",
+)
+# fmt: on
+
+#: COCO 2017 category id -> name: the labels of the official DETR models (ids 0, 12, 26, ... are unused).
+COCO_CLASS_NAMES: dict[int, str] = {
+    category_id: name for category_id, name in enumerate(_COCO_NAMES_BY_ID) if name != "N/A"
+}
+
+#: Checkpoint entries where class names may be saved (a label -> name dict or a list indexed by label).
+SAVED_CLASS_NAME_KEYS = ("class_names", "detr_class_names")
+
+#: What shapes cannot tell about an architecture; read from the checkpoint's saved settings.
+_SHAPELESS_ARCHITECTURE_KEYS = ("nheads", "dilation", "activation")
+
+
+class InferenceSettingError(CheckpointError):
+    """A prediction/export setting that cannot be used (reported without traceback, as weight errors are)."""
+
+
+@dataclass
+class Detector:
+    """A DETR in eval mode with what inference needs besides the weights.
+
+    Attributes:
+        model: the network (eval mode, no aux outputs).
+        class_names: label -> name; labels without a name are shown as ``class <label>``.
+        scale, max_size: the evaluation resize (shorter side, longer-side cap) the model expects.
+        source: where the weights came from (for the outputs' metadata).
+    """
+
+    model: DETR
+    class_names: dict[int, str] = field(default_factory=dict)
+    scale: int = DETR_EVAL_SCALE
+    max_size: int | None = DETR_EVAL_MAX_SIZE
+    source: str = ""
+
+    def class_name(self, label: int) -> str:
+        return self.class_names.get(int(label), f"class {int(label)}")
+
+
+def load_detector(
+    ckpt_path: str | os.PathLike | None = None,
+    pretrained: str | None = None,
+    class_names: Sequence[str] | Mapping[int, str] | None = None,
+    scale: int | None = None,
+    max_size: int | None = None,
+) -> Detector:
+    """Load a project checkpoint (``ckpt_path``) or official weights (``pretrained``) for inference.
+
+    Args:
+        ckpt_path: a Lightning checkpoint of this project (``RUN/checkpoints/best.ckpt``).
+        pretrained: official weights: ``detr_r50`` ... ``detr_r101_dc5``, a URL or a ``.pth`` file.
+        class_names: names by label (a list indexed by label or a mapping); overrides what the
+            checkpoint or its run provide.
+        scale, max_size: the input resize; ``None`` takes the run's ``data.val_scale`` /
+            ``data.val_max_size`` (official 800 / 1333 for official weights or a run without config).
+
+    Raises:
+        CheckpointError: neither or both sources given, a missing or unreadable file, weights that do
+            not fit; `WeightsUnavailableError` for official weights that cannot be downloaded.
+    """
+    if bool(ckpt_path) == bool(pretrained):
+        raise InferenceSettingError(
+            "Give exactly one model: ckpt_path=RUN/checkpoints/best.ckpt (a checkpoint of this project) "
+            f"or model.pretrained=detr_r50 (official weights); got ckpt_path={ckpt_path}, "
+            f"model.pretrained={pretrained}."
+        )
+    if ckpt_path:
+        detector = _load_project_checkpoint(Path(ckpt_path).expanduser())
+    else:
+        model = load_official_detr(pretrained, aux_loss=False).eval()
+        names = COCO_CLASS_NAMES if _is_official(pretrained) else {}
+        detector = Detector(model=model, class_names=dict(names), source=str(pretrained))
+    if class_names is not None:
+        detector.class_names = _as_name_dict(class_names)
+    if scale is not None:
+        detector.scale = int(scale)
+    if max_size is not None:
+        detector.max_size = int(max_size)
+    if detector.scale <= 0 or (detector.max_size is not None and detector.max_size <= 0):
+        raise InferenceSettingError(
+            f"scale={detector.scale}, max_size={detector.max_size}: both must be positive "
+            "(shorter side and longer-side cap of the resize, in pixels)."
+        )
+    return detector
+
+
+def _is_official(source: str) -> bool:
+    """An official name or URL, or a local copy of an official file (same file name)."""
+    official_files = {os.path.basename(urlparse(url).path) for url in OFFICIAL_DETR_URLS.values()}
+    return source in OFFICIAL_DETR_URLS or os.path.basename(urlparse(str(source)).path) in official_files
+
+
+def _as_name_dict(names: Sequence[str] | Mapping[Any, str]) -> dict[int, str]:
+    if isinstance(names, Mapping):
+        return {int(label): str(name) for label, name in names.items()}
+    return {label: str(name) for label, name in enumerate(names)}
+
+
+def _load_project_checkpoint(path: Path) -> Detector:
+    if not path.is_file():
+        raise CheckpointError(
+            f"ckpt_path={path} does not exist. Fix: point it at a run's checkpoints/best.ckpt "
+            "(or use model.pretrained=detr_r50 for the official COCO model)."
+        )
+    checkpoint = load_weights_file(path)
+    if not isinstance(checkpoint, Mapping) or "hyper_parameters" not in checkpoint:
+        raise CheckpointError(
+            f"{path} is not a Lightning checkpoint of this project. Fix: for official DETR weights use "
+            "model.pretrained=PATH instead of ckpt_path."
+        )
+    model = build_model_from_checkpoint(checkpoint, path)
+    run_data = run_data_config(path)
+    detector = Detector(model=model, source=str(path))
+    if run_data is not None:
+        detector.scale = int(run_data.get("val_scale") or DETR_EVAL_SCALE)
+        detector.max_size = run_data.get("val_max_size", DETR_EVAL_MAX_SIZE)
+    else:
+        log.warning(
+            "No run config beside %s (expected ../.hydra/config.yaml): resizing to the official %d/%d; "
+            "set scale= and max_size= to the training data's val_scale/val_max_size.",
+            path,
+            detector.scale,
+            detector.max_size,
+        )
+    detector.class_names = saved_class_names(checkpoint) or _run_class_names(run_data, path)
+    return detector
+
+
+def build_model_from_checkpoint(checkpoint: Mapping[str, Any], path: str | os.PathLike) -> DETR:
+    """The eval-mode DETR of a project checkpoint: shapes from the weights, the rest from its settings.
+
+    No ImageNet backbone is fetched (``pretrained_backbone`` is ignored: the checkpoint holds the weights).
+    """
+    state_dict = extract_state_dict(checkpoint, path)
+    try:
+        architecture = infer_architecture(state_dict)
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    hyper_parameters = checkpoint.get("hyper_parameters") or {}
+    saved = {**dict(hyper_parameters.get("model") or {}), **dict(checkpoint.get(ARCHITECTURE_KEY) or {})}
+    architecture.update({k: saved[k] for k in _SHAPELESS_ARCHITECTURE_KEYS if k in saved})
+    model = build_detr(**architecture, aux_loss=False)
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as error:
+        raise CheckpointError(f"{path} does not fit the DETR its settings describe: {error}") from None
+    return model.eval()
+
+
+def saved_class_names(checkpoint: Mapping[str, Any]) -> dict[int, str]:
+    """Class names stored in the checkpoint itself (top level, hyper-parameters or datamodule's), if any."""
+    places = [checkpoint, checkpoint.get("hyper_parameters"), checkpoint.get("datamodule_hyper_parameters")]
+    for place in places:
+        if not isinstance(place, Mapping):
+            continue
+        for key in SAVED_CLASS_NAME_KEYS:
+            if place.get(key):
+                return _as_name_dict(place[key])
+    return {}
+
+
+def run_data_config(ckpt_path: Path) -> dict[str, Any] | None:
+    """The resolved ``data`` settings of the run that wrote ``RUN/checkpoints/X.ckpt``, or None.
+
+    ``paths.root_dir`` (``${hydra:runtime.cwd}`` when training) is set to the training run's working
+    directory from ``.hydra/hydra.yaml``, so relative data paths resolve as they did then.
+    """
+    run_dir = ckpt_path.resolve().parent.parent
+    config_file = run_dir / ".hydra" / "config.yaml"
+    if not config_file.is_file():
+        return None
+    try:
+        config = OmegaConf.load(config_file)
+        if "data" not in config:
+            return None
+        hydra_file = run_dir / ".hydra" / "hydra.yaml"
+        training_cwd = (
+            OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.cwd")
+            if hydra_file.is_file()
+            else None
+        )
+        if "paths" in config:
+            config.paths.root_dir = str(training_cwd or Path.cwd())
+            config.paths.output_dir = str(run_dir)
+        data = OmegaConf.to_container(config.data, resolve=True)
+    except (OmegaConfBaseException, OSError, ValueError) as error:
+        log.warning("Cannot read the data settings of %s (%s); using defaults.", config_file, error)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _run_class_names(run_data: Mapping[str, Any] | None, ckpt_path: Path) -> dict[int, str]:
+    """Names from the run's annotation files: all splits for ``contiguous`` labels, the smallest file for
+    ``raw`` ones (labels are category ids there, and every split lists the same categories)."""
+    if run_data is None:
+        return {}
+    overrides = {split: run_data.get(split) for split in ("train", "val", "test") if run_data.get(split)}
+    try:
+        layout = resolve_layout(run_data.get("root"), overrides)
+        ann_files = sorted({files.ann_file for files in layout.splits.values()}, key=_file_size)
+        mode = run_data.get("label_mapping", "raw")
+        if mode == "raw":
+            ann_files = ann_files[:1]
+        if not ann_files:
+            raise DataError("no annotation file found")
+        sources = [(ann_file, read_annotation_file(ann_file)) for ann_file in ann_files]
+        return dict(build_label_map(sources, mode).class_names)
+    except DataError as error:
+        log.warning(
+            "Class names unavailable (the data of the run that wrote %s: %s); labels are shown as "
+            "'class <id>'. Fix: pass class_names=[...] (indexed by label).",
+            ckpt_path,
+            error,
+        )
+        return {}
+
+
+def _file_size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else 0
+
+
+def preprocess_image(image: Tensor, scale: int, max_size: int | None) -> Tensor:
+    """The evaluation transform: ``(3, H, W)`` uint8 RGB -> ``(3, H', W')`` float32, ImageNet-normalized,
+    shorter side ``scale`` and longer side at most ``max_size`` (bilinear, antialiased, as in training)."""
+    height, width = int(image.shape[-2]), int(image.shape[-1])
+    resized = F.resize(image, list(short_side_resize_shape(height, width, scale, max_size)), antialias=True)
+    pixels = F.to_dtype(resized, torch.float32, scale=True)
+    return F.normalize(pixels, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+
+
+def select_device(device: str) -> torch.device:
+    """``auto`` (CUDA when available), ``cpu`` or ``cuda`` (``cuda:N``)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InferenceSettingError(f"device={device} but no CUDA GPU is available. Fix: device=auto or cpu.")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise InferenceSettingError(f"device={device!r} is not a device. Fix: auto, cpu or cuda.") from None

@@ -1,0 +1,130 @@
+"""Pictures of detections: boxes drawn on the image, and attention heat maps.
+
+Figures are matplotlib ``Figure`` objects rendered by the Agg canvas, never through ``pyplot``, so no
+window or global backend is involved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+from matplotlib import font_manager
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from PIL import Image
+from torch import Tensor
+from torchvision.utils import draw_bounding_boxes
+
+#: Box colours, one per class label (cycled).
+PALETTE = [tuple(int(255 * c) for c in color[:3]) for color in matplotlib.colormaps["tab10"].colors]
+
+
+def class_color(label: int) -> tuple[int, int, int]:
+    return PALETTE[int(label) % len(PALETTE)]
+
+
+@cache
+def _label_font() -> str | None:
+    """A TrueType font file (matplotlib ships DejaVu Sans), so label text can scale with the image."""
+    try:
+        return font_manager.findfont("DejaVu Sans", fallback_to_default=True)
+    except (ValueError, RuntimeError):
+        return None
+
+
+def draw_detections(image: Tensor, boxes: Tensor, labels: Sequence[int], captions: Sequence[str]) -> Tensor:
+    """``(3, H, W)`` uint8 image with each ``xyxy`` pixel box drawn in its class colour and captioned."""
+    if len(boxes) == 0:
+        return image
+    short_side = min(int(image.shape[-2]), int(image.shape[-1]))
+    font = _label_font()
+    return draw_bounding_boxes(
+        image,
+        boxes.float(),
+        labels=list(captions),
+        colors=[class_color(label) for label in labels],
+        width=max(1, round(short_side / 250)),
+        font=font,
+        font_size=max(9, round(short_side / 40)) if font else None,
+        fill_labels=True,
+    )
+
+
+def save_image(image: Tensor, path: Path) -> None:
+    """Write a ``(3, H, W)`` uint8 image; JPEG for ``.jpg``/``.jpeg`` names, else PNG."""
+    array = image.permute(1, 2, 0).cpu().numpy()
+    jpeg = path.suffix.lower() in (".jpg", ".jpeg")
+    Image.fromarray(array).save(path, format="JPEG" if jpeg else "PNG", **({"quality": 95} if jpeg else {}))
+
+
+def save_attention_figure(
+    image: Tensor,
+    path: Path,
+    decoder_maps: Sequence[Tensor],
+    boxes: Tensor,
+    captions: Sequence[str],
+    labels: Sequence[int],
+    encoder_map: Tensor | None,
+    encoder_pixel: Sequence[float] | None,
+    columns: int = 4,
+) -> None:
+    """One PNG: a panel per detection (its decoder cross-attention over the image, with its box), then
+    a panel with the encoder self-attention at ``encoder_pixel`` (marked with a cross).
+
+    Args:
+        image: ``(3, H, W)`` uint8.
+        decoder_maps: one ``(H, W)`` map per detection.
+        boxes: ``(K, 4)`` xyxy pixels; ``captions`` and ``labels`` of length ``K``.
+        encoder_map: ``(H, W)`` or None; ``encoder_pixel`` its ``(x, y)``.
+    """
+    panels = len(decoder_maps) + (encoder_map is not None)
+    if panels == 0:
+        return
+    columns = max(1, min(columns, panels))
+    rows = -(-panels // columns)
+    height, width = int(image.shape[-2]), int(image.shape[-1])
+    # Panels about as large as the image (within 2-4 inches at 100 dpi) and a fixed title band:
+    # no tight_layout, which renders the figure twice.
+    panel_w = min(max(width / 100, 2.0), 4.0)
+    panel_h = panel_w * height / width
+    title_h, margin = 0.3, 0.05
+    figure = Figure(figsize=(panel_w * columns + 2 * margin, (panel_h + title_h) * rows + margin))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(rows, columns, squeeze=False)
+    fig_w, fig_h = figure.get_size_inches()
+    figure.subplots_adjust(
+        left=margin / fig_w,
+        right=1 - margin / fig_w,
+        bottom=margin / fig_h,
+        top=1 - title_h / fig_h,
+        wspace=0.02,
+        hspace=title_h / panel_h,
+    )
+    pixels = image.permute(1, 2, 0).cpu().numpy()
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, heat, box, caption, label in zip(axes.flat, decoder_maps, boxes, captions, labels, strict=False):
+        _overlay(ax, pixels, heat)
+        x0, y0, x1, y1 = (float(v) for v in box)
+        color = np.array(class_color(label)) / 255
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color, linewidth=2))
+        ax.set_title(f"decoder: {caption}", fontsize=9)
+    if encoder_map is not None:
+        ax = axes.flat[len(decoder_maps)]
+        _overlay(ax, pixels, encoder_map)
+        if encoder_pixel is not None:
+            ax.plot([encoder_pixel[0]], [encoder_pixel[1]], marker="x", color="white", markersize=10, mew=2)
+            ax.set_title(f"encoder at x={encoder_pixel[0]:.0f}, y={encoder_pixel[1]:.0f}", fontsize=9)
+    figure.savefig(path, dpi=100, pil_kwargs={"compress_level": 1})
+
+
+def _overlay(ax: Axes, pixels: np.ndarray, heat: Tensor) -> None:
+    ax.imshow(pixels)
+    ax.imshow(heat.to(torch.float32).cpu().numpy(), cmap="inferno", alpha=0.55)
