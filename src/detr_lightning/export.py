@@ -1,0 +1,431 @@
+"""Export DETR to ONNX or TorchScript, checked against PyTorch: what ``export.py`` runs.
+
+The exported graph takes a normalized, zero-padded image batch and its padding mask and returns the
+raw head outputs (post-processing stays with the caller, it is a few lines):
+
+- inputs: ``images`` ``(B, 3, H, W)`` float32 (ImageNet-normalized, padding = 0 after normalization)
+  and, unless ``mask_input=False``, ``mask`` ``(B, H, W)`` bool, True on padded pixels;
+- outputs: ``pred_logits`` ``(B, Q, num_classes + 1)`` and ``pred_boxes`` ``(B, Q, 4)``, normalized
+  ``cxcywh`` relative to each image's unpadded size.
+
+The model is called with a ready batch and mask, so none of the official code's padding
+(``nested_tensor_from_tensor_list``, whose traced copy gave NaN in ONNX) is in the graph. One more
+trap: ONNX Runtime's nearest ``Resize`` computes source indices as ``dst / (out / in)`` where PyTorch
+computes ``dst * (in / out)``; the two round differently when the result is a whole number (90 -> 3
+columns: PyTorch samples column 60, ONNX Runtime column 59), so the feature-level padding mask, and
+with it every output, could differ. The ONNX graph therefore gets the mask from :func:`nearest_mask`,
+PyTorch's own arithmetic written as tensor ops (equal to ``F.interpolate``). Every export
+is run again, in onnxruntime or after ``torch.jit.load``, on a padded batch and compared with PyTorch
+(outputs finite, max abs difference within ``atol``); a dynamic export is also checked at a second size
+and batch.
+
+ONNX goes through ``torch.onnx.export(dynamo=True)`` (``torch.export``), the default exporter of
+torch 2.14, which handles DETR with dynamic batch, height and width; ``onnx_exporter=legacy`` selects
+the TorchScript-based exporter (``dynamo=False``) and ``auto`` falls back to it if the first fails.
+TorchScript is a ``torch.jit.trace``: sizes are read from tensors at run time, so one trace serves any
+batch and image size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from detr_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from detr_lightning.inference import Detector, InferenceSettingError, load_detector
+from detr_lightning.models.detr import DETR
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "torchscript")
+ONNX_EXPORTERS = ("auto", "dynamo", "legacy")
+OUTPUT_NAMES = ("pred_logits", "pred_boxes")
+#: The opset of the legacy exporter when none is given (the dynamo exporter picks its own).
+LEGACY_OPSET = 17
+
+
+class ExportError(RuntimeError):
+    """An exported model that does not reproduce PyTorch (a bug to report, not a setting to fix)."""
+
+
+class ExportableDETR(nn.Module):
+    """DETR with tensor inputs and a tuple of the two final outputs, as exporters want.
+
+    ``forward(images (B, 3, H, W), mask (B, H, W) bool | None) -> (pred_logits, pred_boxes)``; without a
+    mask no pixel is padding.
+    """
+
+    def __init__(self, model: DETR) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if mask is None:
+            mask = torch.zeros_like(images[:, 0], dtype=torch.bool)
+        outputs = self.model(images, mask)
+        return outputs["pred_logits"], outputs["pred_boxes"]
+
+
+def nearest_mask(mask: Tensor, size: Sequence[int]) -> Tensor:
+    """``F.interpolate(mask[None].float(), size)[0].bool()`` (legacy nearest) as index arithmetic.
+
+    ``(B, H, W)`` bool -> ``(B, h, w)``: row ``i`` is source row ``min(floor(i * (H / h)), H - 1)`` with
+    the scale and the product in float32, as PyTorch's kernel computes them; columns likewise.
+    """
+
+    def source_indices(input_size: int, output_size: int) -> Tensor:
+        scale = torch.ones((), dtype=torch.float32, device=mask.device) * input_size / output_size
+        positions = torch.arange(output_size, dtype=torch.float32, device=mask.device)
+        return (positions * scale).floor().long().clamp_max(input_size - 1)
+
+    rows = source_indices(mask.shape[-2], size[0])  # sizes may be symbolic while exporting
+    cols = source_indices(mask.shape[-1], size[1])
+    return mask.index_select(1, rows).index_select(2, cols)
+
+
+@contextmanager
+def _portable_feature_mask(model: DETR) -> Iterator[None]:
+    """While exporting to ONNX, replace the backbone's down-sampled mask by :func:`nearest_mask` (a
+    forward hook on ``ResNetBackbone``, whose outputs are ``(features, feature_mask)``)."""
+
+    def replace_mask(module: nn.Module, inputs: tuple[Tensor, Tensor], outputs: tuple[Tensor, Tensor]):
+        features = outputs[0]
+        return features, nearest_mask(inputs[1], features.shape[-2:])
+
+    handle = model.backbone[0].register_forward_hook(replace_mask)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@dataclass
+class ExportResult:
+    """Where the model went, how it was made, and how close it came to PyTorch on each check."""
+
+    path: Path
+    format: str
+    exporter: str
+    input_names: list[str]
+    dynamic: bool
+    max_abs_diff: dict[str, float] = field(default_factory=dict)
+
+
+def export(cfg: DictConfig) -> ExportResult:
+    """Export the configured model (``ckpt_path`` or ``model.pretrained``) and check it."""
+    fmt = str(cfg.format)
+    if fmt not in FORMATS:
+        raise InferenceSettingError(f"format={fmt}: choose onnx or torchscript.")
+    exporter = str(cfg.get("onnx_exporter", "auto"))
+    if exporter not in ONNX_EXPORTERS:
+        raise InferenceSettingError(f"onnx_exporter={exporter}: choose {', '.join(ONNX_EXPORTERS)}.")
+    height, width, batch_size = int(cfg.height), int(cfg.width), int(cfg.batch_size)
+    if min(height, width) < 32 or batch_size < 1:
+        raise InferenceSettingError(
+            f"height={height}, width={width}, batch_size={batch_size}: the example input needs at least "
+            "32x32 pixels and one image (official size: height=800 width=1066)."
+        )
+    detector = load_detector(ckpt_path=cfg.get("ckpt_path"), pretrained=cfg.model.get("pretrained"))
+    output_dir = Path(cfg.output_dir).expanduser()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    mask_input = bool(cfg.get("mask_input", True))
+    dynamic = bool(cfg.dynamic)
+    atol = float(cfg.get("atol", 1e-4))
+    verify = bool(cfg.get("verify", True))
+    if fmt == "onnx":
+        result = export_onnx(
+            detector.model,
+            output_dir / "model.onnx",
+            height=height,
+            width=width,
+            batch_size=batch_size,
+            dynamic=dynamic,
+            mask_input=mask_input,
+            exporter=exporter,
+            opset=cfg.get("opset"),
+            atol=atol,
+            verify=verify,
+        )
+    else:
+        result = export_torchscript(
+            detector.model,
+            output_dir / "model.pt",
+            height=height,
+            width=width,
+            batch_size=batch_size,
+            dynamic=dynamic,
+            mask_input=mask_input,
+            atol=atol,
+            verify=verify,
+        )
+    write_export_info(result, detector, height, width, batch_size, output_dir / "export.json")
+    checked = ", ".join(f"{label} {diff:.1e}" for label, diff in result.max_abs_diff.items())
+    log.info(
+        "Exported %s (%s, %s size) to %s; %s",
+        result.format,
+        result.exporter,
+        "dynamic" if dynamic else "fixed",
+        result.path,
+        f"max |difference| to PyTorch: {checked}" if checked else "not verified (verify=false)",
+    )
+    return result
+
+
+def example_inputs(
+    batch_size: int, height: int, width: int, mask_input: bool = True, seed: int = 0
+) -> tuple[Tensor, ...]:
+    """``(images, mask)`` (or ``(images,)``) of random normalized pixels; with a mask and two or more
+    images, the second one is padded at the bottom and right (zeros, mask True), as a real batch is."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch_size, 3, height, width, generator=generator)
+    if not mask_input:
+        return (images,)
+    mask = torch.zeros(batch_size, height, width, dtype=torch.bool)
+    if batch_size >= 2:
+        mask[1, (3 * height) // 4 :, :] = True
+        mask[1, :, (2 * width) // 3 :] = True
+        images[1] = images[1].masked_fill(mask[1], 0.0)
+    return images, mask
+
+
+def check_inputs(
+    height: int, width: int, batch_size: int, dynamic: bool, mask_input: bool
+) -> dict[str, tuple[Tensor, ...]]:
+    """The inputs an export is checked on: the export size, and for a dynamic export another size and
+    batch (odd sizes, not multiples of the stride)."""
+    checks = {f"{batch_size}x{height}x{width}": example_inputs(batch_size, height, width, mask_input, seed=1)}
+    if dynamic:
+        other = (batch_size + 1, max(48, (3 * height) // 4 + 7), max(48, (2 * width) // 3 + 5))
+        checks["{}x{}x{}".format(*other)] = example_inputs(*other, mask_input=mask_input, seed=2)
+    return checks
+
+
+def export_onnx(
+    model: DETR,
+    path: Path,
+    height: int = 800,
+    width: int = 1066,
+    batch_size: int = 1,
+    dynamic: bool = True,
+    mask_input: bool = True,
+    exporter: str = "auto",
+    opset: int | None = None,
+    atol: float = 1e-4,
+    verify: bool = True,
+) -> ExportResult:
+    """Write ``path`` (one self-contained ``.onnx`` file) and, with ``verify``, check it in onnxruntime.
+
+    A dynamic export has symbolic ``batch``, ``height`` and ``width`` axes. It is traced with a batch of
+    at least two: ``torch.export`` specializes size-1 dimensions to constants.
+    """
+    module = ExportableDETR(model.cpu().eval()).eval()
+    input_names = ["images", "mask"] if mask_input else ["images"]
+    trace_batch = max(batch_size, 2) if dynamic else batch_size
+    inputs = example_inputs(trace_batch, height, width, mask_input)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    used = exporter
+    with _portable_feature_mask(module.model):
+        if exporter in ("auto", "dynamo"):
+            try:
+                _export_onnx_dynamo(module, inputs, path, input_names, dynamic, opset)
+                used = "dynamo"
+            except Exception as error:  # the exporter raises many types; any failure means "try legacy"
+                if exporter == "dynamo":
+                    raise
+                log.warning("torch.onnx dynamo exporter failed (%s); using the legacy exporter.", error)
+                used = "legacy"
+        if used == "legacy":
+            _export_onnx_legacy(module, inputs, path, input_names, dynamic, opset)
+    result = ExportResult(path, "onnx", f"torch.onnx.export(dynamo={used == 'dynamo'})", input_names, dynamic)
+    if verify:
+        checks = check_inputs(height, width, batch_size, dynamic, mask_input)
+        result.max_abs_diff = verify_onnx(path, module, checks, atol)
+    return result
+
+
+@contextmanager
+def _quiet_exporters() -> Iterator[None]:
+    """Silence the exporters' progress prints, deprecation notes and tracer warnings (checked anyway)."""
+    quieter = {"onnx_ir": logging.WARNING, "onnxscript": logging.WARNING}
+    quieter["onnxscript.optimizer._constant_folding"] = logging.ERROR  # "Skipping constant folding" per op
+    levels = {name: logging.getLogger(name).level for name in quieter}
+    for name, level in quieter.items():
+        logging.getLogger(name).setLevel(level)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _export_onnx_dynamo(
+    module: nn.Module,
+    inputs: tuple[Tensor, ...],
+    path: Path,
+    input_names: list[str],
+    dynamic: bool,
+    opset: int | None,
+) -> None:
+    dynamic_shapes = None
+    if dynamic:
+        batch, height, width = (torch.export.Dim(name, min=1) for name in ("batch", "height", "width"))
+        dynamic_shapes = {"images": {0: batch, 2: height, 3: width}}
+        if "mask" in input_names:
+            dynamic_shapes["mask"] = {0: batch, 1: height, 2: width}
+    with _quiet_exporters():
+        torch.onnx.export(
+            module,
+            inputs,
+            str(path),
+            input_names=input_names,
+            output_names=list(OUTPUT_NAMES),
+            opset_version=opset,
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes,
+            external_data=False,
+            verbose=False,
+        )
+
+
+def _export_onnx_legacy(
+    module: nn.Module,
+    inputs: tuple[Tensor, ...],
+    path: Path,
+    input_names: list[str],
+    dynamic: bool,
+    opset: int | None,
+) -> None:
+    dynamic_axes = None
+    if dynamic:
+        dynamic_axes = {"images": {0: "batch", 2: "height", 3: "width"}}
+        if "mask" in input_names:
+            dynamic_axes["mask"] = {0: "batch", 1: "height", 2: "width"}
+        dynamic_axes.update({name: {0: "batch"} for name in OUTPUT_NAMES})
+    with _quiet_exporters():
+        torch.onnx.export(
+            module,
+            inputs,
+            str(path),
+            input_names=input_names,
+            output_names=list(OUTPUT_NAMES),
+            opset_version=opset or LEGACY_OPSET,
+            dynamo=False,
+            dynamic_axes=dynamic_axes,
+        )
+
+
+def verify_onnx(
+    path: Path, module: nn.Module, checks: dict[str, tuple[Tensor, ...]], atol: float = 1e-4
+) -> dict[str, float]:
+    """Run ``path`` in onnxruntime (CPU) on each check input; returns the max abs difference to
+    ``module`` per check. Raises `ExportError` on a non-finite output or a difference above ``atol``."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [node.name for node in session.get_inputs()]
+    differences = {}
+    for label, inputs in checks.items():
+        outputs = session.run(list(OUTPUT_NAMES), {n: t.numpy() for n, t in zip(names, inputs, strict=True)})
+        differences[label] = _compare(label, module, inputs, [torch.from_numpy(o) for o in outputs], atol)
+    return differences
+
+
+def export_torchscript(
+    model: DETR,
+    path: Path,
+    height: int = 800,
+    width: int = 1066,
+    batch_size: int = 1,
+    dynamic: bool = True,
+    mask_input: bool = True,
+    atol: float = 1e-4,
+    verify: bool = True,
+) -> ExportResult:
+    """Trace to ``path`` (``torch.jit.save``) and, with ``verify``, reload it (``torch.jit.load``) and
+    check it."""
+    module = ExportableDETR(model.cpu().eval()).eval()
+    inputs = example_inputs(batch_size, height, width, mask_input)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _quiet_exporters(), torch.no_grad():
+        torch.jit.save(torch.jit.trace(module, inputs, check_trace=False), str(path))
+    input_names = ["images", "mask"] if mask_input else ["images"]
+    result = ExportResult(path, "torchscript", "torch.jit.trace", input_names, dynamic)
+    if verify:
+        with _quiet_exporters(), torch.no_grad():
+            reloaded = torch.jit.load(str(path))
+            result.max_abs_diff = {
+                label: _compare(label, module, inputs, list(reloaded(*inputs)), atol)
+                for label, inputs in check_inputs(height, width, batch_size, dynamic, mask_input).items()
+            }
+    return result
+
+
+def _compare(
+    label: str, module: nn.Module, inputs: tuple[Tensor, ...], exported: Sequence[Tensor], atol: float
+) -> float:
+    with torch.no_grad():
+        expected = module(*inputs)
+    worst = 0.0
+    for name, ours, theirs in zip(OUTPUT_NAMES, expected, exported, strict=True):
+        if not torch.isfinite(theirs).all():
+            raise ExportError(f"the exported model gives non-finite {name} on input {label}")
+        if ours.shape != theirs.shape:
+            raise ExportError(
+                f"{name} on input {label}: shape {tuple(theirs.shape)}, PyTorch {tuple(ours.shape)}"
+            )
+        worst = max(worst, float((ours - theirs).abs().max()))
+    if worst > atol:
+        raise ExportError(
+            f"the exported model differs from PyTorch by {worst:.2e} (> atol={atol}) on input {label}"
+        )
+    return worst
+
+
+def write_export_info(
+    result: ExportResult, detector: Detector, height: int, width: int, batch_size: int, path: Path
+) -> None:
+    """``export.json``: how to feed the model (resize, normalization, padding) and read its outputs."""
+    model = detector.model
+    size = ["batch", 3, "height", "width"] if result.dynamic else [batch_size, 3, height, width]
+    info: dict[str, Any] = {
+        "model_file": result.path.name,
+        "format": result.format,
+        "exporter": result.exporter,
+        "torch": torch.__version__,
+        "source": detector.source,
+        "inputs": {
+            "images": {"shape": size, "dtype": "float32"},
+            **(
+                {"mask": {"shape": [size[0], *size[2:]], "dtype": "bool"}}
+                if "mask" in result.input_names
+                else {}
+            ),
+        },
+        "outputs": {
+            "pred_logits": {"shape": [size[0], model.num_queries, model.num_classes + 1], "dtype": "float32"},
+            "pred_boxes": {"shape": [size[0], model.num_queries, 4], "dtype": "float32"},
+        },
+        "preprocessing": {
+            "resize": {"shorter_side": detector.scale, "max_size": detector.max_size},
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+            "padding": "bottom/right with 0 after normalization; mask True on padded pixels",
+        },
+        "postprocessing": "softmax over the last axis, drop the last (no-object) column, max -> score and "
+        "label; boxes are cxcywh relative to the unpadded image size",
+        "class_names": {str(label): name for label, name in sorted(detector.class_names.items())},
+        "max_abs_diff_to_pytorch": result.max_abs_diff,
+    }
+    path.write_text(json.dumps(info, indent=1))
