@@ -64,8 +64,11 @@ def predict(cfg: DictConfig) -> Path:
     if int(cfg.batch_size) < 1:
         raise InferenceSettingError(f"batch_size={cfg.batch_size} must be at least 1.")
     pixel = cfg.get("attention_pixel")
-    if pixel is not None and len(pixel) != 2:
-        raise InferenceSettingError(f"attention_pixel={list(pixel)} must be [x, y] in image pixels.")
+    if pixel is not None and not (isinstance(pixel, Sequence) and len(pixel) == 2):
+        raise InferenceSettingError(f"attention_pixel={pixel} must be [x, y] in image pixels.")
+    if OmegaConf.is_missing(cfg, "input") or cfg.input is None:
+        raise DataError("input is not set. Fix: input=IMAGE_FILE or input=FOLDER_OF_IMAGES.")
+    files = list_images(cfg.input)  # before loading the model: a wrong path is reported at once
     class_names = cfg.get("class_names")
     detector = load_detector(
         ckpt_path=cfg.get("ckpt_path"),
@@ -74,7 +77,6 @@ def predict(cfg: DictConfig) -> Path:
         scale=cfg.get("scale"),
         max_size=cfg.get("max_size"),
     )
-    files = list_images(cfg.input)
     results = predict_files(
         detector,
         files,

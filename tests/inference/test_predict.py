@@ -124,9 +124,11 @@ def test_cli_errors_are_one_message_and_a_non_zero_exit(tmp_path, image_dir):
     ("overrides", "error", "message"),
     [
         (["input=NOWHERE"], DataError, "input=.*nowhere does not exist"),
+        (["input=null"], DataError, "input is not set"),
         (["input=IMAGES/notes.txt"], DataError, "notes.txt is not an image file"),
         (["input=EMPTY"], DataError, "holds no image files"),
         (["input=IMAGES", "threshold=1.5"], CheckpointError, "threshold=1.5 must be between 0 and 1"),
+        (["input=IMAGES", "attention_pixel=5"], CheckpointError, r"attention_pixel=5 must be \[x, y\]"),
         (["input=IMAGES", "ckpt_path=null"], CheckpointError, "Give exactly one model"),
         (
             ["input=IMAGES", "ckpt_path=null", "model.pretrained=detr_r50"],
