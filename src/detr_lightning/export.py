@@ -171,10 +171,10 @@ def export(cfg: DictConfig) -> ExportResult:
     write_export_info(result, detector, height, width, batch_size, output_dir / "export.json")
     checked = ", ".join(f"{label} {diff:.1e}" for label, diff in result.max_abs_diff.items())
     log.info(
-        "Exported %s (%s, %s size) to %s; %s",
+        "Exported %s (%s, %s) to %s; %s",
         result.format,
         result.exporter,
-        "dynamic" if dynamic else "fixed",
+        "any size" if fmt == "torchscript" else "dynamic size" if dynamic else "fixed size",
         result.path,
         f"max |difference| to PyTorch: {checked}" if checked else "not verified (verify=false)",
     )

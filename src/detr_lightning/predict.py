@@ -315,7 +315,7 @@ def write_predictions(
     path.write_text(json.dumps(content, indent=1))
     detections = sum(len(record["scores"]) for record in results)
     log.info(
-        "%d detections in %d images: %s (drawn images in %s)",
+        "%d detection(s) in %d image(s): %s (drawn images in %s)",
         detections,
         len(results),
         path,
