@@ -7,6 +7,7 @@ pixels with their image ids, and the :class:`~detr_lightning.callbacks.CocoEvalu
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,9 +16,14 @@ import torch
 from torch import Tensor
 
 from detr_lightning.checkpoints import ARCHITECTURE_KEY, CheckpointError, load_official_detr
+from detr_lightning.data.samplers import sample_seed
 from detr_lightning.models import HungarianMatcher, PostProcess, SetCriterion, build_detr, build_weight_dict
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many consecutive training steps with a NaN/inf loss or gradients: the run cannot recover."""
 
 
 class DETRLitModule(lightning.LightningModule):
@@ -32,6 +38,9 @@ class DETRLitModule(lightning.LightningModule):
         loss: ``eos_coef``, ``ce_loss_coef``, ``bbox_loss_coef``, ``giou_loss_coef``.
         optimizer: ``lr``, ``lr_backbone``, ``weight_decay`` (AdamW; ``betas``, ``eps``, ``fused`` optional).
         scheduler: ``lr_drop`` (epochs) and ``gamma`` of a StepLR.
+        max_consecutive_nonfinite: a step whose loss or gradients are NaN/inf is skipped (no weight or
+            optimizer-state change; counted as ``train/skipped_steps``); this many in a row stop the run
+            with a :class:`NonFiniteTrainingError` naming the batch's image ids.
     """
 
     def __init__(
@@ -41,9 +50,15 @@ class DETRLitModule(lightning.LightningModule):
         loss: Mapping[str, Any] | None = None,
         optimizer: Mapping[str, Any] | None = None,
         scheduler: Mapping[str, Any] | None = None,
+        max_consecutive_nonfinite: int = 5,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.max_consecutive_nonfinite = int(max_consecutive_nonfinite)
+        self.skipped_steps = 0  # steps skipped for NaN/inf, over the whole run (kept in checkpoints)
+        self._consecutive_skips = 0
+        self._losses_finite = True  # every loss since the last optimizer step (accumulation included)
+        self._step_image_ids: list[Tensor] = []
         model_args = dict(model)
         self.pretrained = model_args.pop("pretrained", None)
         if model_args.get("num_classes") is None:
@@ -109,6 +124,10 @@ class DETRLitModule(lightning.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[ARCHITECTURE_KEY] = dict(self.model.architecture)
+        checkpoint["skipped_steps"] = self.skipped_steps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
 
     # ------------------------------------------------------------------ steps
     def forward(self, images: Tensor, mask: Tensor | None = None) -> dict[str, Any]:
@@ -139,10 +158,64 @@ class DETRLitModule(lightning.LightningModule):
             sync_dist=not on_step,
         )
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # In-model randomness (dropout) restarts each epoch from (seed, epoch, rank), as the data order and
+        # augmentation do (EpochShuffleSampler): a run resumed at an epoch boundary repeats the original.
+        seed = os.environ.get("PL_GLOBAL_SEED")  # set by lightning.seed_everything
+        if batch_idx == 0 and seed is not None:
+            torch.manual_seed(sample_seed(int(seed), self.current_epoch, self.global_rank))
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         _, losses, total = self._losses(batch)
-        self._log_losses("train", losses, total, batch_size=len(batch[2]))
+        self._step_image_ids.extend(t["image_id"] for t in batch[2])  # read only if the step is skipped
+        if bool(torch.isfinite(total)):  # a NaN/inf step is skipped, and left out of the epoch means
+            self._log_losses("train", losses, total, batch_size=len(batch[2]))
+        else:
+            self._losses_finite = False
         return total
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Skip the update when the loss or any gradient is NaN/inf (on any process), and count it."""
+        bad = torch.tensor(0.0 if self._losses_finite else 1.0, device=self.device)
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        # With a GradScaler (16-mixed) overflowing gradients are the scaler's business: it skips them itself.
+        if grads and getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            bad = bad + (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).to(bad.dtype)
+        if self.trainer.world_size > 1:  # the loss check is per process: every rank must skip together
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        image_ids, self._step_image_ids, self._losses_finite = self._step_image_ids, [], True
+        if not bad.item():
+            self._consecutive_skips = 0
+            return
+        optimizer.zero_grad(set_to_none=True)  # the optimizer leaves parameters without gradient alone
+        self.skipped_steps += 1
+        self._consecutive_skips += 1
+        image_ids = [int(i) for i in image_ids]
+        log.warning(
+            "Skipped step %d: the loss or gradients are NaN/inf (batch image ids %s; %d in a row, %d in all)",
+            self.global_step,
+            image_ids,
+            self._consecutive_skips,
+            self.skipped_steps,
+        )
+        if self._consecutive_skips >= self.max_consecutive_nonfinite:
+            raise NonFiniteTrainingError(
+                f"training stopped at step {self.global_step}: {self._consecutive_skips} consecutive steps "
+                f"had a NaN/inf loss or gradients (last batch: image ids {image_ids}; {self.skipped_steps} "
+                "steps skipped in all); checkpoints keep the last finite weights. Fix: lower optimizer.lr, "
+                "check those images' boxes, or train with precision=32-true "
+                "(max_consecutive_nonfinite sets the patience)."
+            )
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.log(
+            "train/skipped_steps",
+            float(self.skipped_steps),
+            on_step=False,
+            on_epoch=True,
+            reduce_fx="max",
+            batch_size=1,
+        )
 
     def _evaluation_step(self, stage: str, batch: Any) -> dict[str, Any]:
         outputs, losses, total = self._losses(batch)

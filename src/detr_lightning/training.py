@@ -5,22 +5,35 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import lightning
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from detr_lightning.checkpoints import CheckpointError
 from detr_lightning.data.errors import DataError
-from detr_lightning.lit_module import DETRLitModule
+from detr_lightning.fault_tolerance import (
+    SIGTERM_EXIT_CODE,
+    check_resume_checkpoint,
+    resolve_resume_checkpoint,
+)
+from detr_lightning.lit_module import DETRLitModule, NonFiniteTrainingError
+from detr_lightning.preflight import (
+    ConfigError,
+    OutputDirError,
+    check_config_types,
+    check_run_outputs,
+    warn_more_boxes_than_queries,
+)
 from detr_lightning.speed import apply_speed_options
 
 log = logging.getLogger(__name__)
 
-#: Errors a user causes (data, weights, config values): reported as one message, no traceback.
-USER_ERRORS = (DataError, CheckpointError)
+#: Errors a user causes (data, weights, config values) or a run that diverged for good: reported as one
+#: message, no traceback.
+USER_ERRORS = (DataError, CheckpointError, ConfigError, OutputDirError, NonFiniteTrainingError)
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -42,6 +55,7 @@ def build_module(cfg: DictConfig, num_classes: int) -> DETRLitModule:
         loss={k: v for k, v in OmegaConf.to_container(cfg.loss, resolve=True).items() if k != "aux_loss"},
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
+        max_consecutive_nonfinite=cfg.get("max_consecutive_nonfinite", 5),
     )
 
 
@@ -50,37 +64,13 @@ def quiet_third_party_logs() -> None:
     logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
 
 
-def resolve_resume_checkpoint(ckpt_path: str | None, output_dir: str | None) -> str | None:
-    """``ckpt_path=last``: the newest ``checkpoints/last.ckpt`` among the runs beside this one
-    (``outputs/<task_name>/*``); any other value is a path used as given."""
-    if ckpt_path != "last":
-        if ckpt_path and not Path(ckpt_path).expanduser().is_file():
-            raise CheckpointError(
-                f"ckpt_path={ckpt_path} does not exist. Fix: give a run's checkpoints/last.ckpt."
-            )
-        return ckpt_path
-    if output_dir is None:
-        raise CheckpointError("ckpt_path=last needs the run directory; give the checkpoint's path instead.")
-    this_run = Path(output_dir).resolve()
-    candidates = [
-        path
-        for path in this_run.parent.glob("*/checkpoints/last.ckpt")
-        if path.resolve().parent.parent != this_run
-    ]
-    if not candidates:
-        raise CheckpointError(
-            f"ckpt_path=last: no earlier run with checkpoints/last.ckpt in {this_run.parent}. "
-            "Fix: give the checkpoint's path."
-        )
-    latest = max(candidates, key=lambda path: path.stat().st_mtime)
-    log.info("Resuming from %s", latest)
-    return str(latest)
-
-
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the model of ``cfg`` on its data, then test the best checkpoint; return the final figures."""
     quiet_third_party_logs()
+    check_config_types(cfg)
     ckpt_path = resolve_resume_checkpoint(cfg.get("ckpt_path"), cfg.trainer.get("default_root_dir"))
+    if ckpt_path:
+        check_resume_checkpoint(ckpt_path)  # weights_only=True + allow-list, before Lightning reads it
     if cfg.get("seed") is not None:
         lightning.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
@@ -90,7 +80,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         num_classes = datamodule.num_classes
         log.info("model.num_classes=%d from the data (%s)", num_classes, datamodule.label_mapping)
     datamodule.check_num_classes(num_classes)
+    datamodule.setup("fit")  # the whole data check (images included) before anything is built
+    warn_more_boxes_than_queries(datamodule, cfg.model.num_queries)
     module = build_module(cfg, num_classes)
+    check_run_outputs(cfg, module)  # writable, with room for the checkpoints: not found after an epoch
     if cfg.model.get("pretrained") and not ckpt_path:
         module.load_pretrained()
     apply_speed_options(module.model, **OmegaConf.to_container(cfg.get("speed") or {}, resolve=True))
@@ -102,7 +95,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in trainer.loggers:
         logger.log_hyperparams(hyperparameters)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SIGTERMException:
+        log.warning(
+            "Stopped by SIGTERM after saving checkpoints/last.ckpt (exit status %d)", SIGTERM_EXIT_CODE
+        )
+        raise SystemExit(SIGTERM_EXIT_CODE) from None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if _is_scalar(v)}
     if cfg.get("test") and datamodule.has_split("test") and not trainer.fast_dev_run:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from detr_lightning.data.categories import LabelMap
 from detr_lightning.data.errors import DataError
-from detr_lightning.data.images import read_image_rgb
+from detr_lightning.data.images import escapes_folder, read_image_rgb
 from detr_lightning.data.transforms import DetectionTransform
 
 Transform = Callable[[Tensor, dict[str, Tensor]], tuple[Tensor, dict[str, Tensor]]]
@@ -88,6 +88,7 @@ class CocoDetection(Dataset):
     ) -> None:
         self.transform: Transform = transform if transform is not None else DetectionTransform()
         self.ann_file = ann_file
+        self.img_dir = Path(img_dir).resolve()
         self.image_ids = sorted(coco.imgs)
         # Compact per-image numpy targets: cheaper to share with forked workers than the COCO index.
         self._entries = []
@@ -117,6 +118,12 @@ class CocoDetection(Dataset):
         """The decoded ``(3, H, W)`` uint8 RGB image of item ``index``, checked against its record."""
         entry = self._entries[index]
         source = f"{self.ann_file}: " if self.ann_file is not None else ""
+        if escapes_folder(entry.path, self.img_dir):
+            raise DataError(
+                f"{source}image {entry.path} (image id {entry.image_id}) is a link to "
+                f"{entry.path.resolve()}, outside the image folder {self.img_dir}. Fix: copy the file into "
+                "the image folder (links must stay inside it)."
+            )
         try:
             image = read_image_rgb(entry.path, apply_exif_orientation=entry.apply_exif_orientation)
         except (RuntimeError, OSError) as err:

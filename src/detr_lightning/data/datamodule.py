@@ -17,7 +17,7 @@ import lightning
 import numpy as np
 import torch
 from pycocotools.coco import COCO
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from detr_lightning.data.categories import LABEL_MAPPINGS, LabelMap, build_label_map
 from detr_lightning.data.check import CheckedSplit, load_split
@@ -26,7 +26,7 @@ from detr_lightning.data.collate import collate_detection
 from detr_lightning.data.demo import ensure_demo_dataset
 from detr_lightning.data.errors import DataError
 from detr_lightning.data.layout import SPLITS, DatasetLayout, detect_layout, resolve_layout
-from detr_lightning.data.samplers import EvalShardSampler
+from detr_lightning.data.samplers import EpochSeededDataset, EpochShuffleSampler, EvalShardSampler
 from detr_lightning.data.transforms import (
     DETR_CROP_RESIZE_SCALES,
     DETR_CROP_SIZE,
@@ -260,7 +260,7 @@ class CocoDataModule(lightning.LightningDataModule):
         return 1, 0
 
     def _loader(
-        self, dataset: CocoDetection, sampler: Sampler, batch_size: int, drop_last: bool, seed: int
+        self, dataset: Dataset, sampler: Sampler, batch_size: int, drop_last: bool, seed: int
     ) -> DataLoader:
         return DataLoader(
             dataset,
@@ -278,19 +278,35 @@ class CocoDataModule(lightning.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         dataset = self.dataset("train")
         num_replicas, rank = self._replicas()
-        if num_replicas > 1:
-            sampler: Sampler = DistributedSampler(
-                dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=self.seed
-            )
-        else:
-            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed))
+        # Order and augmentation depend only on (seed, epoch): resuming at an epoch boundary is exact.
+        sampler = EpochShuffleSampler(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=self.seed
+        )
+        sampler.set_epoch(self._next_train_epoch())
         if self.drop_last and len(sampler) < self.batch_size:
             raise DataError(
                 f"the train split has {len(dataset)} images ({len(sampler)} per process), fewer than "
                 f"data.batch_size={self.batch_size}, so no full batch exists. Fix: lower data.batch_size "
                 "or set data.drop_last=false."
             )
-        return self._loader(dataset, sampler, self.batch_size, self.drop_last, seed=self.seed + rank)
+        seeded = EpochSeededDataset(dataset, self.seed)
+        return self._loader(seeded, sampler, self.batch_size, self.drop_last, seed=self.seed + rank)
+
+    def _next_train_epoch(self) -> int:
+        """The epoch the train loader is about to serve.
+
+        Lightning creates a resumed run's first iterator (and with workers, prefetches from the sampler)
+        before it sets the sampler's epoch, and counts the epoch whose validation wrote the checkpoint
+        as done only later; without this the first resumed epoch would repeat epoch 0's order.
+        """
+        if self.trainer is None:
+            return 0
+        try:
+            progress = self.trainer.fit_loop.epoch_progress.current
+            finished = self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        except AttributeError:
+            return int(getattr(self.trainer, "current_epoch", 0))
+        return progress.processed + int(finished and progress.processed < progress.started)
 
     def _eval_loader(self, split: str) -> DataLoader:
         dataset = self.dataset(split)

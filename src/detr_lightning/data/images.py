@@ -84,6 +84,15 @@ def _inspect(path: Path) -> ImageHeader | Exception:
         return err
 
 
+def escapes_folder(path: Path, folder: Path) -> bool:
+    """Whether ``path``, with every symbolic link followed, lies outside ``folder`` (also resolved).
+
+    ``file_name`` values with ``..`` or a leading ``/`` are refused when the annotation file is read;
+    this catches the rest: links inside the image folder that point elsewhere (``/etc/passwd``).
+    """
+    return not path.resolve().is_relative_to(folder.resolve())
+
+
 def verify_image_files(images: Iterable[dict[str, Any]], img_dir: Path, ann_file: Path) -> frozenset[int]:
     """Check that every image record has a decodable file of the recorded size.
 
@@ -95,14 +104,24 @@ def verify_image_files(images: Iterable[dict[str, Any]], img_dir: Path, ann_file
     """
     records = list(images)
     paths = [img_dir / record["file_name"] for record in records]
+    root = img_dir.resolve()
     with ThreadPoolExecutor(max_workers=8) as pool:
         headers = list(pool.map(_inspect, paths))
+        outside = list(pool.map(lambda path: escapes_folder(path, root), paths))
 
-    problems: dict[str, list[str]] = {"missing": [], "undecodable": [], "format": [], "size": []}
+    problems: dict[str, list[str]] = {
+        "outside": [],
+        "missing": [],
+        "undecodable": [],
+        "format": [],
+        "size": [],
+    }
     read_unrotated = set()
-    for record, path, header in zip(records, paths, headers, strict=True):
+    for record, path, header, leaves in zip(records, paths, headers, outside, strict=True):
         where = f"{path} (image id {record['id']})"
-        if isinstance(header, FileNotFoundError) or (isinstance(header, Exception) and not path.exists()):
+        if leaves:
+            problems["outside"].append(f"{where} is a link to {path.resolve()}")
+        elif isinstance(header, FileNotFoundError) or (isinstance(header, Exception) and not path.exists()):
             problems["missing"].append(where)
         elif isinstance(header, Exception):
             problems["undecodable"].append(f"{where}: {type(header).__name__}: {header}")
@@ -121,6 +140,11 @@ def verify_image_files(images: Iterable[dict[str, Any]], img_dir: Path, ann_file
             )
 
     fixes = {
+        "outside": (
+            "image path leaves the image folder",
+            f"copy the file into {img_dir} (links must stay inside it) or set the split's img_dir to the "
+            "folder that holds it",
+        ),
         "missing": ("image file not found", f"put the image there or correct its file_name in {ann_file}"),
         "undecodable": (
             "image file cannot be decoded",

@@ -1,10 +1,13 @@
-"""Evaluation sampling across processes: every image exactly once, no padding."""
+"""Samplers: evaluation shards (every image exactly once, no padding) and a resumable training order."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sized
+from typing import Any
 
-from torch.utils.data import DistributedSampler
+import numpy as np
+import torch
+from torch.utils.data import Dataset, DistributedSampler
 
 
 class EvalShardSampler(DistributedSampler):
@@ -30,3 +33,45 @@ class EvalShardSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.stop - self.start
+
+
+class EpochShuffleSampler(DistributedSampler):
+    """Training order that depends only on ``(seed, epoch)``, for one process or several.
+
+    A ``DistributedSampler`` (shuffled, padded across ranks like the official code) that yields
+    ``epoch * len(dataset) + index`` instead of ``index``: :class:`EpochSeededDataset` decodes it and
+    seeds the sample's augmentation from ``(seed, epoch, index)``. Nothing depends on how many epochs
+    this process has run, so a run resumed at an epoch boundary sees the same batches, augmented the
+    same way, as an uninterrupted one, whatever the number of workers.
+    """
+
+    def __iter__(self) -> Iterator[int]:
+        offset = self.epoch * len(self.dataset)
+        return (offset + index for index in super().__iter__())
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 32-bit seed for one sample of one epoch."""
+    return int(np.random.SeedSequence([seed % 2**32, epoch, index]).generate_state(1)[0])
+
+
+class EpochSeededDataset(Dataset):
+    """Wraps a training dataset so each item's random augmentation is a function of ``(seed, epoch, index)``.
+
+    Keys are ``epoch * len(dataset) + index`` (see :class:`EpochShuffleSampler`); a plain index means
+    epoch 0 (e.g. Lightning's sequential sampler for ``overfit_batches``). The global torch RNG, which
+    the transforms draw from, is seeded for the item and restored afterwards.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: int) -> Any:
+        epoch, index = divmod(int(key), len(self))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.dataset[index]

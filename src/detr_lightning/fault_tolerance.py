@@ -1,0 +1,255 @@
+"""Interrupted runs lose nothing: complete checkpoints, ``last.ckpt`` at every save point, SIGTERM, SLURM.
+
+- :class:`AtomicCheckpointIO` (``trainer.plugins``) writes every checkpoint to a temporary file in the
+  same folder, syncs it to disk and renames it over the target: a run killed while saving leaves the
+  previous ``last.ckpt`` whole. (Lightning's own writer stages the file in ``$TMPDIR`` and *copies* it
+  when that is another file system, so a kill can leave a truncated file.)
+- :class:`RobustModelCheckpoint` (``callbacks.model_checkpoint``): ``last.ckpt`` after every validation,
+  not only when ``best.ckpt`` improved (Lightning 2.6 skips it otherwise); no checkpoint of weights
+  holding NaN/inf; on SIGTERM (what schedulers send before killing a job) ``last.ckpt`` of the current
+  step, then the run stops (``train.py`` exits with status 143).
+- :func:`resolve_resume_checkpoint`: ``ckpt_path=last`` and the automatic resume of a restarted SLURM
+  job; :func:`check_resume_checkpoint` refuses files that need pickled code before Lightning reads them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from detr_lightning.checkpoints import CheckpointError, load_weights_file
+
+log = logging.getLogger(__name__)
+
+#: Exit status of a run stopped by SIGTERM after saving (128 + 15, the shell's convention).
+SIGTERM_EXIT_CODE = 143
+
+#: Environment variables of a SLURM job (``SLURM_RESTART_COUNT`` is set once the job was requeued).
+SLURM_JOB_ENV = "SLURM_JOB_ID"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` to ``.<name>.<pid>.tmp`` beside the target, ``fsync``, then ``os.replace``.
+
+    A reader (or a resumed run) sees the old file or the new one, never a partial one. Temporary files
+    of killed writers are removed at the next save of the same name. Remote paths (``s3://`` ...) use
+    Lightning's writer.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None or "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for stale in target.parent.glob(f".{target.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            with open(temporary, "wb") as file:
+                self.write(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, target)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        _fsync_directory(target.parent)
+
+    @staticmethod
+    def write(checkpoint: dict[str, Any], file: Any) -> None:
+        """Serialize ``checkpoint`` into the open temporary ``file`` (a seam for fault-injection tests)."""
+        torch.save(checkpoint, file)
+
+    def remove_checkpoint(self, path: _PATH) -> None:
+        fs = get_filesystem(path)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def weights_are_finite(module: torch.nn.Module) -> bool:
+    """Whether every parameter and floating-point buffer is finite (one host sync)."""
+    tensors = [t for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()]
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+class RobustModelCheckpoint(ModelCheckpoint):
+    """:class:`~lightning.pytorch.callbacks.ModelCheckpoint` that keeps ``last.ckpt`` current and sane.
+
+    - ``last.ckpt`` is written at every save point (each validation), also when the monitored metric did
+      not improve: stock Lightning 2.6 then leaves it at the last *improvement*, and resuming from it
+      would silently repeat epochs.
+    - Nothing is saved (neither best nor last) while the weights hold NaN/inf; a warning says so.
+    - SIGTERM: ``last.ckpt`` of the current step is written before the run stops.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._last_saved_step: int | None = None
+
+    def _finite_or_warn(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> bool:
+        if weights_are_finite(pl_module):
+            return True
+        if trainer.is_global_zero:
+            log.warning(
+                "Not saving checkpoints at step %d: the model weights hold NaN/inf. The last good "
+                "checkpoint stays in %s.",
+                trainer.global_step,
+                self.dirpath,
+            )
+        return False
+
+    def _save_last_checkpoint(self, trainer: lightning.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        if self.save_last:
+            self._last_saved_step = trainer.global_step
+
+    def _refresh_last(self, trainer: lightning.Trainer) -> None:
+        if self.save_last and self._last_saved_step != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _can_save(self, trainer: lightning.Trainer) -> bool:
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        return not (trainer.fast_dev_run or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        if self._every_n_train_steps and not self._finite_or_warn(trainer, pl_module):
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_epoch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        if not (self._can_save(trainer) and self._should_save_on_train_epoch_end(trainer)):
+            return
+        if self._finite_or_warn(trainer, pl_module):
+            super().on_train_epoch_end(trainer, pl_module)
+            self._refresh_last(trainer)
+
+    def on_validation_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        if not self._can_save(trainer) or self._should_save_on_train_epoch_end(trainer):
+            return
+        if self._finite_or_warn(trainer, pl_module):
+            super().on_validation_end(trainer, pl_module)
+            self._refresh_last(trainer)
+
+    def on_exception(
+        self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, exception: BaseException
+    ) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        if not isinstance(exception, SIGTERMException) or not self._can_save(trainer):
+            return
+        if not self.save_last or not self._finite_or_warn(trainer, pl_module):
+            return
+        self._refresh_last(trainer)
+        rank_zero_info(
+            f"SIGTERM: saved {self.last_model_path} at epoch {trainer.current_epoch}, step "
+            f"{trainer.global_step}; resume with ckpt_path=last (or the same hydra.run.dir under SLURM)."
+        )
+
+    def on_train_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        if weights_are_finite(pl_module):
+            super().on_train_end(trainer, pl_module)
+
+
+# ---------------------------------------------------------------------------------------------- resuming
+
+
+def _newest(paths: list[Path]) -> Path | None:
+    return max(paths, key=lambda path: path.stat().st_mtime) if paths else None
+
+
+def run_checkpoints(run_dir: Path) -> list[Path]:
+    """Resumable checkpoints a run directory holds: ``checkpoints/last.ckpt`` and Lightning's
+    ``hpc_ckpt_*.ckpt`` (written on SLURM's requeue signal)."""
+    return [
+        p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()
+    ]
+
+
+def resolve_resume_checkpoint(ckpt_path: str | None, output_dir: str | None) -> str | None:
+    """The checkpoint ``trainer.fit`` resumes from.
+
+    - ``ckpt_path=last``: the newest ``checkpoints/last.ckpt`` among the runs beside this one
+      (``outputs/<task_name>/*``, this run's own folder included).
+    - ``ckpt_path=null`` in a SLURM job (``SLURM_JOB_ID`` set) whose run folder already holds a
+      checkpoint: a requeued job given the same ``hydra.run.dir`` resumes from its newest checkpoint
+      instead of starting over and overwriting it.
+    - any other value: a path, used as given.
+    """
+    if ckpt_path is None:
+        if output_dir is None or not os.environ.get(SLURM_JOB_ENV):
+            return None
+        found = _newest(run_checkpoints(Path(output_dir)))
+        if found is not None:
+            log.info(
+                "SLURM job %s restarted (restart count %s): resuming from %s",
+                os.environ[SLURM_JOB_ENV],
+                os.environ.get("SLURM_RESTART_COUNT", "?"),
+                found,
+            )
+            return str(found)
+        return None
+    if ckpt_path != "last":
+        if not Path(ckpt_path).expanduser().is_file():
+            raise CheckpointError(
+                f"ckpt_path={ckpt_path} does not exist. Fix: give a run's checkpoints/last.ckpt."
+            )
+        return ckpt_path
+    if output_dir is None:
+        raise CheckpointError("ckpt_path=last needs the run directory; give the checkpoint's path instead.")
+    this_run = Path(output_dir).resolve()
+    latest = _newest(list(this_run.parent.glob("*/checkpoints/last.ckpt")))
+    if latest is None:
+        raise CheckpointError(
+            f"ckpt_path=last: no earlier run with checkpoints/last.ckpt in {this_run.parent}. "
+            "Fix: give the checkpoint's path."
+        )
+    log.info("Resuming from %s", latest)
+    return str(latest)
+
+
+def check_resume_checkpoint(path: str) -> None:
+    """Read ``path`` as ``train.py`` will resume from it, refusing what is unsafe or not a training state.
+
+    The file is loaded with ``torch.load(weights_only=True)`` and the project's allow-list first, so a
+    file that would run code on unpickling is refused with the reason (a :class:`CheckpointError`)
+    instead of a stack trace from inside Lightning.
+    """
+    checkpoint = load_weights_file(path)
+    keys = set(checkpoint) if isinstance(checkpoint, dict) else set()
+    missing = [key for key in ("state_dict", "optimizer_states", "loops") if key not in keys]
+    if missing:
+        raise CheckpointError(
+            f"ckpt_path={path} is not a Lightning training checkpoint (no {', '.join(missing)}), so training "
+            "cannot resume from it. Fix: give a run's checkpoints/last.ckpt; to start from weights use "
+            "model.pretrained=PATH."
+        )

@@ -1,0 +1,176 @@
+"""Interrupted runs lose nothing: SIGKILL mid-epoch or mid-save, SIGTERM, SLURM requeue, exact resume."""
+
+from __future__ import annotations
+
+import csv
+import signal
+from pathlib import Path
+
+import lightning
+import pytest
+import torch
+
+from detr_lightning.checkpoints import CheckpointError
+from detr_lightning.fault_tolerance import (
+    SIGTERM_EXIT_CODE,
+    AtomicCheckpointIO,
+    RobustModelCheckpoint,
+    resolve_resume_checkpoint,
+)
+from test_lit_module import loader, make_module, synthetic_batches
+
+from .conftest import RunningTrain, cli_env, demo_args, load_checkpoint, run_cli
+
+#: Deterministic algorithms and a data worker that lives across epochs (the harder case for resuming).
+EXACT = ["trainer.deterministic=true", "data.num_workers=1", "data.persistent_workers=true"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(small_demo, tmp_path_factory) -> Path:
+    """The reference: the same 2-epoch run, never interrupted."""
+    cwd = tmp_path_factory.mktemp("uninterrupted")
+    run_dir = cwd / "run"
+    result = run_cli(demo_args(small_demo, run_dir, *EXACT), cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def _last_row(run_dir: Path) -> dict[str, str]:
+    return list(csv.DictReader((run_dir / "metrics.csv").open()))[-1]
+
+
+def assert_same_run(resumed: Path, reference: Path) -> None:
+    """Same weights, optimizer moments and logged figures (1e-6) at the end of both runs."""
+    ours, theirs = (load_checkpoint(run / "checkpoints" / "last.ckpt") for run in (resumed, reference))
+    assert (ours["epoch"], ours["global_step"]) == (theirs["epoch"], theirs["global_step"]) == (1, 6)
+    torch.testing.assert_close(ours["state_dict"], theirs["state_dict"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        ours["optimizer_states"][0]["state"], theirs["optimizer_states"][0]["state"], atol=1e-6, rtol=0
+    )
+    assert ours["lr_schedulers"] == theirs["lr_schedulers"]
+    rows = _last_row(resumed), _last_row(reference)
+    for key in ("train/loss", "train/loss_giou", "val/loss", "val/map", "val/map_50"):
+        assert rows[0][key] != "" and float(rows[0][key]) == pytest.approx(float(rows[1][key]), abs=1e-6), key
+
+
+def test_sigkill_mid_epoch_then_resume_ends_as_an_uninterrupted_run(small_demo, uninterrupted, tmp_path):
+    first, second = tmp_path / "outputs" / "demo" / "1", tmp_path / "outputs" / "demo" / "2"
+    run = RunningTrain(demo_args(small_demo, first, *EXACT), cwd=tmp_path, fault="stall_step:1:1")
+    run.wait_for_fault()  # epoch 1, after its first step
+    run.process.kill()
+    assert run.finish() == -signal.SIGKILL
+
+    last = load_checkpoint(first / "checkpoints" / "last.ckpt")  # complete, from the end of epoch 0
+    assert (last["epoch"], last["global_step"]) == (0, 3)
+    result = run_cli(demo_args(small_demo, second, *EXACT, "ckpt_path=last"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Resuming from {first / 'checkpoints' / 'last.ckpt'}" in result.stdout + result.stderr
+    assert_same_run(second, uninterrupted)
+
+
+def test_sigkill_while_last_ckpt_is_written_keeps_the_previous_one(small_demo, uninterrupted, tmp_path):
+    first, second = tmp_path / "outputs" / "demo" / "1", tmp_path / "outputs" / "demo" / "2"
+    run = RunningTrain(demo_args(small_demo, first, *EXACT), cwd=tmp_path, fault="stall_save:2")
+    run.wait_for_fault()  # half of epoch 1's last.ckpt is on disk
+    run.process.kill()
+    run.finish()
+
+    partial = list((first / "checkpoints").glob(".last.ckpt.*.tmp"))
+    assert len(partial) == 1 and partial[0].stat().st_size > 0
+    with pytest.raises(Exception):  # noqa: B017 - the half-written file is garbage, and only the temp is
+        torch.load(partial[0], weights_only=True)
+    last = load_checkpoint(first / "checkpoints" / "last.ckpt")
+    assert (last["epoch"], last["global_step"]) == (0, 3)
+
+    result = run_cli(demo_args(small_demo, second, *EXACT, "ckpt_path=last"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_run(second, uninterrupted)
+    assert not list((second / "checkpoints").glob(".*.tmp"))
+
+
+def test_sigterm_saves_last_and_a_requeued_slurm_job_resumes(small_demo, tmp_path):
+    run_dir = tmp_path / "job"  # a SLURM script gives the requeued job the same hydra.run.dir
+    slurm = cli_env(SLURM_JOB_ID="4242")
+    run = RunningTrain(demo_args(small_demo, run_dir), cwd=tmp_path, fault="stall_step:1:1", env=slurm)
+    run.wait_for_fault()
+    run.process.send_signal(signal.SIGTERM)  # what a scheduler sends before it kills the job
+    assert run.finish() == SIGTERM_EXIT_CODE, run.output()[-3000:]
+    output = run.output()
+    assert "Traceback" not in output
+    assert f"SIGTERM: saved {run_dir / 'checkpoints' / 'last.ckpt'}" in output
+    saved = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert (saved["epoch"], saved["global_step"]) == (1, 5)  # the step in flight was finished, then saved
+
+    requeued = run_cli(
+        demo_args(small_demo, run_dir),
+        cwd=tmp_path,
+        env=cli_env(SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="1"),
+    )
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    assert "SLURM job 4242 restarted (restart count 1): resuming from" in requeued.stdout + requeued.stderr
+    final = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert (final["epoch"], final["global_step"]) == (1, 6)  # the epoch's last step, not a restart
+
+
+def test_resume_resolution(tmp_path, monkeypatch):
+    runs = tmp_path / "outputs" / "demo"
+    older, newer, current = runs / "a", runs / "b", runs / "c"
+    for run in (older, newer):
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert resolve_resume_checkpoint("last", str(current)) == str(newer / "checkpoints" / "last.ckpt")
+    assert resolve_resume_checkpoint(None, str(newer)) is None  # outside SLURM a new run starts over
+    with pytest.raises(CheckpointError, match="does not exist"):
+        resolve_resume_checkpoint(str(tmp_path / "nope.ckpt"), str(current))
+
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    assert resolve_resume_checkpoint(None, str(current)) is None  # first start of the job
+    assert resolve_resume_checkpoint(None, str(older)) == str(older / "checkpoints" / "last.ckpt")
+    (older / "hpc_ckpt_1.ckpt").write_bytes(b"x")  # Lightning's save on SLURM's requeue signal, newer
+    assert resolve_resume_checkpoint(None, str(older)) == str(older / "hpc_ckpt_1.ckpt")
+    assert resolve_resume_checkpoint("last", str(older)) == str(newer / "checkpoints" / "last.ckpt")
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    io_plugin = AtomicCheckpointIO()
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    io_plugin.save_checkpoint({"epoch": 0}, target)
+    (target.parent / ".last.ckpt.999999.tmp").write_bytes(b"left by a killed writer")
+
+    def failing_write(checkpoint, file):
+        file.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(AtomicCheckpointIO, "write", staticmethod(failing_write))
+    with pytest.raises(OSError, match="No space left"):
+        io_plugin.save_checkpoint({"epoch": 1}, target)
+    assert load_checkpoint(target) == {"epoch": 0}
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]  # no temporary file left
+
+
+class _ConstantMetric(lightning.Callback):
+    """Logs a monitored value that never improves after the first epoch."""
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        pl_module.log("val/score", 1.0)
+
+
+def test_last_ckpt_follows_every_epoch_even_without_improvement(tmp_path):
+    checkpoint = RobustModelCheckpoint(
+        dirpath=tmp_path, filename="best", monitor="val/score", mode="max", save_last=True
+    )
+    trainer = lightning.Trainer(
+        accelerator="cpu",
+        max_epochs=3,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[checkpoint, _ConstantMetric()],
+        plugins=[AtomicCheckpointIO()],
+        limit_train_batches=1,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(make_module(), loader(synthetic_batches(1)), loader(synthetic_batches(1)))
+    assert load_checkpoint(tmp_path / "best.ckpt")["epoch"] == 0  # never improved after epoch 0
+    assert load_checkpoint(tmp_path / "last.ckpt")["epoch"] == 2  # stock ModelCheckpoint: still 0
