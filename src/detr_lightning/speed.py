@@ -17,7 +17,11 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 
 def apply_speed_options(
-    model: nn.Module, channels_last: bool = False, compile: bool = False, compile_mode: str = "default"
+    model: nn.Module,
+    channels_last: bool = False,
+    compile: bool = False,
+    compile_mode: str = "default",
+    compile_dynamic: bool | None = None,
 ) -> nn.Module:
     """Put the model's convolutions in ``channels_last`` and/or compile its forward, in place.
 
@@ -29,6 +33,9 @@ def apply_speed_options(
             The first steps, and each new input size, take longer while it compiles.
         compile_mode: ``default``; ``reduce-overhead`` adds CUDA graphs (fastest for fixed input sizes,
             one graph per size: multi-scale training captures many); ``max-autotune`` also tunes kernels.
+        compile_dynamic: ``torch.compile``'s ``dynamic``: ``True`` compiles one graph for every input
+            size (what multi-scale training needs), ``False`` one per size, ``None`` (PyTorch's
+            default) re-compiles once with dynamic sizes after the first size change.
 
     Returns:
         The same model.
@@ -40,7 +47,7 @@ def apply_speed_options(
         target.to(memory_format=torch.channels_last)
         log.info("Backbone in channels_last memory format")
     if compile:
-        model.compile(mode=None if compile_mode == "default" else compile_mode)
+        model.compile(mode=None if compile_mode == "default" else compile_mode, dynamic=compile_dynamic)
         log.info(
             "Model compiled with torch.compile (mode %s); the first steps include compilation", compile_mode
         )
