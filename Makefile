@@ -23,12 +23,12 @@ test: install
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check src tests train.py
-	$(BIN)/ruff format --check src tests train.py
+	$(BIN)/ruff check src tests *.py
+	$(BIN)/ruff format --check src tests *.py
 
 format: install
-	$(BIN)/ruff format src tests train.py
-	$(BIN)/ruff check --fix src tests train.py
+	$(BIN)/ruff format src tests *.py
+	$(BIN)/ruff check --fix src tests *.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
