@@ -124,6 +124,14 @@ class DETRLitModule(lightning.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[ARCHITECTURE_KEY] = dict(self.model.architecture)
+        # Label -> class name, so predict/export name classes from the checkpoint alone.
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        try:
+            names = dict(getattr(datamodule, "class_names", None) or {})
+        except Exception:  # a datamodule not set up (or without names): the names stay out
+            names = {}
+        if names:
+            checkpoint["class_names"] = {int(label): str(name) for label, name in names.items()}
         checkpoint["skipped_steps"] = self.skipped_steps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

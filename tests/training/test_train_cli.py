@@ -126,6 +126,7 @@ def test_resume_from_last_checkpoint_continues_the_epochs(small_demo, tmp_path):
     state = torch.load(second / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert state["epoch"] == 1
     assert state["optimizer_states"][0]["state"]  # AdamW moments carried over
+    assert set(state["class_names"].values()) >= {"square", "disc", "triangle"}  # for predict/export
 
 
 def test_resume_without_an_earlier_run_says_so(tmp_path):
