@@ -393,6 +393,16 @@ def _compare(
     return worst
 
 
+#: How to read the exported outputs, by the model's class scoring (its training loss).
+_POSTPROCESSING = {
+    "softmax": "softmax over the last axis, drop the last (no-object) column, max -> score and label; "
+    "boxes are cxcywh relative to the unpadded image size",
+    "sigmoid": "sigmoid of every logit but the last (unused) column, then the top {top_k} (query, class) "
+    "scores of the flattened queries x classes -> score, label = index % classes, box of query = "
+    "index // classes; boxes are cxcywh relative to the unpadded image size",
+}
+
+
 def write_export_info(
     result: ExportResult, detector: Detector, height: int, width: int, batch_size: int, path: Path
 ) -> None:
@@ -423,8 +433,7 @@ def write_export_info(
             "std": list(IMAGENET_STD),
             "padding": "bottom/right with 0 after normalization; mask True on padded pixels",
         },
-        "postprocessing": "softmax over the last axis, drop the last (no-object) column, max -> score and "
-        "label; boxes are cxcywh relative to the unpadded image size",
+        "postprocessing": _POSTPROCESSING[detector.score].format(top_k=detector.top_k or model.num_queries),
         "class_names": {str(label): name for label, name in sorted(detector.class_names.items())},
         "max_abs_diff_to_pytorch": result.max_abs_diff,
     }

@@ -47,7 +47,9 @@ from detr_lightning.data.transforms import (
     IMAGENET_STD,
     short_side_resize_shape,
 )
+from detr_lightning.models.criterion import class_score
 from detr_lightning.models.detr import DETR, build_detr
+from detr_lightning.models.postprocess import PostProcess
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,9 @@ class Detector:
         class_names: label -> name; labels without a name are shown as ``class <label>``.
         scale, max_size: the evaluation resize (shorter side, longer-side cap) the model expects.
         source: where the weights came from (for the outputs' metadata).
+        score: ``softmax`` (official, ``class_loss=ce``) or ``sigmoid`` (trained with ``focal`` /
+            ``varifocal``): how class scores are read from the logits (see :class:`PostProcess`).
+        top_k: with ``sigmoid``, detections per image (``None``: the number of queries).
     """
 
     model: DETR
@@ -99,9 +104,28 @@ class Detector:
     scale: int = DETR_EVAL_SCALE
     max_size: int | None = DETR_EVAL_MAX_SIZE
     source: str = ""
+    score: str = "softmax"
+    top_k: int | None = None
 
     def class_name(self, label: int) -> str:
         return self.class_names.get(int(label), f"class {int(label)}")
+
+    def postprocess(self) -> PostProcess:
+        """The post-processing that matches the model's training loss."""
+        return PostProcess(self.score, top_k=self.top_k)
+
+
+def saved_scoring(checkpoint: Mapping[str, Any]) -> tuple[str, int | None]:
+    """``(score, top_k)`` of a project checkpoint, from its saved ``loss.class_loss`` / ``postprocess``
+    hyper-parameters (checkpoints from before the option: the official ``softmax``)."""
+    hyper_parameters = checkpoint.get("hyper_parameters") or {}
+    class_loss = dict(hyper_parameters.get("loss") or {}).get("class_loss") or "ce"
+    try:
+        score = class_score(class_loss)
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
+    top_k = dict(hyper_parameters.get("postprocess") or {}).get("top_k")
+    return score, top_k
 
 
 def load_detector(
@@ -177,7 +201,8 @@ def _load_project_checkpoint(path: Path) -> Detector:
         )
     model = build_model_from_checkpoint(checkpoint, path)
     run_data = run_data_config(path)
-    detector = Detector(model=model, source=str(path))
+    score, top_k = saved_scoring(checkpoint)
+    detector = Detector(model=model, source=str(path), score=score, top_k=top_k)
     if run_data is not None:
         detector.scale = int(run_data.get("val_scale") or DETR_EVAL_SCALE)
         detector.max_size = run_data.get("val_max_size", DETR_EVAL_MAX_SIZE)

@@ -18,6 +18,7 @@ from torch import Tensor
 from detr_lightning.checkpoints import ARCHITECTURE_KEY, CheckpointError, load_official_detr
 from detr_lightning.data.samplers import sample_seed
 from detr_lightning.models import HungarianMatcher, PostProcess, SetCriterion, build_detr, build_weight_dict
+from detr_lightning.models.criterion import class_score, prior_class_bias
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,14 @@ class DETRLitModule(lightning.LightningModule):
     Args:
         model: :func:`~detr_lightning.models.build_detr` arguments (``num_classes`` required; ``pretrained``
             optional: an official name, URL or file whose weights :meth:`load_pretrained` loads).
-        matcher: ``cost_class``, ``cost_bbox``, ``cost_giou``.
-        loss: ``eos_coef``, ``ce_loss_coef``, ``bbox_loss_coef``, ``giou_loss_coef``.
+        matcher: ``cost_class``, ``cost_bbox``, ``cost_giou``; ``class_cost`` (``softmax`` | ``focal``)
+            follows ``loss.class_loss`` when absent or null, with the loss's ``focal_alpha``/``focal_gamma``.
+        loss: ``eos_coef``, ``ce_loss_coef``, ``bbox_loss_coef``, ``giou_loss_coef``; ``class_loss``
+            (``ce`` official | ``focal`` | ``varifocal``), ``focal_alpha``, ``focal_gamma``,
+            ``varifocal_alpha`` and ``prior_prob`` (sigmoid losses: the class head's bias starts every
+            score at this probability; null keeps the default init). See
+            :class:`~detr_lightning.models.SetCriterion`.
+        postprocess: ``top_k``: detections per image with a sigmoid class loss (null: ``num_queries``).
         optimizer: ``lr``, ``lr_backbone``, ``weight_decay`` (AdamW; ``betas``, ``eps``, ``fused`` optional).
         scheduler: ``lr_drop`` (epochs) and ``gamma`` of a StepLR.
         max_consecutive_nonfinite: a step whose loss or gradients are NaN/inf is skipped (no weight or
@@ -51,6 +58,7 @@ class DETRLitModule(lightning.LightningModule):
         optimizer: Mapping[str, Any] | None = None,
         scheduler: Mapping[str, Any] | None = None,
         max_consecutive_nonfinite: int = 5,
+        postprocess: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -80,20 +88,37 @@ class DETRLitModule(lightning.LightningModule):
             bbox_loss_coef=loss_args.get("bbox_loss_coef", 5.0),
             giou_loss_coef=loss_args.get("giou_loss_coef", 2.0),
         )
+        class_loss = loss_args.get("class_loss") or "ce"
+        self.class_score = class_score(class_loss)  # softmax | sigmoid: matcher and post-processing follow
+        focal = {k: loss_args[k] for k in ("focal_alpha", "focal_gamma") if loss_args.get(k) is not None}
+        matcher_args = {**focal, **{k: v for k, v in dict(matcher or {}).items() if v is not None}}
+        matcher_args.setdefault("class_cost", "focal" if self.class_score == "sigmoid" else "softmax")
         self.criterion = SetCriterion(
             self.model.num_classes,
-            HungarianMatcher(**dict(matcher or {})),
+            HungarianMatcher(**matcher_args),
             weight_dict,
             eos_coef=loss_args.get("eos_coef", 0.1),
+            class_loss=class_loss,
+            **focal,
+            **{k: loss_args[k] for k in ("varifocal_alpha",) if loss_args.get(k) is not None},
         )
-        self.postprocess = PostProcess()
+        self.prior_prob = loss_args.get("prior_prob", 0.01) if self.class_score == "sigmoid" else None
+        self.init_class_prior()
+        self.postprocess = PostProcess(self.class_score, top_k=dict(postprocess or {}).get("top_k"))
+
+    def init_class_prior(self) -> None:
+        """Sigmoid class losses: every class score starts at ``prior_prob`` (Deformable DETR's init)."""
+        if self.prior_prob is not None:
+            torch.nn.init.constant_(self.model.class_embed.bias, prior_class_bias(self.prior_prob))
 
     # ------------------------------------------------------------------ weights
     def load_pretrained(self, source: str | None = None) -> None:
         """Load official DETR weights (name, URL or file) into the model.
 
-        The class head is replaced when ``num_classes`` differs. ``train.py`` calls this when
-        ``model.pretrained`` is set and the run does not resume from a checkpoint.
+        The class head is replaced when ``num_classes`` differs, and always kept as initialised with a
+        sigmoid class loss (the official head was trained for a softmax: its logits mean nothing to a
+        sigmoid). ``train.py`` calls this when ``model.pretrained`` is set and the run does not resume from
+        a checkpoint.
         """
         source = source or self.pretrained
         if source is None:
@@ -118,6 +143,9 @@ class DETRLitModule(lightning.LightningModule):
                 f"First differing keys: {mismatched[:5]}"
             )
         theirs = {k: v for k, v in theirs.items() if k not in group_queries}
+        if self.class_score == "sigmoid":
+            theirs.update({k: v.detach().clone() for k, v in ours.items() if k.startswith("class_embed.")})
+            log.info("Sigmoid class loss: the class head starts fresh (not from %s)", source)
         self.model.load_state_dict(theirs, strict=not group_queries)
         self.model.copy_group_zero_queries()
         log.info("Loaded pretrained DETR weights from %s", source)

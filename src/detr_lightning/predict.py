@@ -187,7 +187,7 @@ def predict_files(
     """
     device = torch.device(device)
     model = detector.model.to(device).eval()
-    postprocess = PostProcess()
+    postprocess = detector.postprocess()
     (output_dir / DRAWN_DIR).mkdir(parents=True, exist_ok=True)
     if attention:
         (output_dir / ATTENTION_DIR).mkdir(parents=True, exist_ok=True)
@@ -235,7 +235,7 @@ def _predict_batch(
     for index, (item, detections) in enumerate(zip(items, postprocess(outputs, sizes), strict=True)):
         height, width = (int(v) for v in item.image.shape[-2:])
         keep = (detections["scores"] >= threshold).nonzero().flatten()
-        keep = keep[detections["scores"][keep].argsort(descending=True)]  # query indices, best first
+        keep = keep[detections["scores"][keep].argsort(descending=True)]  # detection indices, best first
         scores = detections["scores"][keep].cpu()
         labels = detections["labels"][keep].cpu().tolist()
         boxes = detections["boxes"][keep].cpu()
@@ -258,7 +258,8 @@ def _predict_batch(
         if attention:
             figure_path = output_dir / ATTENTION_DIR / f"{item.path.name}.png"
             pixel = attention_pixel if attention_pixel is not None else _top_box_centre(boxes, width, height)
-            _save_attention(capture, index, item, keep.tolist(), boxes, captions, labels, pixel, figure_path)
+            queries = detections["queries"][keep].tolist()  # the decoder query behind each detection
+            _save_attention(capture, index, item, queries, boxes, captions, labels, pixel, figure_path)
             record["attention"] = str(figure_path.relative_to(output_dir))
             record["attention_pixel"] = [float(v) for v in pixel]
         records.append(record)

@@ -63,6 +63,11 @@ CONFIG_TYPES: dict[str, tuple[type, ...]] = {
     "loss.bbox_loss_coef": _NUMBER,
     "loss.giou_loss_coef": _NUMBER,
     "loss.eos_coef": _NUMBER,
+    "loss.focal_alpha": _NUMBER,
+    "loss.focal_gamma": _NUMBER,
+    "loss.varifocal_alpha": _NUMBER,
+    "loss.prior_prob": _NUMBER + _OPTIONAL,
+    "postprocess.top_k": _INT + _OPTIONAL,
     "matcher.cost_class": _NUMBER,
     "matcher.cost_bbox": _NUMBER,
     "matcher.cost_giou": _NUMBER,
@@ -86,6 +91,13 @@ POSITIVE = {
     "max_consecutive_nonfinite",
     "data.batch_size",
     "data.val_batch_size",
+    "postprocess.top_k",
+}
+
+#: Keys that take one of a few words, and those words.
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "loss.class_loss": ("ce", "focal", "varifocal"),
+    "matcher.class_cost": (None, "softmax", "focal"),
 }
 
 _MISSING = object()
@@ -117,6 +129,16 @@ def check_config_types(cfg: DictConfig) -> None:
             )
         if key in POSITIVE and value is not None and value <= 0:
             raise ConfigError(f"config: {key}={value!r} must be positive. Fix: give {key} a value above 0.")
+    for key, choices in CHOICES.items():
+        value = OmegaConf.select(cfg, key, default=_MISSING)
+        if value is not _MISSING and value not in choices:
+            words = " | ".join("null" if c is None else str(c) for c in choices)
+            raise ConfigError(
+                f"config: {key}={value!r} is not one of {words}. Fix: give {key} one of {words}."
+            )
+    prior = OmegaConf.select(cfg, "loss.prior_prob", default=None)
+    if isinstance(prior, int | float) and not isinstance(prior, bool) and not 0 < prior < 1:
+        raise ConfigError(f"config: loss.prior_prob={prior!r} must be between 0 and 1 (or null).")
 
 
 # ----------------------------------------------------------------------------------------- output folders

@@ -56,6 +56,7 @@ def build_module(cfg: DictConfig, num_classes: int) -> DETRLitModule:
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
         max_consecutive_nonfinite=cfg.get("max_consecutive_nonfinite", 5),
+        postprocess=OmegaConf.to_container(cfg.postprocess, resolve=True) if cfg.get("postprocess") else None,
     )
 
 

@@ -1,16 +1,51 @@
-"""DETR's set criterion: Hungarian matching, then classification and box losses per decoder layer."""
+"""DETR's set criterion: Hungarian matching, then classification and box losses per decoder layer.
+
+The classification loss is the official softmax cross-entropy by default (``class_loss="ce"``), or a
+sigmoid loss over the ``C`` real classes (``"focal"``, ``"varifocal"``) as in Deformable DETR / RT-DETR.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import box_convert, generalized_box_iou_loss
+from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
 
 from detr_lightning.models.matcher import HungarianMatcher, Matching
+
+#: Classification losses and the class scores they train: ``softmax`` over the ``C + 1`` logits, or an
+#: independent ``sigmoid`` per real class (the "no object" logit is then unused). The matcher's class
+#: cost and the post-processing follow the score.
+CLASS_LOSS_SCORES = {"ce": "softmax", "focal": "sigmoid", "varifocal": "sigmoid"}
+
+
+def class_score(class_loss: str) -> str:
+    """``softmax`` or ``sigmoid``: how ``class_loss`` turns logits into class scores."""
+    if class_loss not in CLASS_LOSS_SCORES:
+        raise ValueError(
+            f"loss.class_loss={class_loss!r} is not a classification loss; choose one of "
+            f"{', '.join(CLASS_LOSS_SCORES)}"
+        )
+    return CLASS_LOSS_SCORES[class_loss]
+
+
+def prior_class_bias(prior_prob: float) -> float:
+    """The class-logit bias that makes every sigmoid score start at ``prior_prob`` (focal-loss init)."""
+    return -math.log((1 - prior_prob) / prior_prob)
+
+
+def paired_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """IoU of ``boxes1[i]`` with ``boxes2[i]`` (``(N, 4)`` xyxy each) -> ``(N,)``."""
+    top_left = torch.maximum(boxes1[:, :2], boxes2[:, :2])
+    bottom_right = torch.minimum(boxes1[:, 2:], boxes2[:, 2:])
+    intersection = (bottom_right - top_left).clamp(min=0).prod(1)
+    area1 = (boxes1[:, 2:] - boxes1[:, :2]).prod(1)
+    area2 = (boxes2[:, 2:] - boxes2[:, :2]).prod(1)
+    return intersection / (area1 + area2 - intersection).clamp(min=1e-12)
 
 
 def build_weight_dict(
@@ -72,11 +107,37 @@ class SetCriterion(nn.Module):
     Every aux layer is matched again on its own predictions. Values are unweighted; use
     :meth:`weighted_total` for the training loss.
 
+    ``loss_ce`` is the classification loss, whichever ``class_loss`` computes it:
+
+    - ``ce`` (official): softmax cross-entropy over the ``C + 1`` logits, unmatched queries labelled
+      "no object" and down-weighted by ``eos_coef``; the weighted mean over all queries.
+    - ``focal``: sigmoid focal loss (``torchvision.ops.sigmoid_focal_loss``) over the ``C`` real classes;
+      a matched query's target is one-hot on its class, an unmatched query's is all zeros. Summed over
+      queries and classes, divided by the number of target boxes (Deformable DETR).
+    - ``varifocal``: IoU-aware sigmoid loss (VarifocalNet / RT-DETR): a matched query's target for its
+      class is the IoU (detached) of its predicted box with the target box, everything else 0; binary
+      cross-entropy weighted by ``varifocal_alpha * p ** focal_gamma`` on negatives (``p`` the detached
+      sigmoid score) and by the target ``q`` on positives. Normalized as ``focal``.
+
+    With a sigmoid loss the class head keeps its ``C + 1`` outputs (checkpoints keep their shape and load
+    either way); the last, "no object" logit is simply unused: no loss, no gradient, no score.
+
+    The logs: ``class_error`` is the top-1 error (percent) of group 0's matched queries in the last layer
+    (argmax over the ``C + 1`` logits for ``ce``, over the ``C`` real classes for sigmoid losses).
+    ``cardinality_error`` is the mean absolute difference between the number of objects and the number of
+    queries predicting one: argmax not "no object" for ``ce``; best real-class sigmoid score above 0.5
+    for sigmoid losses.
+
     Args:
-        num_classes: class slots; index ``num_classes`` is "no object".
-        matcher: the Hungarian matcher.
+        num_classes: class slots; index ``num_classes`` is "no object" (unused by sigmoid losses).
+        matcher: the Hungarian matcher (its class cost should follow the loss: see
+            :class:`~detr_lightning.models.matcher.HungarianMatcher`'s ``class_cost``).
         weight_dict: loss name -> weight (see :func:`build_weight_dict`); losses absent from it are logs.
-        eos_coef: weight of the "no object" class in the cross-entropy.
+        eos_coef: weight of the "no object" class in the cross-entropy (``ce`` only).
+        class_loss: ``ce`` | ``focal`` | ``varifocal``.
+        focal_alpha: focal loss weight of the positives (negatives get ``1 - focal_alpha``).
+        focal_gamma: focusing exponent of ``focal`` and ``varifocal``.
+        varifocal_alpha: weight of the negatives in ``varifocal``.
     """
 
     def __init__(
@@ -85,12 +146,21 @@ class SetCriterion(nn.Module):
         matcher: HungarianMatcher,
         weight_dict: dict[str, float],
         eos_coef: float = 0.1,
+        class_loss: str = "ce",
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        varifocal_alpha: float = 0.75,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = dict(weight_dict)
         self.eos_coef = eos_coef
+        self.class_loss = class_loss
+        self.score = class_score(class_loss)
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        self.varifocal_alpha = varifocal_alpha
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight)
@@ -173,7 +243,39 @@ class SetCriterion(nn.Module):
         logits, boxes = pred_logits.float(), pred_boxes.float()
         num_problems = logits.shape[0]
         problem, image, query, target = pairs
-        # Classification over all queries; unmatched ones are "no object" (down-weighted by eos_coef).
+        # Boxes of matched queries only, normalized by the (all-process) number of target boxes.
+        matched_pred = boxes[problem, image, query]  # (M, 4)
+        matched_target = all_boxes[target]  # (M, 4)
+        matched_pred_xyxy = box_convert(matched_pred, "cxcywh", "xyxy")
+        matched_target_xyxy = box_convert(matched_target, "cxcywh", "xyxy")
+        l1 = F.l1_loss(matched_pred, matched_target, reduction="none").sum(1)  # (M,)
+        giou = generalized_box_iou_loss(matched_pred_xyxy, matched_target_xyxy, reduction="none")  # (M,)
+        zeros = l1.new_zeros(num_problems)
+        if self.class_loss == "ce":
+            loss_ce = self._cross_entropy(logits, pairs, all_labels)
+        else:
+            # (P, B, Q, C): the C real classes; the "no object" logit is unused.
+            class_logits = logits[..., : self.num_classes]
+            onehot = torch.zeros_like(class_logits)
+            onehot[problem, image, query, all_labels[target]] = 1.0
+            if self.class_loss == "focal":
+                loss = sigmoid_focal_loss(
+                    class_logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="none"
+                )
+            else:
+                with torch.no_grad():
+                    iou = paired_iou(matched_pred_xyxy, matched_target_xyxy)  # (M,) detached
+                loss = self._varifocal(class_logits, onehot, pairs, all_labels, iou)
+            loss_ce = loss.sum((1, 2, 3)) / num_boxes
+        return {
+            "loss_ce": loss_ce,
+            "loss_bbox": zeros.index_add(0, problem, l1) / num_boxes,
+            "loss_giou": zeros.index_add(0, problem, giou) / num_boxes,
+        }
+
+    def _cross_entropy(self, logits: Tensor, pairs: Tensor, all_labels: Tensor) -> Tensor:
+        """The official classification loss, ``(P,)``: unmatched queries are "no object" (``eos_coef``)."""
+        problem, image, query, target = pairs
         target_classes = torch.full(
             logits.shape[:3], self.num_classes, dtype=torch.int64, device=logits.device
         )
@@ -182,29 +284,34 @@ class SetCriterion(nn.Module):
             logits.permute(0, 3, 1, 2), target_classes, weight=self.empty_weight, reduction="none"
         )  # (P, B, Q): weight[class] * -log p(class)
         # The official weighted mean: sum of weighted terms over the sum of weights, per problem.
-        loss_ce = weighted_nll.sum((1, 2)) / self.empty_weight[target_classes].sum((1, 2))
+        return weighted_nll.sum((1, 2)) / self.empty_weight[target_classes].sum((1, 2))
 
-        # Boxes of matched queries only, normalized by the (all-process) number of target boxes.
-        matched_pred = boxes[problem, image, query]  # (M, 4)
-        matched_target = all_boxes[target]  # (M, 4)
-        l1 = F.l1_loss(matched_pred, matched_target, reduction="none").sum(1)  # (M,)
-        giou = generalized_box_iou_loss(
-            box_convert(matched_pred, "cxcywh", "xyxy"),
-            box_convert(matched_target, "cxcywh", "xyxy"),
-            reduction="none",
-        )  # (M,)
-        zeros = l1.new_zeros(num_problems)
-        return {
-            "loss_ce": loss_ce,
-            "loss_bbox": zeros.index_add(0, problem, l1) / num_boxes,
-            "loss_giou": zeros.index_add(0, problem, giou) / num_boxes,
-        }
+    def _varifocal(
+        self,
+        class_logits: Tensor,
+        onehot: Tensor,
+        pairs: Tensor,
+        all_labels: Tensor,
+        iou: Tensor,
+    ) -> Tensor:
+        """Elementwise varifocal loss ``(P, B, Q, C)``: target ``q`` = IoU at matched (query, class)."""
+        problem, image, query, target = pairs
+        quality = torch.zeros_like(class_logits)
+        quality[problem, image, query, all_labels[target]] = iou.to(quality.dtype)
+        score = class_logits.detach().sigmoid()
+        weight = self.varifocal_alpha * score.pow(self.focal_gamma) * (1 - onehot) + quality
+        return F.binary_cross_entropy_with_logits(class_logits, quality, weight=weight, reduction="none")
 
     @torch.no_grad()
     def _class_error(self, matched_logits: Tensor, matched_labels: Tensor) -> Tensor:
-        """Top-1 error in percent of the matched queries (100 when the batch has no object)."""
+        """Top-1 error in percent of the matched queries (100 when the batch has no object).
+
+        The argmax runs over the ``C + 1`` logits for ``ce``, over the ``C`` real classes for sigmoid losses.
+        """
         if matched_labels.numel() == 0:
             return torch.tensor(100.0, device=matched_logits.device)
+        if self.score == "sigmoid":
+            matched_logits = matched_logits[..., : self.num_classes]
         accuracy = (matched_logits.argmax(-1) == matched_labels).float().mean() * 100
         return 100 - accuracy
 
@@ -212,10 +319,16 @@ class SetCriterion(nn.Module):
     def _cardinality_error(self, logits: Tensor, target_counts: Tensor) -> Tensor:
         """Per layer, the mean absolute difference between predicted and true object counts (a log).
 
+        A query predicts an object when its argmax is not "no object" (``ce``), or when its best real-class
+        sigmoid score is above 0.5 (sigmoid losses).
+
         Args:
             logits: ``(L, B, Q, C + 1)``; target_counts: ``(B,)``. Returns ``(L,)``.
         """
-        predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(-1).float()  # (L, B)
+        if self.score == "sigmoid":
+            predicted = (logits[..., : self.num_classes].amax(-1) > 0).sum(-1).float()  # (L, B)
+        else:
+            predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(-1).float()  # (L, B)
         return (predicted - target_counts).abs().mean(-1)
 
     def weighted_total(self, losses: dict[str, Tensor]) -> Tensor:

@@ -8,11 +8,31 @@ from torchvision.ops import box_convert
 
 
 class PostProcess(nn.Module):
-    """Softmax over all classes, drop "no object", scale boxes to each image's size.
+    """Class scores, labels and boxes scaled to each image's size.
 
-    No threshold and no NMS: every query gives one detection with its best real class, as the
-    official evaluation does; filter by score for display.
+    No threshold and no NMS. Two scorings, following the classification loss the model was trained with:
+
+    - ``softmax`` (official, ``class_loss=ce``): softmax over all classes, drop "no object"; every query
+      gives one detection with its best real class, as the official evaluation does.
+    - ``sigmoid`` (``focal`` / ``varifocal``): an independent sigmoid score per real class (the last,
+      "no object" logit is unused); the ``top_k`` best (query, class) pairs of the ``Q x C`` scores are
+      the detections, as in Deformable DETR. A query may thus give several detections (one per class).
+
+    Filter by score for display.
+
+    Args:
+        score: ``softmax`` | ``sigmoid``.
+        top_k: detections per image with ``sigmoid`` (``None``: the number of queries, at most ``Q x C``).
     """
+
+    def __init__(self, score: str = "softmax", top_k: int | None = None) -> None:
+        super().__init__()
+        if score not in ("softmax", "sigmoid"):
+            raise ValueError(f"PostProcess: score={score!r}; choose softmax or sigmoid")
+        if top_k is not None and top_k <= 0:
+            raise ValueError(f"PostProcess: top_k={top_k} must be positive (or None for the query count)")
+        self.score = score
+        self.top_k = top_k
 
     def forward(self, outputs: dict[str, Tensor], target_sizes: Tensor) -> list[dict[str, Tensor]]:
         """Convert a batch of outputs.
@@ -22,15 +42,29 @@ class PostProcess(nn.Module):
             target_sizes: ``(B, 2)`` image ``(height, width)`` to scale to (the original size for evaluation).
 
         Returns:
-            ``B`` dicts with ``scores (Q,)``, ``labels (Q,)`` int64 and ``boxes (Q, 4)`` absolute xyxy.
+            ``B`` dicts with ``scores (N,)``, ``labels (N,)`` int64, ``boxes (N, 4)`` absolute xyxy and
+            ``queries (N,)`` int64, the query each detection comes from. ``N = Q`` in query order for
+            ``softmax``; ``N = min(top_k, Q x C)`` best first for ``sigmoid``.
         """
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         if len(logits) != len(target_sizes):
             raise ValueError(f"{len(logits)} outputs but {len(target_sizes)} target sizes")
-        scores, labels = logits.softmax(-1)[..., :-1].max(-1)
+        batch, num_queries, num_slots = logits.shape
+        if self.score == "sigmoid":
+            num_classes = num_slots - 1  # the "no object" logit is unused
+            prob = logits[..., :num_classes].sigmoid().flatten(1)  # (B, Q * C), query-major
+            k = min(self.top_k or num_queries, prob.shape[1])
+            scores, flat = prob.topk(k, dim=1)  # (B, k), best first
+            queries = torch.div(flat, num_classes, rounding_mode="floor")
+            labels = flat % num_classes
+            boxes = boxes.gather(1, queries[..., None].expand(-1, -1, 4))  # (B, k, 4)
+        else:
+            scores, labels = logits.softmax(-1)[..., :-1].max(-1)
+            queries = torch.arange(num_queries, device=logits.device).expand(batch, -1)
         heights, widths = target_sizes.unbind(1)
         scale = torch.stack([widths, heights, widths, heights], dim=1).to(boxes.dtype)  # (B, 4)
         boxes = box_convert(boxes, "cxcywh", "xyxy") * scale[:, None, :]
         return [
-            {"scores": s, "labels": lab, "boxes": b} for s, lab, b in zip(scores, labels, boxes, strict=True)
+            {"scores": s, "labels": lab, "boxes": b, "queries": q}
+            for s, lab, b, q in zip(scores, labels, boxes, queries, strict=True)
         ]
