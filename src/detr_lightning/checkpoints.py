@@ -116,7 +116,11 @@ def load_weights_file(path: str | os.PathLike) -> Any:
         with torch.serialization.safe_globals(ALLOWED_PICKLE_CLASSES):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        # torch's message: a generic first line, then the reason ("... unsupported GLOBAL posix.system ...").
+        detail = next(
+            (line for line in lines if "GLOBAL" in line), lines[0] if lines else type(error).__name__
+        )
         raise CheckpointError(
             f"Refusing to load {path}: it contains pickled objects other than tensors and containers "
             f"(allowed classes: {[c.__qualname__ for c in ALLOWED_PICKLE_CLASSES]}), which could run code. "

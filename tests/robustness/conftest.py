@@ -31,9 +31,15 @@ FAST = [
 FAULTY_TRAIN = "tests/robustness/faulty_train.py"
 
 
+def fast(*extra: str) -> list[str]:
+    """:data:`FAST` with ``extra`` overrides (which replace FAST's value of the same key)."""
+    keys = {item.split("=", 1)[0] for item in extra}
+    return [item for item in FAST if item.split("=", 1)[0] not in keys] + list(extra)
+
+
 def demo_args(data_root: Path, run_dir: Path, *extra: str) -> list[str]:
     """``train.py`` arguments of a seconds-long demo run into ``run_dir``."""
-    return ["experiment=demo", f"data.root={data_root}", f"hydra.run.dir={run_dir}", *FAST, *extra]
+    return ["experiment=demo", f"data.root={data_root}", f"hydra.run.dir={run_dir}", *fast(*extra)]
 
 
 def cli_env(**extra: str) -> dict[str, str]:

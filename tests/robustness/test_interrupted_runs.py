@@ -53,45 +53,44 @@ def assert_same_run(resumed: Path, reference: Path) -> None:
         assert rows[0][key] != "" and float(rows[0][key]) == pytest.approx(float(rows[1][key]), abs=1e-6), key
 
 
-def test_sigkill_mid_epoch_then_resume_ends_as_an_uninterrupted_run(small_demo, uninterrupted, tmp_path):
-    first, second = tmp_path / "outputs" / "demo" / "1", tmp_path / "outputs" / "demo" / "2"
-    run = RunningTrain(demo_args(small_demo, first, *EXACT), cwd=tmp_path, fault="stall_step:1:1")
-    run.wait_for_fault()  # epoch 1, after its first step
+def test_sigkill_mid_epoch_and_mid_save_then_resume_ends_as_an_uninterrupted_run(
+    small_demo, uninterrupted, tmp_path
+):
+    run_dir = tmp_path / "outputs" / "demo" / "run"  # every attempt in the same folder (as SLURM reruns)
+    last_ckpt = run_dir / "checkpoints" / "last.ckpt"
+
+    # 1. SIGKILL in the middle of epoch 1: last.ckpt is the complete one of the end of epoch 0.
+    run = RunningTrain(demo_args(small_demo, run_dir, *EXACT), cwd=tmp_path, fault="stall_step:1:1")
+    run.wait_for_fault()
     run.process.kill()
     assert run.finish() == -signal.SIGKILL
+    assert (load_checkpoint(last_ckpt)["epoch"], load_checkpoint(last_ckpt)["global_step"]) == (0, 3)
 
-    last = load_checkpoint(first / "checkpoints" / "last.ckpt")  # complete, from the end of epoch 0
-    assert (last["epoch"], last["global_step"]) == (0, 3)
-    result = run_cli(demo_args(small_demo, second, *EXACT, "ckpt_path=last"), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"Resuming from {first / 'checkpoints' / 'last.ckpt'}" in result.stdout + result.stderr
-    assert_same_run(second, uninterrupted)
-
-
-def test_sigkill_while_last_ckpt_is_written_keeps_the_previous_one(small_demo, uninterrupted, tmp_path):
-    first, second = tmp_path / "outputs" / "demo" / "1", tmp_path / "outputs" / "demo" / "2"
-    run = RunningTrain(demo_args(small_demo, first, *EXACT), cwd=tmp_path, fault="stall_save:2")
-    run.wait_for_fault()  # half of epoch 1's last.ckpt is on disk
+    # 2. Resume, and SIGKILL while the new last.ckpt (end of epoch 1) is half written.
+    resume = demo_args(small_demo, run_dir, *EXACT, "ckpt_path=last")
+    run = RunningTrain(resume, cwd=tmp_path, fault="stall_save:1")
+    run.wait_for_fault()
     run.process.kill()
-    run.finish()
-
-    partial = list((first / "checkpoints").glob(".last.ckpt.*.tmp"))
+    assert run.finish() == -signal.SIGKILL
+    assert f"Resuming from {last_ckpt}" in run.output()
+    partial = list(last_ckpt.parent.glob(".last.ckpt.*.tmp"))
     assert len(partial) == 1 and partial[0].stat().st_size > 0
     with pytest.raises(Exception):  # noqa: B017 - the half-written file is garbage, and only the temp is
         torch.load(partial[0], weights_only=True)
-    last = load_checkpoint(first / "checkpoints" / "last.ckpt")
-    assert (last["epoch"], last["global_step"]) == (0, 3)
+    assert (load_checkpoint(last_ckpt)["epoch"], load_checkpoint(last_ckpt)["global_step"]) == (0, 3)
 
-    result = run_cli(demo_args(small_demo, second, *EXACT, "ckpt_path=last"), cwd=tmp_path)
+    # 3. Resume again: the same weights and figures as the run that was never interrupted.
+    result = run_cli(resume, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_same_run(second, uninterrupted)
-    assert not list((second / "checkpoints").glob(".*.tmp"))
+    assert_same_run(run_dir, uninterrupted)
+    assert not list(last_ckpt.parent.glob(".*.tmp"))  # the killed writer's temporary file is gone
 
 
 def test_sigterm_saves_last_and_a_requeued_slurm_job_resumes(small_demo, tmp_path):
     run_dir = tmp_path / "job"  # a SLURM script gives the requeued job the same hydra.run.dir
     slurm = cli_env(SLURM_JOB_ID="4242")
-    run = RunningTrain(demo_args(small_demo, run_dir), cwd=tmp_path, fault="stall_step:1:1", env=slurm)
+    args = demo_args(small_demo, run_dir, "trainer.max_epochs=1")
+    run = RunningTrain(args, cwd=tmp_path, fault="stall_step:0:1", env=slurm)
     run.wait_for_fault()
     run.process.send_signal(signal.SIGTERM)  # what a scheduler sends before it kills the job
     assert run.finish() == SIGTERM_EXIT_CODE, run.output()[-3000:]
@@ -99,17 +98,13 @@ def test_sigterm_saves_last_and_a_requeued_slurm_job_resumes(small_demo, tmp_pat
     assert "Traceback" not in output
     assert f"SIGTERM: saved {run_dir / 'checkpoints' / 'last.ckpt'}" in output
     saved = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
-    assert (saved["epoch"], saved["global_step"]) == (1, 5)  # the step in flight was finished, then saved
+    assert (saved["epoch"], saved["global_step"]) == (0, 2)  # the step in flight was finished, then saved
 
-    requeued = run_cli(
-        demo_args(small_demo, run_dir),
-        cwd=tmp_path,
-        env=cli_env(SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="1"),
-    )
+    requeued = run_cli(args, cwd=tmp_path, env=cli_env(SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="1"))
     assert requeued.returncode == 0, requeued.stderr[-3000:]
     assert "SLURM job 4242 restarted (restart count 1): resuming from" in requeued.stdout + requeued.stderr
     final = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
-    assert (final["epoch"], final["global_step"]) == (1, 6)  # the epoch's last step, not a restart
+    assert (final["epoch"], final["global_step"]) == (0, 3)  # the epoch's last step, not a restart
 
 
 def test_resume_resolution(tmp_path, monkeypatch):

@@ -46,7 +46,7 @@ def short_side_resize_shape(height: int, width: int, size: int, max_size: int | 
     if max_size is not None:
         shorter, longer = float(min(height, width)), float(max(height, width))
         if longer / shorter * size > max_size:
-            size = int(round(max_size * shorter / longer))
+            size = max(1, int(round(max_size * shorter / longer)))  # never 0 for extreme aspect ratios
     if (width <= height and width == size) or (height <= width and height == size):
         return height, width
     if width < height:

@@ -1,0 +1,290 @@
+"""Bad inputs: every case of the data check list, wrong config keys and types, num_classes, batch size,
+odd images, unwritable or full output folders. Each fails before the first training step with one
+message naming the file, the record and the fix (no stack trace), or trains with a clear warning."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections import namedtuple
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import open_dict
+
+from data.builders import CATEGORIES, coco_dict, write_image, write_split
+from data.test_check import BROKEN_DATASETS
+from detr_lightning import preflight
+from detr_lightning.lit_module import DETRLitModule
+from detr_lightning.preflight import OutputDirError, check_output_dirs
+from detr_lightning.training import exit_on_user_error, train
+
+from .conftest import demo_args, fast, load_checkpoint, run_cli
+
+SPLIT_FOLDERS = ("train", "valid", "test")
+
+
+def roboflow_dataset(root: Path) -> Path:
+    """The valid three-image set of tests/data in every split of a Roboflow export."""
+    for folder in SPLIT_FOLDERS:
+        write_split(root / folder / "_annotations.coco.json", root / folder)
+    return root
+
+
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    return roboflow_dataset(tmp_path / "dataset")
+
+
+@pytest.fixture
+def train_in_process(compose_config, tmp_path, monkeypatch):
+    """``train_in_process(root, overrides)``: what ``python train.py`` does, in this process.
+
+    Returns the ``error: ...`` message it exits with, or the metrics. Any training step fails the test
+    unless ``steps_allowed``: the errors must come before the first one.
+    """
+
+    def run(root: Path, overrides: list[str] = (), steps_allowed: bool = False):
+        cfg = compose_config(
+            [
+                "experiment=demo",
+                f"data.root={root}",
+                f"paths.root_dir={tmp_path}",
+                f"paths.output_dir={tmp_path / 'run'}",
+                *fast(*overrides),
+            ]
+        )
+        with open_dict(cfg):
+            del cfg["hydra"]
+        if not steps_allowed:
+            monkeypatch.setattr(DETRLitModule, "training_step", _no_step)
+        try:
+            with exit_on_user_error():
+                return train(cfg)
+        except SystemExit as stop:
+            return str(stop.code)
+
+    return run
+
+
+def _no_step(*args, **kwargs):
+    raise AssertionError("a training step ran before the error")
+
+
+def _one_message(message: str, expected: str) -> None:
+    assert message.startswith("error: ") and "\n" not in message, message
+    assert re.search(expected, message), message
+    assert "Fix:" in message or "Fix " in message, message
+
+
+def _as_overrides(check_args: list[str]) -> list[str]:
+    """``data.check`` CLI flags (``--train-ann-file X``) as train.py overrides."""
+    pairs = zip(check_args[::2], check_args[1::2], strict=True)
+    return [
+        f"data.{flag[2:].replace('-ann-file', '.ann_file').replace('-img-dir', '.img_dir')}={value}"
+        for flag, value in pairs
+    ]
+
+
+@pytest.mark.parametrize("case", list(BROKEN_DATASETS))
+def test_every_data_check_case_stops_train_before_the_first_step(dataset, train_in_process, case):
+    breaker, expected = BROKEN_DATASETS[case]
+    overrides = _as_overrides(breaker(dataset))
+    _one_message(train_in_process(dataset, overrides), expected)
+
+
+def _edit(ann_file: Path, edit) -> None:
+    data = json.loads(ann_file.read_text())
+    edit(data)
+    ann_file.write_text(json.dumps(data))
+
+
+def _text_file_record(root: Path) -> list[str]:
+    (root / "train" / "notes.txt").write_text("not an image")
+    _edit(root / "train" / "_annotations.coco.json", lambda d: d["images"][0].update(file_name="notes.txt"))
+    return []
+
+
+MORE_CASES = {
+    "record pointing at a text file": (
+        _text_file_record,
+        r"cannot be decoded: \S*train/notes\.txt \(image id 1\): UnidentifiedImageError",
+    ),
+    "num_classes smaller than the data needs": (
+        lambda root: ["model.num_classes=2"],
+        r"model\.num_classes=2 cannot hold the data's labels: the largest label is 3 \('dog'.*at least 4",
+    ),
+    "batch larger than the dataset (drop_last)": (
+        lambda root: ["data.batch_size=8"],
+        r"the train split has 3 images \(3 per process\), fewer than data\.batch_size=8.*drop_last=false",
+    ),
+    "wrong type: data.batch_size=abc": (
+        lambda root: ["data.batch_size=abc"],
+        r"config: data\.batch_size='abc' is str, expected an integer",
+    ),
+    "wrong type: optimizer.lr=fast": (
+        lambda root: ["optimizer.lr=fast"],
+        r"config: optimizer\.lr='fast' is str, expected a number",
+    ),
+    "wrong type: trainer.max_epochs=1.5": (
+        lambda root: ["trainer.max_epochs=1.5"],
+        r"config: trainer\.max_epochs=1\.5 is float, expected an integer or null",
+    ),
+    "wrong type: loss.aux_loss=maybe": (
+        lambda root: ["loss.aux_loss=maybe"],
+        r"config: model\.aux_loss='maybe' is str, expected true or false",
+    ),
+    "not positive: model.num_queries=0": (
+        lambda root: ["model.num_queries=0"],
+        r"config: model\.num_queries=0 must be positive",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MORE_CASES))
+def test_config_and_size_errors_stop_train_before_the_first_step(dataset, train_in_process, case):
+    setup, expected = MORE_CASES[case]
+    _one_message(train_in_process(dataset, setup(dataset)), expected)
+
+
+def test_unknown_config_key_is_refused_when_composing(compose_config):
+    with pytest.raises(ConfigCompositionException, match="learning_rate"):
+        compose_config(["experiment=demo", "optimizer.learning_rate=1"])
+
+
+def test_batch_larger_than_the_dataset_trains_with_drop_last_false(dataset, train_in_process):
+    metrics = train_in_process(dataset, ["data.batch_size=8", "data.drop_last=false"], steps_allowed=True)
+    assert isinstance(metrics, dict) and np.isfinite(metrics["train/loss_epoch"]), metrics
+
+
+# ---------------------------------------------------------------------------------------- through the CLI
+
+
+def _assert_clean_failure(result, *expected: str) -> str:
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    for text in expected:
+        assert text in errors[0], errors[0]
+    return errors[0]
+
+
+def test_broken_dataset_through_train_py(dataset, tmp_path):
+    _edit(dataset / "valid" / "_annotations.coco.json", lambda d: d["annotations"][1].update(category_id=7))
+    run_dir = tmp_path / "run"
+    result = run_cli(demo_args(dataset, run_dir), cwd=tmp_path, timeout=120)
+    _assert_clean_failure(
+        result,
+        str(dataset / "valid" / "_annotations.coco.json"),
+        "annotation id 11 (image id 1) has category_id 7, which is not in 'categories'",
+        "Fix: add the category or correct the annotation.",
+    )
+    assert not (run_dir / "checkpoints").exists()  # stopped before anything was trained or written
+
+
+def test_wrong_type_through_train_py(small_demo, tmp_path):
+    result = run_cli(
+        demo_args(small_demo, tmp_path / "run", "data.batch_size=two"), cwd=tmp_path, timeout=120
+    )
+    _assert_clean_failure(result, "data.batch_size='two' is str, expected an integer", "Fix:")
+
+
+def test_unwritable_run_folder_through_train_py(small_demo, tmp_path):
+    (tmp_path / "a_file").write_text("in the way")
+    run_dir = tmp_path / "a_file" / "run"
+    result = run_cli(demo_args(small_demo, run_dir), cwd=tmp_path, timeout=120)
+    _assert_clean_failure(result, f"output folder {run_dir} cannot be written (Not a directory)", "Fix:")
+
+
+# ------------------------------------------------------------------------------------ odd images, one run
+
+Box = namedtuple("Box", "x y w h")
+
+
+def _odd_split(folder: Path, image_ids: range) -> None:
+    """A 40x30 image, a 1x1 image, a 10000x200 image and a 64x64 image with 300 boxes, plus files that
+    are not images (and no records) in the image folder."""
+    crowd = [Box(2 + 3 * (i % 20), 2 + 4 * (i // 20), 2, 3) for i in range(300)]
+    specs = [
+        ("a.jpg", 40, 30, [Box(2, 3, 10, 8), Box(20, 10, 15, 12)]),
+        ("tiny.png", 1, 1, [Box(0, 0, 1, 1)]),
+        ("wide.jpg", 10000, 200, [Box(100, 40, 2500, 120)]),
+        ("crowded.png", 64, 64, crowd),
+    ]
+    images, annotations = [], []
+    for image_id, (name, width, height, boxes) in zip(image_ids, specs, strict=False):
+        write_image(folder / name, width, height, seed=image_id)
+        images.append({"id": image_id, "file_name": name, "width": width, "height": height})
+        for index, box in enumerate(boxes):
+            annotations.append(
+                {
+                    "id": 1000 * image_id + index,
+                    "image_id": image_id,
+                    "category_id": (1, 3)[index % 2],
+                    "bbox": list(box),
+                    "area": box.w * box.h,
+                    "iscrowd": 0,
+                }
+            )
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".DS_Store").write_bytes(b"\x00\x01")
+    (folder / "thumbnails").mkdir()
+    (folder / "thumbnails" / "a.jpg").write_bytes(b"")
+    data = coco_dict(images=images, annotations=annotations, categories=CATEGORIES)
+    (folder / "_annotations.coco.json").write_text(json.dumps(data))
+
+
+def test_odd_images_train_with_a_warning_for_more_boxes_than_queries(tmp_path):
+    root = tmp_path / "odd"
+    _odd_split(root / "train", range(1, 5))
+    _odd_split(root / "valid", range(11, 15))
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        demo_args(root, run_dir, "trainer.limit_val_batches=null", "trainer.max_epochs=1"), cwd=tmp_path
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "Traceback" not in output and "Skipped step" not in output
+    for split, image_id in (("train", 4), ("valid", 14)):
+        assert (
+            f"data: {root / split / '_annotations.coco.json'}: image id {image_id} has 300 boxes, more than "
+            "model.num_queries=20" in output
+        ), output[-3000:]
+    assert "Fix: set model.num_queries=300 or more." in output
+    last = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert last["epoch"] == 0 and last["global_step"] == 2  # 2 batches of 2, none skipped
+    predictions = json.loads((run_dir / "predictions.coco.json").read_text())
+    assert {p["image_id"] for p in predictions} == {11, 12, 13, 14}  # every odd image evaluated
+
+
+# ---------------------------------------------------------------------------------------- output folders
+
+
+def test_output_folder_problems_are_found_before_training(tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("in the way")
+    with pytest.raises(OutputDirError, match=r"a_file/checkpoints cannot be written \(Not a directory\)"):
+        check_output_dirs([tmp_path / "run"], tmp_path / "a_file" / "checkpoints", checkpoint_size=1)
+
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: Usage(2**40, 2**40 - 2**20, 2**20))
+    with pytest.raises(OutputDirError, match=r"has 1 MiB free, but training needs about 364 MiB") as full:
+        check_output_dirs([tmp_path / "run"], tmp_path / "run" / "checkpoints", checkpoint_size=100 * 2**20)
+    assert "Fix: free space there or point hydra.run.dir at a larger disk" in str(full.value)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders: chmod does not bite")
+def test_read_only_output_folder_is_refused(tmp_path):
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    try:
+        with pytest.raises(OutputDirError, match=r"read_only/run cannot be written \(Permission denied\)"):
+            check_output_dirs([read_only / "run"], None, checkpoint_size=1)
+    finally:
+        read_only.chmod(0o755)
+    assert shutil.disk_usage(tmp_path).free > 0
