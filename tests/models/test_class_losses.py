@@ -28,7 +28,7 @@ TINY_MODEL = dict(
     dropout=0.0,
     pretrained_backbone=False,
 )
-IMAGES = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+IMAGES = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 TARGETS = [
     {"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.3]])},
     {"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])},
@@ -160,20 +160,16 @@ def test_default_is_the_official_softmax_everywhere():
     assert saved_scoring({"hyper_parameters": {"model": TINY_MODEL}}) == ("softmax", None)
 
 
-@pytest.mark.parametrize("class_loss", ["ce", "focal", "varifocal"])
-def test_training_step_gives_finite_losses_and_gradients(class_loss):
+def make_module(class_loss: str) -> DETRLitModule:
     torch.manual_seed(0)
-    module = DETRLitModule(
+    return DETRLitModule(
         model={**TINY_MODEL, "num_groups": 2}, loss={"class_loss": class_loss}, postprocess={"top_k": 5}
     ).train()
-    sigmoid_loss = class_loss != "ce"
-    assert module.criterion.matcher.class_cost == ("focal" if sigmoid_loss else "softmax")
-    assert module.postprocess.score == ("sigmoid" if sigmoid_loss else "softmax")
-    if sigmoid_loss:
-        torch.testing.assert_close(
-            module.model.class_embed.bias, torch.full((4,), prior_class_bias(0.01)), rtol=0, atol=1e-6
-        )
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 autocast: the losses stay float32
+
+
+def train_step(module: DETRLitModule, bf16: bool = False) -> dict[str, torch.Tensor]:
+    """Forward, losses, backward; returns the loss dict after checking losses and gradients."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         outputs = module.model(IMAGES)
         losses = module.criterion(outputs, TARGETS)
         total = module.criterion.weighted_total(losses)
@@ -181,12 +177,37 @@ def test_training_step_gives_finite_losses_and_gradients(class_loss):
     total.backward()
     grads = [p.grad for p in module.model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    return losses
+
+
+@pytest.mark.parametrize("class_loss", ["ce", "focal", "varifocal"])
+def test_training_step_gives_finite_losses_and_gradients(class_loss):
+    module = make_module(class_loss)
+    sigmoid_loss = class_loss != "ce"
+    assert module.criterion.matcher.class_cost == ("focal" if sigmoid_loss else "softmax")
+    assert module.postprocess.score == ("sigmoid" if sigmoid_loss else "softmax")
+    if sigmoid_loss:
+        torch.testing.assert_close(
+            module.model.class_embed.bias, torch.full((4,), prior_class_bias(0.01)), rtol=0, atol=1e-6
+        )
+    train_step(module)
     module.eval()
     with torch.no_grad():
-        detections = module.predict_step(
-            (IMAGES, None, [{"orig_size": torch.tensor([64, 64])}] * 2), batch_idx=0
-        )
+        detections = module.predict_step((IMAGES, None, [{"orig_size": torch.tensor([64, 64])}] * 2), 0)
     assert len(detections[0]["scores"]) == (5 if sigmoid_loss else 4)
+
+
+def test_sigmoid_losses_under_bf16_autocast_stay_float32():
+    train_step(make_module("varifocal"), bf16=True)  # the whole model (slow on CPU: one loss only)
+    outputs, targets = tiny_outputs()
+    half = {k: v.bfloat16() for k, v in outputs.items()}
+    for class_loss in ("focal", "varifocal"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = criterion(class_loss)(half, targets)
+        reference = criterion(class_loss)({k: v.float() for k, v in half.items()}, targets)
+        for key, value in losses.items():
+            assert value.dtype == torch.float32, key
+            torch.testing.assert_close(value, reference[key], msg=key)
 
 
 def test_group_detr_with_focal_sums_the_per_group_losses():
