@@ -128,6 +128,7 @@ def _split(tmp_path: Path, file_name: str) -> SplitFiles:
         ("/etc/passwd", r"image id 2 has file_name '/etc/passwd', which leaves the image folder"),
         ("sub/../../b.png", r"which leaves the image folder"),
     ],
+    ids=["dot-dot", "absolute", "dot-dot after a folder"],
 )
 def test_file_names_leaving_the_folder_are_refused_when_read(tmp_path, file_name, expected):
     with pytest.raises(DataError, match=expected) as error:
