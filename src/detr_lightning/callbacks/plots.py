@@ -19,7 +19,6 @@ import csv
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +30,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from detr_lightning.callbacks.epoch_csv import EpochMetricsCSV
-from detr_lightning.callbacks.wandb_media import (
-    _gather_on_every_rank,
-    _read_val_image,
-    confident_detections,
-    ground_truth_boxes,
-    wandb_class_labels,
-)
+from detr_lightning.callbacks.val_samples import ValidationSample, ValidationSamples, labels_of
+from detr_lightning.callbacks.wandb_media import wandb_class_labels
 
 PLOTS_DIR = "plots"
 METRICS_PLOT = "metrics.png"
@@ -114,10 +108,17 @@ class TrainingPlots(lightning.Callback):
         self.dpi = dpi
         #: One dict per finished training epoch (``epoch``, ``step``, ``lr/<group>`` and the epoch figures).
         self.rows: list[dict[str, Any]] = []
-        self._image_ids: list[int] | None = None  # the images of the grid, lowest ids of the val file
-        self._epoch_detections: dict[int, dict[str, Tensor]] = {}
-        self._pixels: dict[int, np.ndarray] = {}  # rank 0's cache of the grid's images and ground truth
-        self._ground_truth: dict[int, dict[str, Tensor]] = {}
+        self._samples = ValidationSamples(num_images, score_threshold)  # the images of the grid
+
+    @property
+    def _image_ids(self) -> list[int] | None:
+        """The images of the grid (None until the first validation)."""
+        return self._samples.image_ids
+
+    @property
+    def _epoch_detections(self) -> dict[int, dict[str, Tensor]]:
+        """This rank's detections of those images in the running validation epoch."""
+        return self._samples.detections
 
     def plots_dir(self, trainer: lightning.Trainer) -> Path:
         """Where the PNG files go."""
@@ -156,12 +157,12 @@ class TrainingPlots(lightning.Callback):
     def on_validation_epoch_start(
         self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
     ) -> None:
-        self._epoch_detections = {}
-        if self._image_ids is None and self.predictions and not trainer.sanity_checking:
-            try:  # every rank reads the same file, so every rank chooses the same images
-                self._image_ids = sorted(trainer.datamodule.coco_gt("val").imgs)[: self.num_images]
+        self._samples.start_epoch()
+        if self._samples.image_ids is None and self.predictions and not trainer.sanity_checking:
+            try:
+                self._samples.choose(trainer.datamodule)
             except Exception as error:
-                self._image_ids = []
+                self._samples.image_ids = []
                 rank_zero_warn(
                     f"TrainingPlots: no {PREDICTIONS_PLOT}: the validation images are unknown "
                     f"({_describe(error)}). It needs the project's datamodule (coco_gt)."
@@ -176,22 +177,15 @@ class TrainingPlots(lightning.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if trainer.sanity_checking or not self._image_ids or not isinstance(outputs, Mapping):
-            return
-        wanted = set(self._image_ids)
-        for image_id, detection in zip(
-            outputs.get("image_ids", []), outputs.get("detections", []), strict=True
-        ):
-            if int(image_id) in wanted:
-                self._epoch_detections[int(image_id)] = confident_detections(detection, self.score_threshold)
+        if not trainer.sanity_checking:
+            self._samples.collect(outputs)
 
     def on_validation_epoch_end(
         self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
     ) -> None:
-        if trainer.sanity_checking or not self._image_ids:
+        if trainer.sanity_checking or not self._samples.image_ids:
             return
-        detections = _gather_on_every_rank(trainer, self._epoch_detections)  # a collective: every rank
-        self._epoch_detections = {}
+        detections = self._samples.gather(trainer)  # a collective: every rank
         if trainer.is_global_zero and detections:
             self._draw(
                 trainer, PREDICTIONS_PLOT, lambda path: self._plot_predictions(trainer, detections, path)
@@ -200,35 +194,16 @@ class TrainingPlots(lightning.Callback):
     def _plot_predictions(
         self, trainer: lightning.Trainer, detections: Mapping[int, Mapping[str, Tensor]], path: Path
     ) -> Path:
-        datamodule = trainer.datamodule
-        image_ids = [image_id for image_id in self._image_ids or [] if image_id in detections]
-        for image_id in image_ids:
-            if image_id not in self._pixels:
-                self._pixels[image_id] = _read_val_image(datamodule, image_id)
-                self._ground_truth[image_id] = ground_truth_boxes(
-                    datamodule.coco_gt("val"), image_id, datamodule.label_to_category_id
-                )
-        used_labels = {
-            int(label)
-            for image_id in image_ids
-            for boxes in (detections[image_id], self._ground_truth[image_id])
-            for label in boxes["labels"].tolist()
-        }
+        samples = self._samples.samples(trainer.datamodule, detections)
         when = (
             f"epoch {trainer.current_epoch}"
             if trainer.state.fn == TrainerFn.FITTING
             else str(trainer.state.fn)
         )
-        panels = [
-            PredictionPanel(
-                image_id, self._pixels[image_id], detections[image_id], self._ground_truth[image_id]
-            )
-            for image_id in image_ids
-        ]
         return plot_predictions(
-            panels,
+            samples,
             path,
-            class_names=wandb_class_labels(datamodule.class_names, used_labels),
+            class_names=wandb_class_labels(trainer.datamodule.class_names, labels_of(samples)),
             score_threshold=self.score_threshold,
             title=f"Validation images, {when}",
             dpi=self.dpi,
@@ -320,21 +295,8 @@ def plot_metrics(
     return _save(figure, path, dpi)
 
 
-@dataclass
-class PredictionPanel:
-    """One image of `plot_predictions`.
-
-    Attributes:
-        image_id: its id in the annotation file.
-        pixels: ``(H, W, 3)`` uint8 RGB, original size.
-        predictions: ``boxes (P, 4)`` xyxy pixels, ``scores (P,)``, ``labels (P,)`` (already thresholded).
-        ground_truth: ``boxes (G, 4)`` xyxy pixels, ``labels (G,)``, optional ``iscrowd (G,)``.
-    """
-
-    image_id: int
-    pixels: np.ndarray
-    predictions: Mapping[str, Tensor]
-    ground_truth: Mapping[str, Tensor]
+#: One image of `plot_predictions`: its pixels, predictions (already thresholded) and ground truth.
+PredictionPanel = ValidationSample
 
 
 def plot_predictions(

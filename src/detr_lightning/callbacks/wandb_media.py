@@ -11,7 +11,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning
-import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
@@ -19,7 +18,23 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from detr_lightning.callbacks.coco_evaluator import CocoEvaluator
+from detr_lightning.callbacks.val_samples import (
+    ValidationSamples,
+    confident_detections,
+    ground_truth_boxes,
+    labels_of,
+)
 from detr_lightning.metrics import COCO_MAX_DETECTIONS, coco_summary_lines
+
+__all__ = [
+    "WandbPredictionImages",
+    "coco_per_class_rows",
+    "coco_summary_rows",
+    "confident_detections",  # from val_samples, shared with TrainingPlots
+    "ground_truth_boxes",  # from val_samples, shared with TrainingPlots
+    "wandb_box_layers",
+    "wandb_class_labels",
+]
 
 IMAGES_KEY = "val/predictions"
 #: The result keys of the 12 lines of ``COCOeval.summarize()``, in its order (see `coco_summary_lines`).
@@ -70,12 +85,7 @@ class WandbPredictionImages(lightning.Callback):
         self.score_threshold = score_threshold
         self.log_tables = log_tables
         self._wandb: WandbLogger | None = None
-        self._image_ids: list[int] | None = None  # the images to log, lowest ids of the val file
-        # This rank's detections of those images in the running epoch, already thresholded, on the CPU.
-        self._epoch_detections: dict[int, dict[str, Tensor]] = {}
-        # Rank 0's cache of the images as (H, W, 3) uint8 arrays and of their ground truth.
-        self._pixels: dict[int, np.ndarray] = {}
-        self._ground_truth: dict[int, dict[str, Tensor]] = {}
+        self._samples = ValidationSamples(num_images, score_threshold)  # the images to log
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, stage: str) -> None:
@@ -91,9 +101,9 @@ class WandbPredictionImages(lightning.Callback):
     def on_validation_epoch_start(
         self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
     ) -> None:
-        self._epoch_detections = {}
-        if self._wandb is not None and self._image_ids is None:
-            self._image_ids = sorted(trainer.datamodule.coco_gt("val").imgs)[: self.num_images]
+        self._samples.start_epoch()
+        if self._wandb is not None:
+            self._samples.choose(trainer.datamodule)
 
     def on_validation_batch_end(
         self,
@@ -104,20 +114,15 @@ class WandbPredictionImages(lightning.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if self._wandb is None or trainer.sanity_checking or not self._image_ids:
-            return
-        wanted = set(self._image_ids)
-        for image_id, detection in zip(outputs["image_ids"], outputs["detections"], strict=True):
-            if int(image_id) in wanted:
-                self._epoch_detections[int(image_id)] = confident_detections(detection, self.score_threshold)
+        if self._wandb is not None and not trainer.sanity_checking:
+            self._samples.collect(outputs)
 
     def on_validation_epoch_end(
         self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
     ) -> None:
-        if self._wandb is None or trainer.sanity_checking or not self._image_ids:
+        if self._wandb is None or trainer.sanity_checking or not self._samples.image_ids:
             return
-        detections = _gather_on_every_rank(trainer, self._epoch_detections)
-        self._epoch_detections = {}
+        detections = self._samples.gather(trainer)  # a collective: every rank
         if trainer.is_global_zero and detections:
             self._log_images(trainer, detections)
 
@@ -137,31 +142,18 @@ class WandbPredictionImages(lightning.Callback):
         panel per image shows how its predictions change from epoch to epoch)."""
         import wandb
 
-        assert self._wandb is not None and self._image_ids is not None
-        datamodule = trainer.datamodule
-        image_ids = [image_id for image_id in self._image_ids if image_id in detections]
-        for image_id in image_ids:
-            if image_id not in self._pixels:
-                self._pixels[image_id] = _read_val_image(datamodule, image_id)
-                self._ground_truth[image_id] = ground_truth_boxes(
-                    datamodule.coco_gt("val"), image_id, datamodule.label_to_category_id
-                )
-        used_labels = {
-            int(label)
-            for image_id in image_ids
-            for boxes in (detections[image_id], self._ground_truth[image_id])
-            for label in boxes["labels"].tolist()
-        }
-        class_labels = wandb_class_labels(datamodule.class_names, used_labels)
+        assert self._wandb is not None
+        samples = self._samples.samples(trainer.datamodule, detections)
+        class_labels = wandb_class_labels(trainer.datamodule.class_names, labels_of(samples))
         classes = [{"id": label, "name": name} for label, name in class_labels.items()]
         images = {
-            f"{IMAGES_KEY}/{image_id}": wandb.Image(
-                self._pixels[image_id],
-                caption=f"image id {image_id}, epoch {trainer.current_epoch}",
-                boxes=wandb_box_layers(detections[image_id], self._ground_truth[image_id], class_labels),
+            f"{IMAGES_KEY}/{sample.image_id}": wandb.Image(
+                sample.pixels,
+                caption=f"image id {sample.image_id}, epoch {trainer.current_epoch}",
+                boxes=wandb_box_layers(sample.predictions, sample.ground_truth, class_labels),
                 classes=classes,
             )
-            for image_id in image_ids
+            for sample in samples
         }
         self._wandb.log_metrics(images, step=trainer.global_step)
 
@@ -194,44 +186,6 @@ class WandbPredictionImages(lightning.Callback):
 
 
 # ---------------------------------------------------------------------- payloads (plain functions)
-def confident_detections(detection: Mapping[str, Tensor], score_threshold: float) -> dict[str, Tensor]:
-    """The detections of one image scoring at least ``score_threshold``, detached, on the CPU.
-
-    Args:
-        detection: ``boxes (Q, 4)`` xyxy pixels, ``scores (Q,)``, ``labels (Q,)``.
-
-    Returns:
-        ``boxes (P, 4)``, ``scores (P,)``, ``labels (P,)`` with ``P <= Q``, in the input's order.
-    """
-    keep = detection["scores"] >= score_threshold
-    return {key: detection[key][keep].detach().cpu() for key in ("boxes", "scores", "labels")}
-
-
-def ground_truth_boxes(
-    coco_gt: Any, image_id: int, label_to_category_id: Mapping[int, int]
-) -> dict[str, Tensor]:
-    """One image's ground truth from the annotation file, as model labels and xyxy pixels.
-
-    Args:
-        coco_gt: the ``COCO`` index of the annotation file.
-        image_id: the image.
-        label_to_category_id: model label -> category id; annotations of other categories are left out.
-
-    Returns:
-        ``boxes (G, 4)`` float64 xyxy in original-image pixels, ``labels (G,)`` int64, ``iscrowd (G,)``
-        int64, in file order (crowd boxes included).
-    """
-    category_to_label = {int(category_id): int(label) for label, category_id in label_to_category_id.items()}
-    annotations = [a for a in coco_gt.imgToAnns.get(image_id, []) if a["category_id"] in category_to_label]
-    boxes = torch.tensor([a["bbox"] for a in annotations], dtype=torch.float64).reshape(-1, 4)
-    boxes[:, 2:] += boxes[:, :2]
-    return {
-        "boxes": boxes,
-        "labels": torch.tensor([category_to_label[a["category_id"]] for a in annotations], dtype=torch.int64),
-        "iscrowd": torch.tensor([a.get("iscrowd", 0) for a in annotations], dtype=torch.int64),
-    }
-
-
 def wandb_class_labels(class_names: Mapping[int, str], labels: set[int]) -> dict[int, str]:
     """Label -> name for W&B: every named class, plus ``label <n>`` for the ``labels`` without a name
     (e.g. an unused id the model can still predict under ``label_mapping=raw``)."""
@@ -322,25 +276,3 @@ def coco_summary_rows(result: Mapping[str, Tensor], split: str) -> list[list[Any
 
 def _defined(value: float) -> float | None:
     return None if value < 0 else float(value)
-
-
-def _read_val_image(datamodule: Any, image_id: int) -> np.ndarray:
-    """The validation image ``image_id`` decoded as for training (EXIF handled): ``(H, W, 3)`` uint8."""
-    dataset = datamodule.dataset("val")
-    pixels = dataset.read_image(dataset.image_ids.index(image_id))  # (3, H, W) uint8
-    return pixels.permute(1, 2, 0).numpy()
-
-
-def _gather_on_every_rank(
-    trainer: lightning.Trainer, detections: dict[int, dict[str, Tensor]]
-) -> dict[int, dict[str, Tensor]]:
-    """Every rank's detections of the chosen images, merged (pickled, so CPU tensors cross any backend)."""
-    if trainer.world_size == 1 or not (
-        torch.distributed.is_available() and torch.distributed.is_initialized()
-    ):
-        return detections
-    per_rank: list[dict[int, dict[str, Tensor]] | None] = [None] * trainer.world_size
-    torch.distributed.all_gather_object(per_rank, detections)
-    return {
-        image_id: found for rank_detections in per_rank for image_id, found in (rank_detections or {}).items()
-    }
