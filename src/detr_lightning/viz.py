@@ -1,5 +1,8 @@
 """Pictures of detections: boxes drawn on the image, and attention heat maps.
 
+Boxes are drawn two ways: `draw_detections` into the pixels of a full-size image (``predict.py``'s drawn
+files), `draw_boxes` onto a matplotlib axis (the attention figures here, ``TrainingPlots``' grid).
+
 Figures are matplotlib ``Figure`` objects rendered by the Agg canvas, never through ``pyplot``, so no
 window or global backend is involved.
 """
@@ -9,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
+from typing import Any, Literal
 
 import matplotlib
 import numpy as np
@@ -55,6 +59,54 @@ def draw_detections(image: Tensor, boxes: Tensor, labels: Sequence[int], caption
         font_size=max(9, round(short_side / 40)) if font else None,
         fill_labels=True,
     )
+
+
+def draw_boxes(
+    axis: Axes,
+    boxes: Sequence[Sequence[float]] | Tensor,
+    color: Any,
+    captions: Sequence[str] | None = None,
+    linewidth: float = 2.0,
+    linestyle: str = "-",
+    caption_at: Literal["above", "below"] = "above",
+    fontsize: float = 6,
+) -> None:
+    """Draw ``xyxy`` pixel boxes in one colour on a matplotlib axis that shows the image.
+
+    Args:
+        axis: the axis, in image pixel coordinates (after ``imshow``).
+        boxes: ``(K, 4)`` xyxy pixels.
+        color: any matplotlib colour (a name, ``#rrggbb``, an RGB tuple in [0, 1]).
+        captions: one per box (white text on a tag of the box's colour), or None for none.
+        linewidth, linestyle: of the box outline.
+        caption_at: the tag sits on the box's top edge (``"above"``) or hangs from its bottom edge
+            (``"below"``), at its left; tags are clipped to the axis.
+    """
+    rows = boxes.tolist() if isinstance(boxes, Tensor) else list(boxes)
+    for box, caption in zip(rows, captions if captions is not None else [None] * len(rows), strict=True):
+        x0, y0, x1, y1 = (float(value) for value in box)
+        axis.add_patch(
+            Rectangle(
+                (x0, y0),
+                x1 - x0,
+                y1 - y0,
+                fill=False,
+                edgecolor=color,
+                linewidth=linewidth,
+                linestyle=linestyle,
+            )
+        )
+        if caption is not None:
+            axis.text(
+                x0,
+                y0 if caption_at == "above" else y1,
+                caption,
+                color="white",
+                fontsize=fontsize,
+                va="bottom" if caption_at == "above" else "top",
+                clip_on=True,
+                bbox={"facecolor": color, "alpha": 0.7, "pad": 1, "linewidth": 0},
+            )
 
 
 def save_image(image: Tensor, path: Path) -> None:
@@ -112,9 +164,7 @@ def save_attention_figure(
         ax.axis("off")
     for ax, heat, box, caption, label in zip(axes.flat, decoder_maps, boxes, captions, labels, strict=False):
         _overlay(ax, pixels, heat)
-        x0, y0, x1, y1 = (float(v) for v in box)
-        color = np.array(class_color(label)) / 255
-        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color, linewidth=2))
+        draw_boxes(ax, box[None], color=np.array(class_color(label)) / 255, linewidth=2)
         ax.set_title(f"decoder: {caption}", fontsize=9)
     if encoder_map is not None:
         ax = axes.flat[len(decoder_maps)]

@@ -315,7 +315,8 @@ def plot_predictions(
     """
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
-    from matplotlib.patches import Rectangle
+
+    from detr_lightning.viz import draw_boxes
 
     count = max(len(panels), 1)
     columns = max(1, min(columns, count))
@@ -333,51 +334,33 @@ def plot_predictions(
         truth_labels = panel.ground_truth["labels"].tolist()
         crowd = panel.ground_truth.get("iscrowd")
         crowd = crowd.tolist() if crowd is not None else [0] * len(truth_labels)
-        for box, label, is_crowd in zip(
-            panel.ground_truth["boxes"].tolist(), truth_labels, crowd, strict=True
-        ):
-            x0, y0, x1, y1 = box
-            axis.add_patch(
-                Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=GROUND_TRUTH_COLOR, linewidth=1.6)
-            )
-            caption = names.get(int(label), f"label {label}") + (" (crowd)" if is_crowd else "")
-            axis.text(
-                x0,
-                y1,
-                caption,
-                color="white",
-                fontsize=6,
-                va="top",
-                clip_on=True,
-                bbox={"facecolor": GROUND_TRUTH_COLOR, "alpha": 0.7, "pad": 1, "linewidth": 0},
-            )
+        truth_captions = [
+            names.get(int(label), f"label {label}") + (" (crowd)" if is_crowd else "")
+            for label, is_crowd in zip(truth_labels, crowd, strict=True)
+        ]
+        draw_boxes(
+            axis,
+            panel.ground_truth["boxes"],
+            GROUND_TRUTH_COLOR,
+            truth_captions,
+            linewidth=1.6,
+            caption_at="below",
+        )
         scores = panel.predictions["scores"].tolist()
         order = sorted(range(len(scores)), key=lambda index: -scores[index])[:MAX_DRAWN_PREDICTIONS]
         boxes, labels = panel.predictions["boxes"].tolist(), panel.predictions["labels"].tolist()
-        for index in order:
-            x0, y0, x1, y1 = boxes[index]
-            axis.add_patch(
-                Rectangle(
-                    (x0, y0),
-                    x1 - x0,
-                    y1 - y0,
-                    fill=False,
-                    edgecolor=PREDICTION_COLOR,
-                    linewidth=1.2,
-                    linestyle="--",
-                )
-            )
-            caption = f"{names.get(int(labels[index]), f'label {labels[index]}')} {scores[index]:.2f}"
-            axis.text(
-                x0,
-                y0,
-                caption,
-                color="white",
-                fontsize=6,
-                va="bottom",
-                clip_on=True,
-                bbox={"facecolor": PREDICTION_COLOR, "alpha": 0.7, "pad": 1, "linewidth": 0},
-            )
+        draw_boxes(
+            axis,
+            [boxes[index] for index in order],
+            PREDICTION_COLOR,
+            [
+                f"{names.get(int(labels[index]), f'label {labels[index]}')} {scores[index]:.2f}"
+                for index in order
+            ],
+            linewidth=1.2,
+            linestyle="--",
+            caption_at="above",
+        )
         drawn = f"{len(order)} of {len(scores)}" if len(order) < len(scores) else str(len(scores))
         axis.set_title(f"image {panel.image_id}: {drawn} predicted, {len(truth_labels)} true", fontsize=8)
     if not panels:
