@@ -33,7 +33,7 @@ import logging
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +121,69 @@ class ExportResult:
     max_abs_diff: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ExportSettings:
+    """What every export format shares: the example input it is traced on, and the check against PyTorch.
+
+    Attributes:
+        height, width, batch_size: the example input (a fixed-size ONNX graph takes exactly this size).
+        dynamic: ONNX: symbolic batch, height and width; both formats: also check a second size.
+        mask_input: take the ``(B, H, W)`` padding mask as a second input (else images only).
+        atol: the largest accepted ``|exported - PyTorch|`` on the check inputs.
+        verify: run the exported model on the check inputs and compare it with PyTorch.
+    """
+
+    height: int = 800
+    width: int = 1066
+    batch_size: int = 1
+    dynamic: bool = True
+    mask_input: bool = True
+    atol: float = 1e-4
+    verify: bool = True
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> ExportSettings:
+        """The settings of ``conf/export.yaml``; raises `InferenceSettingError` on an unusable size."""
+        height, width, batch_size = int(cfg.height), int(cfg.width), int(cfg.batch_size)
+        if min(height, width) < 32 or batch_size < 1:
+            raise InferenceSettingError(
+                f"height={height}, width={width}, batch_size={batch_size}: the example input needs at "
+                "least 32x32 pixels and one image (official size: height=800 width=1066)."
+            )
+        return cls(
+            height=height,
+            width=width,
+            batch_size=batch_size,
+            dynamic=bool(cfg.dynamic),
+            mask_input=bool(cfg.get("mask_input", True)),
+            atol=float(cfg.get("atol", 1e-4)),
+            verify=bool(cfg.get("verify", True)),
+        )
+
+    @property
+    def input_names(self) -> list[str]:
+        return ["images", "mask"] if self.mask_input else ["images"]
+
+    def example_inputs(self, batch_size: int | None = None) -> tuple[Tensor, ...]:
+        """The example input to trace, of ``batch_size`` images (default: the settings' batch size)."""
+        batch_size = self.batch_size if batch_size is None else batch_size
+        return example_inputs(batch_size, self.height, self.width, self.mask_input)
+
+    def check_inputs(self) -> dict[str, tuple[Tensor, ...]]:
+        """The inputs an export is checked on: the export size, and for a dynamic export another size
+        and batch (odd sizes, not multiples of the stride)."""
+        size = (self.batch_size, self.height, self.width)
+        checks = {"{}x{}x{}".format(*size): example_inputs(*size, mask_input=self.mask_input, seed=1)}
+        if self.dynamic:
+            other = (
+                self.batch_size + 1,
+                max(48, (3 * self.height) // 4 + 7),
+                max(48, (2 * self.width) // 3 + 5),
+            )
+            checks["{}x{}x{}".format(*other)] = example_inputs(*other, mask_input=self.mask_input, seed=2)
+        return checks
+
+
 def export(cfg: DictConfig) -> ExportResult:
     """Export the configured model (``ckpt_path`` or ``model.pretrained``) and check it."""
     fmt = str(cfg.format)
@@ -129,52 +192,23 @@ def export(cfg: DictConfig) -> ExportResult:
     exporter = str(cfg.get("onnx_exporter", "auto"))
     if exporter not in ONNX_EXPORTERS:
         raise InferenceSettingError(f"onnx_exporter={exporter}: choose {', '.join(ONNX_EXPORTERS)}.")
-    height, width, batch_size = int(cfg.height), int(cfg.width), int(cfg.batch_size)
-    if min(height, width) < 32 or batch_size < 1:
-        raise InferenceSettingError(
-            f"height={height}, width={width}, batch_size={batch_size}: the example input needs at least "
-            "32x32 pixels and one image (official size: height=800 width=1066)."
-        )
+    settings = ExportSettings.from_config(cfg)
     detector = load_detector(ckpt_path=cfg.get("ckpt_path"), pretrained=cfg.model.get("pretrained"))
     output_dir = Path(cfg.output_dir).expanduser()
     output_dir.mkdir(parents=True, exist_ok=True)
-    mask_input = bool(cfg.get("mask_input", True))
-    dynamic = bool(cfg.dynamic)
-    atol = float(cfg.get("atol", 1e-4))
-    verify = bool(cfg.get("verify", True))
     if fmt == "onnx":
         result = export_onnx(
-            detector.model,
-            output_dir / "model.onnx",
-            height=height,
-            width=width,
-            batch_size=batch_size,
-            dynamic=dynamic,
-            mask_input=mask_input,
-            exporter=exporter,
-            opset=cfg.get("opset"),
-            atol=atol,
-            verify=verify,
+            detector.model, output_dir / "model.onnx", settings, exporter=exporter, opset=cfg.get("opset")
         )
     else:
-        result = export_torchscript(
-            detector.model,
-            output_dir / "model.pt",
-            height=height,
-            width=width,
-            batch_size=batch_size,
-            dynamic=dynamic,
-            mask_input=mask_input,
-            atol=atol,
-            verify=verify,
-        )
-    write_export_info(result, detector, height, width, batch_size, output_dir / "export.json")
+        result = export_torchscript(detector.model, output_dir / "model.pt", settings)
+    write_export_info(result, detector, settings, output_dir / "export.json")
     checked = ", ".join(f"{label} {diff:.1e}" for label, diff in result.max_abs_diff.items())
     log.info(
         "Exported %s (%s, %s) to %s; %s",
         result.format,
         result.exporter,
-        "any size" if fmt == "torchscript" else "dynamic size" if dynamic else "fixed size",
+        "any size" if fmt == "torchscript" else "dynamic size" if settings.dynamic else "fixed size",
         result.path,
         f"max |difference| to PyTorch: {checked}" if checked else "not verified (verify=false)",
     )
@@ -198,46 +232,29 @@ def example_inputs(
     return images, mask
 
 
-def check_inputs(
-    height: int, width: int, batch_size: int, dynamic: bool, mask_input: bool
-) -> dict[str, tuple[Tensor, ...]]:
-    """The inputs an export is checked on: the export size, and for a dynamic export another size and
-    batch (odd sizes, not multiples of the stride)."""
-    checks = {f"{batch_size}x{height}x{width}": example_inputs(batch_size, height, width, mask_input, seed=1)}
-    if dynamic:
-        other = (batch_size + 1, max(48, (3 * height) // 4 + 7), max(48, (2 * width) // 3 + 5))
-        checks["{}x{}x{}".format(*other)] = example_inputs(*other, mask_input=mask_input, seed=2)
-    return checks
-
-
 def export_onnx(
     model: DETR,
     path: Path,
-    height: int = 800,
-    width: int = 1066,
-    batch_size: int = 1,
-    dynamic: bool = True,
-    mask_input: bool = True,
+    settings: ExportSettings | None = None,
     exporter: str = "auto",
     opset: int | None = None,
-    atol: float = 1e-4,
-    verify: bool = True,
+    **overrides: Any,
 ) -> ExportResult:
     """Write ``path`` (one self-contained ``.onnx`` file) and, with ``verify``, check it in onnxruntime.
 
+    ``settings`` (default ``ExportSettings()``) with ``overrides`` of its fields, e.g. ``height=96``.
     A dynamic export has symbolic ``batch``, ``height`` and ``width`` axes. It is traced with a batch of
     at least two: ``torch.export`` specializes size-1 dimensions to constants.
     """
-    module = ExportableDETR(model.cpu().eval()).eval()
-    input_names = ["images", "mask"] if mask_input else ["images"]
-    trace_batch = max(batch_size, 2) if dynamic else batch_size
-    inputs = example_inputs(trace_batch, height, width, mask_input)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    settings = replace(settings or ExportSettings(), **overrides)
+    module = _exportable(model, path)
+    input_names = settings.input_names
+    inputs = settings.example_inputs(max(settings.batch_size, 2) if settings.dynamic else None)
     used = exporter
     with _portable_feature_mask(module.model):
         if exporter in ("auto", "dynamo"):
             try:
-                _export_onnx_dynamo(module, inputs, path, input_names, dynamic, opset)
+                _export_onnx_dynamo(module, inputs, path, input_names, settings.dynamic, opset)
                 used = "dynamo"
             except Exception as error:  # the exporter raises many types; any failure means "try legacy"
                 if exporter == "dynamo":
@@ -245,12 +262,18 @@ def export_onnx(
                 log.warning("torch.onnx dynamo exporter failed (%s); using the legacy exporter.", error)
                 used = "legacy"
         if used == "legacy":
-            _export_onnx_legacy(module, inputs, path, input_names, dynamic, opset)
-    result = ExportResult(path, "onnx", f"torch.onnx.export(dynamo={used == 'dynamo'})", input_names, dynamic)
-    if verify:
-        checks = check_inputs(height, width, batch_size, dynamic, mask_input)
-        result.max_abs_diff = verify_onnx(path, module, checks, atol)
+            _export_onnx_legacy(module, inputs, path, input_names, settings.dynamic, opset)
+    exporter_name = f"torch.onnx.export(dynamo={used == 'dynamo'})"
+    result = ExportResult(path, "onnx", exporter_name, input_names, settings.dynamic)
+    if settings.verify:
+        result.max_abs_diff = verify_onnx(path, module, settings.check_inputs(), settings.atol)
     return result
+
+
+def _exportable(model: DETR, path: Path) -> ExportableDETR:
+    """``model`` on the CPU in eval mode, wrapped for the exporters; creates ``path``'s folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return ExportableDETR(model.cpu().eval()).eval()
 
 
 @contextmanager
@@ -343,31 +366,22 @@ def verify_onnx(
 
 
 def export_torchscript(
-    model: DETR,
-    path: Path,
-    height: int = 800,
-    width: int = 1066,
-    batch_size: int = 1,
-    dynamic: bool = True,
-    mask_input: bool = True,
-    atol: float = 1e-4,
-    verify: bool = True,
+    model: DETR, path: Path, settings: ExportSettings | None = None, **overrides: Any
 ) -> ExportResult:
     """Trace to ``path`` (``torch.jit.save``) and, with ``verify``, reload it (``torch.jit.load``) and
-    check it."""
-    module = ExportableDETR(model.cpu().eval()).eval()
-    inputs = example_inputs(batch_size, height, width, mask_input)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check it. ``settings`` (default ``ExportSettings()``) with ``overrides`` of its fields."""
+    settings = replace(settings or ExportSettings(), **overrides)
+    module = _exportable(model, path)
+    inputs = settings.example_inputs()
     with _quiet_exporters(), torch.no_grad():
         torch.jit.save(torch.jit.trace(module, inputs, check_trace=False), str(path))
-    input_names = ["images", "mask"] if mask_input else ["images"]
-    result = ExportResult(path, "torchscript", "torch.jit.trace", input_names, dynamic)
-    if verify:
+    result = ExportResult(path, "torchscript", "torch.jit.trace", settings.input_names, settings.dynamic)
+    if settings.verify:
         with _quiet_exporters(), torch.no_grad():
             reloaded = torch.jit.load(str(path))
             result.max_abs_diff = {
-                label: _compare(label, module, inputs, list(reloaded(*inputs)), atol)
-                for label, inputs in check_inputs(height, width, batch_size, dynamic, mask_input).items()
+                label: _compare(label, module, inputs, list(reloaded(*inputs)), settings.atol)
+                for label, inputs in settings.check_inputs().items()
             }
     return result
 
@@ -403,12 +417,11 @@ _POSTPROCESSING = {
 }
 
 
-def write_export_info(
-    result: ExportResult, detector: Detector, height: int, width: int, batch_size: int, path: Path
-) -> None:
+def write_export_info(result: ExportResult, detector: Detector, settings: ExportSettings, path: Path) -> None:
     """``export.json``: how to feed the model (resize, normalization, padding) and read its outputs."""
     model = detector.model
-    size = ["batch", 3, "height", "width"] if result.dynamic else [batch_size, 3, height, width]
+    fixed_size = [settings.batch_size, 3, settings.height, settings.width]
+    size = ["batch", 3, "height", "width"] if result.dynamic else fixed_size
     info: dict[str, Any] = {
         "model_file": result.path.name,
         "format": result.format,
