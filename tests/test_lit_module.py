@@ -12,18 +12,9 @@ from detr_lightning.batching import pad_images_to_batch
 from detr_lightning.checkpoints import CheckpointError
 from detr_lightning.lit_module import DETRLitModule
 from detr_lightning.models import build_detr
+from tiny_detr import tiny_detr_kwargs
 
-TINY_MODEL = dict(
-    num_classes=3,
-    backbone="resnet18",
-    hidden_dim=32,
-    nheads=2,
-    enc_layers=1,
-    dec_layers=2,
-    dim_feedforward=64,
-    num_queries=6,
-    pretrained_backbone=False,
-)
+TINY_MODEL = tiny_detr_kwargs(num_queries=6)
 
 
 def synthetic_batches(count=3, seed=0):

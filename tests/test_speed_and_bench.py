@@ -12,11 +12,9 @@ import torch
 from detr_lightning.bench import synthetic_detections
 from detr_lightning.models import build_detr
 from detr_lightning.speed import apply_speed_options
+from tiny_detr import tiny_detr_kwargs
 
-TINY = dict(
-    num_classes=3, backbone="resnet18", hidden_dim=32, nheads=2, enc_layers=1, dec_layers=1,
-    dim_feedforward=64, num_queries=5, dropout=0.0,
-)  # fmt: skip
+TINY = tiny_detr_kwargs(dec_layers=1, num_queries=5, dropout=0.0)
 
 
 def test_channels_last_gives_the_same_outputs():

@@ -17,20 +17,11 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from detr_lightning.lit_module import DETRLitModule
+from tiny_detr import tiny_detr_kwargs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-TINY_MODEL = dict(
-    num_classes=5,
-    backbone="resnet18",
-    hidden_dim=32,
-    nheads=2,
-    enc_layers=1,
-    dec_layers=2,
-    dim_feedforward=64,
-    num_queries=6,
-    pretrained_backbone=False,
-)
+TINY_MODEL = tiny_detr_kwargs(num_classes=5, num_queries=6)
 #: The demo dataset's categories: raw labels 0, 1, 2, 4 have names, label 3 has none.
 CATEGORIES = [
     {"id": 0, "name": "shapes", "supercategory": "none"},

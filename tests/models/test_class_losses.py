@@ -15,19 +15,9 @@ from detr_lightning.lit_module import DETRLitModule
 from detr_lightning.models import HungarianMatcher, PostProcess, SetCriterion, build_detr, build_weight_dict
 from detr_lightning.models.criterion import paired_iou, prior_class_bias
 from detr_lightning.preflight import ConfigError, check_config_types
+from tiny_detr import tiny_detr_kwargs
 
-TINY_MODEL = dict(
-    num_classes=3,
-    backbone="resnet18",
-    hidden_dim=32,
-    nheads=2,
-    enc_layers=1,
-    dec_layers=2,
-    dim_feedforward=64,
-    num_queries=4,
-    dropout=0.0,
-    pretrained_backbone=False,
-)
+TINY_MODEL = tiny_detr_kwargs(num_queries=4, dropout=0.0)
 IMAGES = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 TARGETS = [
     {"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.3]])},
