@@ -65,7 +65,9 @@ class DETRLitModule(lightning.LightningModule):
         self.max_consecutive_nonfinite = int(max_consecutive_nonfinite)
         self.skipped_steps = 0  # steps skipped for NaN/inf, over the whole run (kept in checkpoints)
         self._consecutive_skips = 0
-        self._losses_finite = True  # every loss since the last optimizer step (accumulation included)
+        # Since the last optimizer step (gradient accumulation included): the losses waiting to be logged
+        # once the step is known to be finite, and the batches' image ids (named if the step is skipped).
+        self._pending_losses: list[tuple[dict[str, Tensor], Tensor, int]] = []
         self._step_image_ids: list[Tensor] = []
         model_args = dict(model)
         self.pretrained = model_args.pop("pretrained", None)
@@ -204,24 +206,31 @@ class DETRLitModule(lightning.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         _, losses, total = self._losses(batch)
         self._step_image_ids.extend(t["image_id"] for t in batch[2])  # read only if the step is skipped
-        if bool(torch.isfinite(total)):  # a NaN/inf step is skipped, and left out of the epoch means
-            self._log_losses("train", losses, total, batch_size=len(batch[2]))
-        else:
-            self._losses_finite = False
+        # Logged in on_before_optimizer_step once the step is known to be finite (one host sync per step):
+        # a skipped NaN/inf step stays out of the epoch means.
+        detached = {k: v.detach() for k, v in losses.items()}
+        self._pending_losses.append((detached, total.detach(), len(batch[2])))
         return total
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Skip the update when the loss or any gradient is NaN/inf (on any process), and count it."""
-        bad = torch.tensor(0.0 if self._losses_finite else 1.0, device=self.device)
+        """Skip the update when the loss or any gradient is NaN/inf (on any process), and count it.
+
+        The losses and the gradient norm are checked on the device and read back once."""
+        pending, self._pending_losses = self._pending_losses, []
+        totals = [total for _, total, _ in pending]
+        bad = (~torch.isfinite(torch.stack(totals))).sum().to(torch.float32) if totals else torch.zeros(())
+        bad = bad.to(self.device)
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         # With a GradScaler (16-mixed) overflowing gradients are the scaler's business: it skips them itself.
         if grads and getattr(self.trainer.precision_plugin, "scaler", None) is None:
             bad = bad + (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).to(bad.dtype)
         if self.trainer.world_size > 1:  # the loss check is per process: every rank must skip together
             bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
-        image_ids, self._step_image_ids, self._losses_finite = self._step_image_ids, [], True
+        image_ids, self._step_image_ids = self._step_image_ids, []
         if not bad.item():
             self._consecutive_skips = 0
+            for losses, total, batch_size in pending:
+                self._log_losses("train", losses, total, batch_size=batch_size)
             return
         optimizer.zero_grad(set_to_none=True)  # the optimizer leaves parameters without gradient alone
         self.skipped_steps += 1
