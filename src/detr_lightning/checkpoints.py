@@ -194,6 +194,7 @@ def infer_architecture(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
         if any(k.startswith(f"{body}layer4.") for k in state_dict)
         else "layer3",
         "position_embedding": "learned" if "backbone.1.row_embed.weight" in state_dict else "sine",
+        "spatial_prior": "gaussian" if "spatial_prior.anchor_logits" in state_dict else "none",
     }
 
 

@@ -126,6 +126,13 @@ class DETRLitModule(lightning.LightningModule):
         if source is None:
             return
         arch = self.model.architecture
+        if self.model.spatial_prior is not None:
+            raise CheckpointError(
+                f"model.pretrained={source}: official DETR weights predict boxes without a spatial prior, "
+                "and model.spatial_prior=gaussian reads box centres relative to its anchors. "
+                "Fix: model.spatial_prior=none to fine-tune official weights (the prior is for training "
+                "from scratch)."
+            )
         pretrained = load_official_detr(
             source, num_classes=self.model.num_classes, nheads=arch["nheads"], dilation=arch["dilation"]
         )

@@ -54,6 +54,7 @@ CONFIG_TYPES: dict[str, tuple[type, ...]] = {
     "model.dropout": _NUMBER,
     "model.pre_norm": _BOOL,
     "model.aux_loss": _BOOL,
+    "model.spatial_prior_sigma": _NUMBER,
     "optimizer.lr": _NUMBER,
     "optimizer.lr_backbone": _NUMBER,
     "optimizer.weight_decay": _NUMBER,
@@ -92,11 +93,13 @@ POSITIVE = {
     "data.batch_size",
     "data.val_batch_size",
     "postprocess.top_k",
+    "model.spatial_prior_sigma",
 }
 
 #: Keys that take one of a few words, and those words.
 CHOICES: dict[str, tuple[Any, ...]] = {
     "loss.class_loss": ("ce", "focal", "varifocal"),
+    "model.spatial_prior": ("none", "gaussian"),
     "matcher.class_cost": (None, "softmax", "focal"),
 }
 

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from detr_lightning.batching import pad_images_to_batch
 from detr_lightning.models.backbone import BackboneWithPosition, ResNetBackbone
 from detr_lightning.models.position_encoding import build_position_encoding
+from detr_lightning.models.spatial_prior import GaussianSpatialPrior
 from detr_lightning.models.transformer import Transformer
 
 
@@ -46,6 +47,10 @@ class DETR(nn.Module):
             each group's self-attention restricted to itself, each matched to the targets on its own.
             Group 0 is ``query_embed``; the others live in ``query_embed_groups``. In eval mode only
             group 0 runs, so inference is the plain model. 1 (default) is the official model.
+        spatial_prior: ``none`` (official) or ``gaussian``: a learned anchor and spread per query that
+            bias the cross-attention and anchor the box centres (:mod:`.spatial_prior`; the
+            ``spatial_prior`` parameters exist only then).
+        spatial_prior_sigma: the Gaussian's starting spread (fraction of the image side).
     """
 
     def __init__(
@@ -56,8 +61,12 @@ class DETR(nn.Module):
         num_queries: int = 100,
         aux_loss: bool = True,
         num_groups: int = 1,
+        spatial_prior: str = "none",
+        spatial_prior_sigma: float = 0.2,
     ) -> None:
         super().__init__()
+        if spatial_prior not in SPATIAL_PRIORS:
+            raise ValueError(f"unknown spatial_prior {spatial_prior!r}; choose one of {SPATIAL_PRIORS}")
         if num_groups < 1:
             raise ValueError(f"num_groups={num_groups} must be at least 1")
         hidden_dim = transformer.d_model
@@ -71,6 +80,11 @@ class DETR(nn.Module):
         if num_groups > 1:
             # Same initialisation as nn.Embedding; fine-tuning from official weights copies group 0 in.
             self.query_embed_groups = nn.Parameter(torch.randn((num_groups - 1) * num_queries, hidden_dim))
+        self.spatial_prior = (
+            GaussianSpatialPrior(num_groups * num_queries, spatial_prior_sigma)
+            if spatial_prior == "gaussian"
+            else None
+        )
         self.num_groups = num_groups
         self.num_classes = num_classes
         self.num_queries = num_queries
@@ -105,9 +119,19 @@ class DETR(nn.Module):
         if groups > 1:
             queries = torch.cat([queries, self.query_embed_groups])  # (K * Q, D)
             self_attn_mask = group_attention_mask(groups, self.num_queries, queries.device)
-        hs = self.transformer(self.input_proj(features), feature_mask, queries, pos, self_attn_mask)[0]
+        cross_attn_bias = box_offset = None
+        if self.spatial_prior is not None:
+            num_heads = self.transformer.nhead
+            cross_attn_bias = self.spatial_prior.attention_bias(feature_mask, queries.shape[0], num_heads)
+            box_offset = self.spatial_prior.box_offset(queries.shape[0])  # (Q, 4)
+        hs = self.transformer(
+            self.input_proj(features), feature_mask, queries, pos, self_attn_mask, cross_attn_bias
+        )[0]
         logits = self.class_embed(hs)  # (L, B, Q, C + 1)
-        boxes = self.bbox_embed(hs).sigmoid()  # (L, B, Q, 4)
+        box_logits = self.bbox_embed(hs)  # (L, B, Q, 4)
+        if box_offset is not None:
+            box_logits = box_logits + box_offset.to(box_logits.dtype)
+        boxes = box_logits.sigmoid()
         out: dict[str, Any] = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if groups > 1:
             out["num_groups"] = groups  # the criterion matches each block of Q queries separately
@@ -123,6 +147,9 @@ class DETR(nn.Module):
         if self.num_groups > 1:
             with torch.no_grad():
                 self.query_embed_groups.copy_(self.query_embed.weight.repeat(self.num_groups - 1, 1))
+
+
+SPATIAL_PRIORS = ("none", "gaussian")
 
 
 def group_attention_mask(num_groups: int, num_queries: int, device: torch.device) -> Tensor:
@@ -152,6 +179,8 @@ def build_detr(
     num_queries: int = 100,
     aux_loss: bool = True,
     num_groups: int = 1,
+    spatial_prior: str = "none",
+    spatial_prior_sigma: float = 0.2,
 ) -> DETR:
     """Build a DETR from plain arguments (the official defaults give DETR-R50).
 
@@ -187,6 +216,8 @@ def build_detr(
         num_queries=num_queries,
         aux_loss=aux_loss,
         num_groups=num_groups,
+        spatial_prior=spatial_prior,
+        spatial_prior_sigma=spatial_prior_sigma,
     )
     model.architecture = {
         "num_classes": num_classes,
@@ -206,5 +237,7 @@ def build_detr(
         "num_queries": num_queries,
         "aux_loss": aux_loss,
         "num_groups": num_groups,
+        "spatial_prior": spatial_prior,
+        "spatial_prior_sigma": spatial_prior_sigma,
     }
     return model

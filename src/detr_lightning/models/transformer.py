@@ -134,9 +134,16 @@ class TransformerDecoderLayer(nn.Module):
         pos: Tensor | None,
         query_pos: Tensor | None,
         self_attn_mask: Tensor | None = None,
+        cross_attn_bias: Tensor | None = None,
     ) -> Tensor:
         """``tgt (Q, B, D)``, ``memory (S, B, D)``, ``memory_key_padding_mask (B, S)``, ``pos (S, B, D)``,
-        ``query_pos (Q, B, D)``, optional ``self_attn_mask (Q, Q)`` (True = blocked) -> ``(Q, B, D)``."""
+        ``query_pos (Q, B, D)``, optional ``self_attn_mask (Q, Q)`` (True = blocked) -> ``(Q, B, D)``.
+
+        ``cross_attn_bias`` ``(B * nhead, Q, S)`` float, added to the cross-attention logits, replaces
+        ``memory_key_padding_mask`` (it holds ``-inf`` on padding itself)."""
+        if cross_attn_bias is not None:
+            cross_attn_bias = cross_attn_bias.to(memory.dtype)
+            memory_key_padding_mask = None
         if self.normalize_before:
             x = self.norm1(tgt)
             q = k = _with_pos(x, query_pos)
@@ -149,6 +156,7 @@ class TransformerDecoderLayer(nn.Module):
                     _with_pos(memory, pos),
                     memory,
                     memory_key_padding_mask,
+                    cross_attn_bias,
                     need_weights=self.need_weights,
                 )
             )
@@ -161,6 +169,7 @@ class TransformerDecoderLayer(nn.Module):
             _with_pos(memory, pos),
             memory,
             memory_key_padding_mask,
+            cross_attn_bias,
             need_weights=self.need_weights,
         )
         tgt = self.norm2(tgt + self.dropout2(cross))
@@ -199,12 +208,15 @@ class TransformerDecoder(nn.Module):
         pos: Tensor | None,
         query_pos: Tensor | None,
         self_attn_mask: Tensor | None = None,
+        cross_attn_bias: Tensor | None = None,
     ) -> Tensor:
         """Returns the normed output of every layer, ``(L, Q, B, D)``."""
         output = tgt
         intermediate = []
         for layer in self.layers:
-            output = layer(output, memory, memory_key_padding_mask, pos, query_pos, self_attn_mask)
+            output = layer(
+                output, memory, memory_key_padding_mask, pos, query_pos, self_attn_mask, cross_attn_bias
+            )
             intermediate.append(self.norm(output))
         return torch.stack(intermediate)
 
@@ -249,6 +261,7 @@ class Transformer(nn.Module):
         query_embed: Tensor,
         pos_embed: Tensor,
         self_attn_mask: Tensor | None = None,
+        cross_attn_bias: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Encode the feature map and decode the object queries.
 
@@ -258,6 +271,8 @@ class Transformer(nn.Module):
             query_embed: ``(Q, D)`` learned query positions.
             pos_embed: ``(B, D, h, w)``.
             self_attn_mask: optional ``(Q, Q)`` bool mask for the decoder self-attention (True = blocked).
+            cross_attn_bias: optional ``(B * nhead, Q, h * w)`` float bias of the decoder cross-attention
+                logits, ``-inf`` on padding (a spatial prior: see ``spatial_prior.py``).
 
         Returns:
             ``hs (L, B, Q, D)``, the decoder output of every layer, and ``memory (B, D, h, w)``.
@@ -269,5 +284,7 @@ class Transformer(nn.Module):
         mask = mask.flatten(1)  # (B, S)
         tgt = torch.zeros_like(query_pos)
         memory = self.encoder(src, src_key_padding_mask=mask, pos=pos_embed)
-        hs = self.decoder(tgt, memory, mask, pos_embed, query_pos, self_attn_mask)  # (L, Q, B, D)
+        hs = self.decoder(
+            tgt, memory, mask, pos_embed, query_pos, self_attn_mask, cross_attn_bias
+        )  # (L, Q, B, D)
         return hs.transpose(1, 2), memory.permute(1, 2, 0).reshape(batch, channels, h, w)
