@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from detr_lightning.callbacks.coco_evaluator import METRICS_FILE
 from detr_lightning.callbacks.plots import METRICS_PLOT, PLOTS_DIR, PREDICTIONS_PLOT
@@ -45,6 +47,7 @@ from detr_lightning.sweep import (
     SUMMARY_FILE,
     best_of_epochs,
     find_job_dirs,
+    first_epoch_reaching,
     read_epoch_rows,
 )
 
@@ -71,6 +74,9 @@ COCO_KEYS = [
     "mar_large",
 ]
 #: The figures of the comparison table, per split: (key after ``<split>/``, label).
+COMPARISON_PLOT = "comparison.png"
+COMPARISON_FIGURES = [("val/map", "validation mAP"), ("val/map_50", "validation mAP@0.5")]
+COMPARISON_CAPTION = "Validation mAP and mAP@0.5 per epoch, every run"
 MAIN_FIGURES = [("map", "mAP"), ("map_50", "mAP@0.5"), ("map_75", "mAP@0.75"), ("mar_100", "AR@100")]
 #: Columns of the epochs table: (metrics.csv column, header).
 EPOCH_COLUMNS = [
@@ -290,17 +296,60 @@ class Renderer:
                 rows.append(
                     [f"{split} {label} (`{name}`)", *(format_figure(run.final.get(name)) for run in runs)]
                 )
+        reference = runs[0]
+        reference_best = best_of_epochs(reference.epochs, reference.metric, reference.mode)
+        if reference_best is not None:
+            cells = []
+            for run in runs:
+                epoch = first_epoch_reaching(run.epochs, reference.metric, reference_best[0], reference.mode)
+                cells.append("not reached" if epoch is None else f"epoch {epoch}")
+            rows.append(
+                [
+                    f"first epoch at `{reference.label}`'s best `{reference.metric}` "
+                    f"({format_figure(reference_best[0])})",
+                    *cells,
+                ]
+            )
         rows.append(["duration", *(_format_duration(run) for run in runs)])
         header = ["", *(_cell(f"`{run.label}`") for run in runs)]
-        return [
+        lines = [
             "## Comparison",
             "",
             f"Final figures from each run's `{METRICS_FILE}` (val: the last validation, test: the best "
-            f"checkpoint), best epochs from `{EPOCH_METRICS_FILE}`.",
+            f"checkpoint), best epochs from `{EPOCH_METRICS_FILE}`; the first run is the reference.",
             "",
             *_table(header, rows),
             "",
         ]
+        curves = self.comparison_plot(runs)
+        if curves is not None:
+            lines += [f"![{COMPARISON_CAPTION}]({curves})", ""]
+        return lines
+
+    def comparison_plot(self, runs: Sequence[Run]) -> str | None:
+        """``plots/comparison.png`` beside the report: validation mAP and mAP@0.5 per epoch, one line
+        per run; its link, or None without an output folder or epoch figures."""
+        if self.out_dir is None or not any(run.epochs for run in runs):
+            return None
+        figure = Figure(figsize=(11, 4), layout="constrained")
+        FigureCanvasAgg(figure)
+        for axis, (key, title) in zip(figure.subplots(1, 2), COMPARISON_FIGURES, strict=True):
+            for run in runs:
+                points = [
+                    (_epoch_of(row, index), value)
+                    for index, row in enumerate(run.epochs)
+                    if (value := _to_float(row.get(key))) is not None and not math.isnan(value)
+                ]
+                if points:
+                    axis.plot(*zip(*points, strict=True), marker=".", label=run.label)
+            axis.set_title(f"{title} ({key})")
+            axis.set_xlabel("epoch")
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize="small")
+        target = self.out_dir.resolve() / PLOTS_DIR / COMPARISON_PLOT
+        target.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(target, dpi=100)
+        return target.relative_to(self.out_dir.resolve()).as_posix()
 
     def sweep_section(self, sweep: Sweep) -> list[str]:
         lines = [f"## Sweep `{sweep.path.name}`", "", f"Command: `{sweep.command}`", ""]

@@ -246,6 +246,18 @@ def best_of_epochs(rows: list[dict[str, str]], metric: str, mode: str) -> tuple[
     return best
 
 
+def first_epoch_reaching(rows: list[dict[str, str]], metric: str, target: float, mode: str) -> int | None:
+    """The first epoch whose ``metric`` is as good as ``target`` or better (``mode``: max|min), or None."""
+    for index, row in enumerate(rows):
+        value = _to_float(row.get(metric))
+        if value is None or math.isnan(value):
+            continue
+        if value >= target if mode == "max" else value <= target:
+            epoch = _to_float(row.get("epoch"))
+            return int(epoch) if epoch is not None else index
+    return None
+
+
 def summarize_sweep(sweep_dir: Path, metric: str, mode: str = "max") -> list[JobResult]:
     """Every job of ``sweep_dir``: finished jobs by their best ``metric`` (best first), then the others."""
     check_mode(mode, "mode")

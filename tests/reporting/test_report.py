@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from detr_lightning.report import BEGIN_MARKER, COCO_KEYS, END_MARKER, main
+from detr_lightning.sweep import first_epoch_reaching
 
 from .conftest import Sweep
 
@@ -157,6 +159,19 @@ def test_two_runs_side_by_side(sweep, random_run, tmp_path):
                 (label,) = [label for label in rows if label.endswith(f"(`{split}/{key}`)")]
                 assert rows[label][column] == expected(metrics[f"{split}/{key}"]), (run_dir, label)
     assert rows["epochs"] == ["2", "2"]
+    # The first run is the reference: the first epoch at which each run reaches its best val/map.
+    reference = [float(row["val/map"]) for row in csv.DictReader(open(sweep.jobs[1] / "metrics.csv"))]
+    (label,) = [label for label in rows if label.startswith("first epoch at `sweep/1`'s best `val/map`")]
+    assert label.endswith(f"({expected(max(reference))})")
+    for run_dir, cell in zip((sweep.jobs[1], random_run), rows[label], strict=True):
+        values = [float(row["val/map"]) for row in csv.DictReader(open(run_dir / "metrics.csv"))]
+        reached = [epoch for epoch, value in enumerate(values) if value >= max(reference)]
+        assert cell == (f"epoch {reached[0]}" if reached else "not reached"), run_dir
+    # One plot of every run's validation curves, beside the report.
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", section(text, "## Comparison"))
+    assert links == ["plots/comparison.png"]
+    with Image.open(out.parent / "plots" / "comparison.png") as curves:
+        assert curves.format == "PNG" and curves.width > curves.height > 100
     for label, run_dir in (("sweep/1", sweep.jobs[1]), ("random", random_run)):
         check_run_section(section(text, f"## Run `{label}`"), run_dir)
         copied = out.parent / "plots" / label.replace("/", "_") / "metrics.png"
@@ -175,7 +190,8 @@ def test_a_sweep_folder_stands_for_its_jobs_and_summary(sweep):
         check_run_section(section(text, f"## Run `sweep/{job.name}`"), job)
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert links == [
-        f"{job}/plots/{name}" for job in ("0", "1") for name in ("metrics.png", "val_predictions.png")
+        "plots/comparison.png",
+        *(f"{job}/plots/{name}" for job in ("0", "1") for name in ("metrics.png", "val_predictions.png")),
     ]
 
 
@@ -228,3 +244,12 @@ def test_clear_errors(tmp_path, random_run, capsys):
     with pytest.raises(SystemExit):
         main([str(random_run), str(random_run)])
     assert "-o OUT.md" in capsys.readouterr().err
+
+
+def test_first_epoch_reaching_a_reference_figure():
+    rows = [{"epoch": str(e), "val/map": v} for e, v in enumerate(["0.1", "nan", "", "0.35", "0.2", "0.5"])]
+    assert first_epoch_reaching(rows, "val/map", 0.3, "max") == 3
+    assert first_epoch_reaching(rows, "val/map", 0.5, "max") == 5
+    assert first_epoch_reaching(rows, "val/map", 0.6, "max") is None
+    assert first_epoch_reaching(rows, "val/map", 0.15, "min") == 0
+    assert first_epoch_reaching(rows, "val/loss", 0.15, "min") is None  # no such column
