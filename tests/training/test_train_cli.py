@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -174,12 +175,14 @@ def test_fire_extinguishers_fast_dev_run_from_official_format_weights(small_demo
 
 
 def test_ddp_evaluation_equals_single_process(small_demo, tmp_path):
-    """The same checkpoint scored by 2 CPU processes (gloo) and by 1: every image once, same mAP."""
+    """The same checkpoint scored by 2 CPU processes (gloo) and by 1: every image once, the same detections
+    and the same mAP. One image per batch: DETR's outputs depend on how a batch pads an image (the
+    feature grid and its mask), and the two runs batch the images differently."""
     run_dir = tmp_path / "run"
     args = ["experiment=demo", f"data.root={small_demo}", "test=false", *QUICK]
     assert run_train_cli([*args, f"hydra.run.dir={run_dir}"], cwd=tmp_path).returncode == 0
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
-    figures = {}
+    figures, detections = {}, {}
     for devices in (1, 2):
         out = tmp_path / f"eval_{devices}"
         extra = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"] if devices == 2 else []
@@ -188,7 +191,7 @@ def test_ddp_evaluation_equals_single_process(small_demo, tmp_path):
                 f"ckpt_path={checkpoint}",
                 f"hydra.run.dir={out}",
                 "data.num_workers=0",
-                "data.val_batch_size=4",
+                "data.val_batch_size=1",
                 *extra,
             ],
             cwd=tmp_path,
@@ -196,7 +199,22 @@ def test_ddp_evaluation_equals_single_process(small_demo, tmp_path):
         )
         assert result.returncode == 0, result.stderr[-3000:]
         figures[devices] = json.loads((out / "metrics.json").read_text())
-        images = {p["image_id"] for p in json.loads((out / "predictions.coco.json").read_text())}
-        assert len(images) == 6  # every validation image, once
+        detections[devices] = json.loads((out / "predictions.coco.json").read_text())
+        assert len({p["image_id"] for p in detections[devices]}) == 6  # every validation image, once
     for key in ("val/map", "val/map_50", "val/mar_100"):
         assert abs(figures[1][key] - figures[2][key]) < 1e-6, key
+
+    def by_image_and_class(predictions):
+        groups = {}
+        for p in predictions:
+            groups.setdefault((p["image_id"], p["category_id"]), []).append(p)
+        return {
+            key: (sorted(p["score"] for p in group), sorted(p["bbox"] for p in group))
+            for key, group in groups.items()
+        }
+
+    one, two = by_image_and_class(detections[1]), by_image_and_class(detections[2])
+    assert sorted(one) == sorted(two) and len(detections[1]) == len(detections[2]) > 0
+    for key, (scores, boxes) in one.items():
+        np.testing.assert_allclose(scores, two[key][0], atol=1e-5, err_msg=str(key))
+        np.testing.assert_allclose(boxes, two[key][1], atol=1e-3, err_msg=str(key))
