@@ -18,16 +18,10 @@ from detr_lightning.checkpoints import (
     download_weights,
 )
 from detr_lightning.models import ResNetBackbone, build_detr
+from tiny_detr import tiny_detr_kwargs
 
-TINY = dict(
-    backbone="resnet18",
-    hidden_dim=32,
-    nheads=2,
-    enc_layers=1,
-    dec_layers=2,
-    dim_feedforward=64,
-    num_queries=5,
-)
+# Without num_classes: the tests pass it themselves.
+TINY = {k: v for k, v in tiny_detr_kwargs(num_queries=5).items() if k != "num_classes"}
 
 
 @pytest.fixture

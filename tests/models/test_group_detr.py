@@ -5,18 +5,9 @@ from __future__ import annotations
 import torch
 
 from detr_lightning.models import HungarianMatcher, SetCriterion, build_detr, build_weight_dict
+from tiny_detr import tiny_detr_kwargs
 
-TINY = dict(
-    num_classes=3,
-    backbone="resnet18",
-    hidden_dim=32,
-    nheads=2,
-    enc_layers=1,
-    dec_layers=2,
-    dim_feedforward=64,
-    num_queries=4,
-    dropout=0.0,
-)
+TINY = tiny_detr_kwargs(num_queries=4, dropout=0.0)
 IMAGES = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(1))]
 TARGETS = [
     {"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.3]])}
