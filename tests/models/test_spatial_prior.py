@@ -13,7 +13,7 @@ from detr_lightning.checkpoints import CheckpointError, infer_architecture
 from detr_lightning.export import ExportableDETR, example_inputs, export_onnx
 from detr_lightning.lit_module import DETRLitModule
 from detr_lightning.models import build_detr
-from detr_lightning.models.spatial_prior import GaussianSpatialPrior, inverse_sigmoid
+from detr_lightning.models.spatial_prior import GaussianSpatialPrior
 from tiny_detr import tiny_detr_kwargs
 
 
@@ -43,7 +43,7 @@ def test_off_by_default_is_the_official_model():
 def test_attention_bias_peaks_at_the_anchor_and_masks_padding():
     prior = GaussianSpatialPrior(num_anchors=3, init_sigma=0.25)
     with torch.no_grad():  # anchors on cell centres of a 4 x 5 grid: (col + 0.5) / 5, (row + 0.5) / 4
-        prior.anchor_logits.copy_(inverse_sigmoid(torch.tensor([[0.1, 0.125], [0.9, 0.875], [0.5, 0.375]])))
+        prior.anchor_logits.copy_(torch.logit(torch.tensor([[0.1, 0.125], [0.9, 0.875], [0.5, 0.375]])))
     mask = torch.zeros(2, 4, 5, dtype=torch.bool)
     mask[1, 2:, :] = True  # image 1: 2 valid rows x 5 columns
     with torch.no_grad():
@@ -82,7 +82,7 @@ def test_each_query_attends_around_its_own_anchor():
     cells = torch.tensor([[0, 0], [1, 2], [3, 4], [2, 1], [3, 0], [0, 4]])  # (row, col) on the 4 x 5 map
     with torch.no_grad():
         centres = torch.stack([(cells[:, 1] + 0.5) / 5, (cells[:, 0] + 0.5) / 4], dim=-1)
-        model.spatial_prior.anchor_logits.copy_(inverse_sigmoid(centres))
+        model.spatial_prior.anchor_logits.copy_(torch.logit(centres))
         model.spatial_prior.log_sigma.fill_(math.log(0.03))
     weights = []
     for layer in model.transformer.decoder.layers:

@@ -23,12 +23,6 @@ import torch
 from torch import Tensor, nn
 
 
-def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
-    """``logit(x)``, with ``x`` clamped to ``[eps, 1 - eps]``."""
-    x = x.clamp(eps, 1 - eps)
-    return torch.log(x / (1 - x))
-
-
 class GaussianSpatialPrior(nn.Module):
     """Learned anchors and spreads of ``num_anchors`` queries (all query groups, group 0 first).
 
@@ -42,7 +36,7 @@ class GaussianSpatialPrior(nn.Module):
         if not 0 < init_sigma:
             raise ValueError(f"spatial_prior_sigma={init_sigma} must be positive")
         # Anchors start uniformly over the image (as DAB-DETR's random anchors), stored as logits.
-        self.anchor_logits = nn.Parameter(inverse_sigmoid(torch.rand(num_anchors, 2)))
+        self.anchor_logits = nn.Parameter(torch.logit(torch.rand(num_anchors, 2), eps=1e-5))
         self.log_sigma = nn.Parameter(torch.full((num_anchors, 2), math.log(init_sigma)))
 
     def anchors(self, num_queries: int) -> Tensor:
