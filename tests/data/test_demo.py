@@ -76,7 +76,7 @@ def test_ensure_writes_once_and_atomically(tmp_path: Path, monkeypatch) -> None:
     assert sorted(path.name for path in root.parent.iterdir()) == ["demo"]  # no staging folder left
 
     def interrupted(out: Path, **options: int) -> None:
-        demo.write_demo_split(out / "train", "train", 2, 0, 128, 192)
+        demo.write_demo_split(out / "train", "train", 2, 0, min_side=128, max_side=192)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(demo, "write_demo_dataset", interrupted)
@@ -99,3 +99,48 @@ def test_command_line(tmp_path: Path, capsys) -> None:
     assert len(list((out / "train").glob("*.jpg"))) == 3
     assert demo.main([str(out)]) == 0
     assert "already holds a dataset" in capsys.readouterr().out
+
+
+def test_crowded_variant_has_more_and_smaller_shapes(tmp_path: Path) -> None:
+    demo.write_demo_dataset(tmp_path / "plain", num_train=30, num_val=0, num_test=0)
+    demo.write_demo_dataset(
+        tmp_path / "crowded", num_train=30, num_val=5, num_test=5, **demo.CROWDED_DEMO_OPTIONS
+    )
+
+    def objects(root: Path) -> tuple[list[dict], list[dict]]:
+        coco = json.loads((root / "train" / "_annotations.coco.json").read_text())
+        return coco["images"], [ann for ann in coco["annotations"] if not ann["iscrowd"]]
+
+    plain_images, plain = objects(tmp_path / "plain")
+    images, crowded = objects(tmp_path / "crowded")
+    assert len(crowded) > 2 * len(plain)
+    assert all(10 <= ann["bbox"][2] <= 40 for ann in crowded)
+    assert sum(ann["bbox"][2] for ann in crowded) / len(crowded) < sum(ann["bbox"][2] for ann in plain) / len(
+        plain
+    )
+    per_image = [sum(ann["image_id"] == image["id"] for ann in crowded) for image in images]
+    assert max(per_image) <= 10 and per_image[1] == 0  # image 1 stays empty
+    assert all(192 <= image[side] <= 256 for image in images for side in ("width", "height"))
+    assert (
+        check_dataset(resolve_layout(tmp_path / "crowded"), "contiguous", check_images=False)[1].num_classes
+        == 3
+    )
+
+
+def test_bad_object_options_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="min_object_size"):
+        demo.write_demo_dataset(
+            tmp_path, num_train=1, num_val=0, num_test=0, min_object_size=30, max_object_size=20
+        )
+    with pytest.raises(DataError, match="max_objects"):
+        demo.write_demo_dataset(tmp_path, num_train=1, num_val=0, num_test=0, max_objects=0)
+
+
+def test_command_line_crowded(tmp_path: Path) -> None:
+    out = tmp_path / "crowded"
+    assert demo.main([str(out), "--crowded", "--num-train", "3", "--num-val", "1", "--num-test", "1"]) == 0
+    widths = [
+        image["width"]
+        for image in json.loads((out / "train" / "_annotations.coco.json").read_text())["images"]
+    ]
+    assert all(192 <= width <= 256 for width in widths)

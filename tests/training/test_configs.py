@@ -95,3 +95,14 @@ def test_file_loggers_write_metrics(compose_config, tmp_path, logger):
     instance.log_metrics({"val/map": 0.5}, step=1)
     instance.finalize("success")
     assert any(path.is_file() for path in tmp_path.rglob("*")), f"{logger} wrote nothing under {tmp_path}"
+
+
+def test_crowded_demo_config_matches_the_generator(compose_config):
+    from detr_lightning.data.demo import CROWDED_DEMO_OPTIONS, CROWDED_DEMO_TRANSFORM_SCALES
+
+    cfg = compose_config(["experiment=demo_crowded"])
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    assert data["demo_options"] == CROWDED_DEMO_OPTIONS
+    assert {key: data[key] for key in CROWDED_DEMO_TRANSFORM_SCALES} == CROWDED_DEMO_TRANSFORM_SCALES
+    assert data["root"].endswith("demo_crowded") and data["demo_root"] == data["root"]
+    assert cfg.model.spatial_prior == "gaussian" and cfg.model.num_queries == 30

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning
 import numpy as np
@@ -77,6 +78,8 @@ class CocoDataModule(lightning.LightningDataModule):
         generate_demo: write the built-in demo dataset to ``root`` if no dataset is there.
         demo_root: when set, the demo is only written if ``root`` is this folder, so a mistyped
             ``data.root`` on the demo experiment is reported as missing data, never filled with shapes.
+        demo_options: `detr_lightning.data.demo.write_demo_dataset` options for the generated demo
+            (``data=demo_crowded`` sets the harder variant's).
     """
 
     def __init__(
@@ -102,6 +105,7 @@ class CocoDataModule(lightning.LightningDataModule):
         drop_last: bool = True,
         generate_demo: bool = False,
         demo_root: str | Path | None = None,
+        demo_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.root = Path(root).expanduser() if root is not None else None
@@ -139,6 +143,7 @@ class CocoDataModule(lightning.LightningDataModule):
         self.drop_last = drop_last
         self.generate_demo = generate_demo
         self.demo_root = Path(demo_root).expanduser() if demo_root is not None else None
+        self.demo_options = dict(demo_options or {})
 
         self._layout: DatasetLayout | None = None
         self._splits: dict[str, CheckedSplit] = {}
@@ -155,7 +160,7 @@ class CocoDataModule(lightning.LightningDataModule):
             and (self.demo_root is None or self.demo_root.resolve() == self.root.resolve())
             and not (self.root.is_dir() and detect_layout(self.root))
         ):
-            ensure_demo_dataset(self.root)
+            ensure_demo_dataset(self.root, **self.demo_options)
 
     @property
     def layout(self) -> DatasetLayout:

@@ -1,6 +1,6 @@
 """The built-in demo dataset: deterministic synthetic shapes in a Roboflow export layout.
 
-    python -m detr_lightning.data.demo OUT [--num-train 300 --num-val 50 --num-test 50 --seed 0]
+    python -m detr_lightning.data.demo OUT [--num-train 300 --num-val 50 --num-test 50 --seed 0] [--crowded]
 
 Squares, discs and triangles of varied size (15–80 px), colour and count (0–4 per image) on cluttered
 backgrounds (tinted gradient, noise, lines, faint blurred blobs), in 128–192 px images, so a small DETR
@@ -20,6 +20,10 @@ Transform scales that suit these images (put them in the data config)::
     train_scales: [128, 144, 160, 176, 192]   train_max_size: 256
     train_crop_resize_scales: [128, 160, 192] train_crop_size: [96, 160]
     val_scale: 160                            val_max_size: 256
+
+``--crowded`` (``data=demo_crowded``) is a harder variant for convergence comparisons: 192–256 px
+images with 1–10 shapes of 10–40 px each (`CROWDED_DEMO_OPTIONS`, scales in
+`CROWDED_DEMO_TRANSFORM_SCALES`).
 """
 
 from __future__ import annotations
@@ -61,6 +65,23 @@ DEMO_TRANSFORM_SCALES = {
 }
 MIN_OBJECT_SIZE, MAX_OBJECT_SIZE = 15, 80
 OBJECT_COUNT_PROBABILITIES = (0.1, 0.3, 0.25, 0.2, 0.15)  # 0..4 objects
+# The harder variant for convergence A/B runs (``data=demo_crowded``): larger images with more and
+# smaller shapes. The keys are `write_demo_dataset` options.
+CROWDED_DEMO_OPTIONS = {
+    "min_side": 192,
+    "max_side": 256,
+    "min_object_size": 10,
+    "max_object_size": 40,
+    "max_objects": 10,
+}
+CROWDED_DEMO_TRANSFORM_SCALES = {
+    "train_scales": [192, 208, 224, 240, 256],
+    "train_max_size": 320,
+    "train_crop_resize_scales": [192, 224, 256],
+    "train_crop_size": [128, 192],
+    "val_scale": 224,
+    "val_max_size": 320,
+}
 EMPTY_IMAGE_INDEX, CROWD_IMAGE_INDEX, GRAYSCALE_IMAGE_INDEX = 1, 2, 3
 
 
@@ -145,9 +166,21 @@ def _draw_crowd(
 
 
 def render_demo_image(
-    seed: int, split: str, index: int, min_side: int = 128, max_side: int = 192
+    seed: int,
+    split: str,
+    index: int,
+    min_side: int = 128,
+    max_side: int = 192,
+    min_object_size: int = MIN_OBJECT_SIZE,
+    max_object_size: int = MAX_OBJECT_SIZE,
+    max_objects: int | None = None,
 ) -> tuple[Image.Image, list[dict[str, Any]]]:
-    """Draw image ``index`` of ``split``; returns it and its annotations (category_id, bbox, iscrowd)."""
+    """Draw image ``index`` of ``split``; returns it and its annotations (category_id, bbox, iscrowd).
+
+    Shapes have sides in ``[min_object_size, max_object_size]`` (capped at 0.6 of the shorter image
+    side). ``max_objects=None`` draws 0-4 shapes with the demo's fixed probabilities; an integer draws
+    1 to ``max_objects`` uniformly (shapes that find no free place are dropped).
+    """
     rng = np.random.default_rng([seed, list(DEMO_SPLIT_FOLDERS).index(split), index])
     width, height = (int(side) for side in rng.integers(min_side, max_side + 1, size=2))
     image = _background(rng, width, height)
@@ -159,15 +192,16 @@ def render_demo_image(
         crowd_box = _draw_crowd(rng, draw, width, height)
         taken.append(crowd_box)
         annotations.append({"category_id": DISC, "bbox": list(crowd_box), "iscrowd": 1})
-    count = (
-        0
-        if index == EMPTY_IMAGE_INDEX
-        else int(rng.choice(len(OBJECT_COUNT_PROBABILITIES), p=OBJECT_COUNT_PROBABILITIES))
-    )
-    largest = min(MAX_OBJECT_SIZE, int(0.6 * min(width, height)))
+    if index == EMPTY_IMAGE_INDEX:
+        count = 0
+    elif max_objects is None:
+        count = int(rng.choice(len(OBJECT_COUNT_PROBABILITIES), p=OBJECT_COUNT_PROBABILITIES))
+    else:
+        count = int(rng.integers(1, max_objects + 1))
+    largest = min(max_object_size, int(0.6 * min(width, height)))
     for _ in range(count):
         category_id = int(rng.choice([SQUARE, DISC, TRIANGLE]))
-        size = int(rng.integers(MIN_OBJECT_SIZE, largest + 1))
+        size = int(rng.integers(min_object_size, largest + 1))
         box = _free_box(rng, width, height, size, taken)
         if box is None:
             continue
@@ -182,14 +216,15 @@ def render_demo_image(
     return image, annotations
 
 
-def write_demo_split(
-    out_dir: Path, split: str, num_images: int, seed: int, min_side: int, max_side: int
-) -> None:
-    """Write one split's JPEGs and ``_annotations.coco.json`` into ``out_dir`` (Roboflow style)."""
+def write_demo_split(out_dir: Path, split: str, num_images: int, seed: int, **render_options: Any) -> None:
+    """Write one split's JPEGs and ``_annotations.coco.json`` into ``out_dir`` (Roboflow style).
+
+    ``render_options`` go to `render_demo_image` (image sides, object sizes and count).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for index in range(num_images):
-        image, objects = render_demo_image(seed, split, index, min_side, max_side)
+        image, objects = render_demo_image(seed, split, index, **render_options)
         file_name = f"{DEMO_SPLIT_FOLDERS[split]}_{index:04d}.jpg"
         image.save(out_dir / file_name, quality=92)
         images.append(
@@ -228,12 +263,36 @@ def write_demo_dataset(
     seed: int = 0,
     min_side: int = 128,
     max_side: int = 192,
+    min_object_size: int = MIN_OBJECT_SIZE,
+    max_object_size: int = MAX_OBJECT_SIZE,
+    max_objects: int | None = None,
 ) -> None:
-    """Write the demo dataset into ``out`` (``train/``, ``valid/``, ``test/``), overwriting files there."""
-    if not 2 * MIN_OBJECT_SIZE <= min_side <= max_side:
-        raise DataError(f"demo image sides must satisfy {2 * MIN_OBJECT_SIZE} <= min_side <= max_side.")
+    """Write the demo dataset into ``out`` (``train/``, ``valid/``, ``test/``), overwriting files there.
+
+    The defaults are the built-in demo; `CROWDED_DEMO_OPTIONS` is the harder variant. See
+    `render_demo_image` for the object options.
+    """
+    if not 0 < min_object_size <= max_object_size:
+        raise DataError(
+            f"demo object sizes must satisfy 0 < min_object_size ({min_object_size}) <= "
+            f"max_object_size ({max_object_size})."
+        )
+    if not 2 * max(min_object_size, MIN_OBJECT_SIZE) <= min_side <= max_side:
+        raise DataError(
+            f"demo image sides must satisfy {2 * max(min_object_size, MIN_OBJECT_SIZE)} <= min_side "
+            f"({min_side}) <= max_side ({max_side})."
+        )
+    if max_objects is not None and max_objects < 1:
+        raise DataError(f"demo max_objects must be at least 1 (got {max_objects}).")
+    render_options = {
+        "min_side": min_side,
+        "max_side": max_side,
+        "min_object_size": min_object_size,
+        "max_object_size": max_object_size,
+        "max_objects": max_objects,
+    }
     for split, num_images in (("train", num_train), ("val", num_val), ("test", num_test)):
-        write_demo_split(out / DEMO_SPLIT_FOLDERS[split], split, num_images, seed, min_side, max_side)
+        write_demo_split(out / DEMO_SPLIT_FOLDERS[split], split, num_images, seed, **render_options)
 
 
 def is_demo_dataset_complete(path: Path) -> bool:
@@ -241,7 +300,7 @@ def is_demo_dataset_complete(path: Path) -> bool:
     return all((path / folder / ROBOFLOW_ANNOTATION_NAME).is_file() for folder in DEMO_SPLIT_FOLDERS.values())
 
 
-def ensure_demo_dataset(path: str | Path, **options: int) -> Path:
+def ensure_demo_dataset(path: str | Path, **options: Any) -> Path:
     """Write the demo dataset to ``path`` unless it is already there; returns ``path``.
 
     The dataset is written into a temporary sibling folder and renamed into place, so an interrupted run
@@ -287,10 +346,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-side", type=int, default=128)
     parser.add_argument("--max-side", type=int, default=192)
+    parser.add_argument(
+        "--crowded",
+        action="store_true",
+        help="the harder variant: 192-256 px images with 1-10 shapes of 10-40 px (--min/max-side ignored)",
+    )
     args = parser.parse_args(argv)
     if is_demo_dataset_complete(args.out):
         print(f"{args.out} already holds a dataset; nothing written (delete it to regenerate)")
         return 0
+    sides = {"min_side": args.min_side, "max_side": args.max_side}
+    sides_and_objects = CROWDED_DEMO_OPTIONS if args.crowded else sides
     try:
         ensure_demo_dataset(
             args.out,
@@ -298,8 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_val=args.num_val,
             num_test=args.num_test,
             seed=args.seed,
-            min_side=args.min_side,
-            max_side=args.max_side,
+            **sides_and_objects,
         )
     except DataError as err:
         print(f"demo dataset not written: {err}", file=sys.stderr)
