@@ -7,6 +7,10 @@ as the 12 lines pycocotools prints (val: the last validation; test: the best che
 by name, the best and the last epoch of ``metrics.csv`` and the plots of the `TrainingPlots` callback.
 Several runs also get a side-by-side table (the overrides that differ between them and the main figures),
 and a multirun sweep folder (``multirun/...``, with ``summary.csv``) stands for its jobs plus its summary.
+Runs that differ only in ``seed`` are pooled into variants (`detr_lightning.report_variants`): the
+comparison is then one row per variant (mean and per-seed figures over a common epoch budget, and the
+epoch each reaches the first variant's figure) with a plot of the mean curves, plus one line per run;
+``--brief`` leaves out the per-run sections.
 
 Every COCO figure is the ``metrics.json`` value rounded to 3 decimals (COCOeval's -1, "no such objects",
 reads ``n/a`` in tables and ``-1.000`` in the pycocotools lines). Image links are relative to the report;
@@ -41,6 +45,17 @@ from matplotlib.figure import Figure
 from detr_lightning.callbacks.coco_evaluator import METRICS_FILE
 from detr_lightning.callbacks.plots import METRICS_PLOT, PLOTS_DIR, PREDICTIONS_PLOT
 from detr_lightning.metrics import coco_summary_lines
+from detr_lightning.report_variants import (
+    SEED_KEY,
+    VARIANTS_CAPTION,
+    VARIANTS_PLOT,
+    Variant,
+    epoch_values,
+    group_by_seed,
+    has_seed_groups,
+    variants_plot,
+    variants_table,
+)
 from detr_lightning.sweep import (
     EPOCH_METRICS_FILE,
     JOB_STATUS_FILE,
@@ -256,19 +271,24 @@ def coco_lines(figures: dict[str, float], split: str) -> list[str] | None:
 class Renderer:
     """Markdown of runs and sweeps, with image links relative to ``out_dir`` (plots outside it copied)."""
 
-    def __init__(self, out_dir: Path | None) -> None:
+    def __init__(self, out_dir: Path | None, brief: bool = False) -> None:
         self.out_dir = out_dir
+        self.brief = brief
         self.several_runs = False
 
     def document_body(self, sweeps: Sequence[Sweep], runs: Sequence[Run], command: str) -> str:
         self.several_runs = len(runs) > 1
         parts = [BEGIN_MARKER, ""]
-        if len(runs) > 1:
+        variants = group_by_seed(runs)
+        if has_seed_groups(variants):
+            parts += self.variants_section(variants)
+        elif len(runs) > 1:
             parts += self.comparison(runs)
         for sweep in sweeps:
             parts += self.sweep_section(sweep)
-        for run in runs:
-            parts += self.run_section(run)
+        if not self.brief:
+            for run in runs:
+                parts += self.run_section(run)
         parts += [f"_Written by `{command}` from the files of the run folders._", "", END_MARKER]
         return "\n".join(parts)
 
@@ -324,6 +344,65 @@ class Renderer:
         curves = self.comparison_plot(runs)
         if curves is not None:
             lines += [f"![{COMPARISON_CAPTION}]({curves})", ""]
+        return lines
+
+    def variants_section(self, variants: Sequence[Variant]) -> list[str]:
+        reference = variants[0].runs[0]
+        metric, mode = reference.metric, reference.mode
+        header, rows, budget = variants_table(variants, COMPARISON_FIGURES, metric, mode)
+        lines = [
+            "## Variants (seeds pooled)",
+            "",
+            f"Runs that differ only in `{SEED_KEY}` are one variant. Every figure is taken within the same "
+            f"budget of {budget} epochs (0 to {budget - 1}: the fewest any run reached); the first variant "
+            "is the reference.",
+            "",
+            *_table(header, rows),
+            "",
+        ]
+        if self.out_dir is not None:
+            target = self.out_dir.resolve() / PLOTS_DIR / VARIANTS_PLOT
+            variants_plot(variants, COMPARISON_FIGURES, budget, target)
+            lines += [f"![{VARIANTS_CAPTION}]({target.relative_to(self.out_dir.resolve()).as_posix()})", ""]
+        values = [
+            {key: value for key, value in variant.runs[0].override_values().items() if key != SEED_KEY}
+            for variant in variants
+        ]
+        keys = _differing_keys(values)
+        if keys:
+            overrides = [
+                [f"`{variant.label}`", *(_cell(v.get(key, "")) for key in keys)]
+                for variant, v in zip(variants, values, strict=True)
+            ]
+            lines += [
+                "Overrides that differ between the variants:",
+                "",
+                *_table(["variant", *(f"`{key}`" for key in keys)], overrides),
+                "",
+            ]
+        per_run = []
+        for variant in variants:
+            for run, seed in zip(variant.runs, variant.seeds, strict=True):
+                best = best_of_epochs(run.epochs, metric, mode)
+                map_50 = epoch_values(run, "val/map_50")
+                last_map_50 = map_50[max(map_50)] if map_50 else None
+                per_run.append(
+                    [
+                        f"`{run.label}`",
+                        f"`{variant.label}`",
+                        seed,
+                        str(len(run.epochs)),
+                        "–" if best is None else f"{format_figure(best[0])} (epoch {best[1]})",
+                        format_figure(last_map_50),
+                        format_figure(run.final.get("test/map_50")),
+                        _format_duration(run),
+                    ]
+                )
+        header = ["run", "variant", "seed", "epochs", f"best `{metric}`", "last `val/map_50`"]
+        header += ["test mAP@0.5 (best checkpoint)", "duration"]
+        lines += ["Every run (all its epochs):", "", *_table(header, per_run), ""]
+        commands = [f"{run.command}" for variant in variants for run in variant.runs]
+        lines += ["Commands:", "", "```bash", *commands, "```", ""]
         return lines
 
     def comparison_plot(self, runs: Sequence[Run]) -> str | None:
@@ -514,6 +593,7 @@ def build_report(
     metric: str | None = None,
     mode: str | None = None,
     command: str = "python -m detr_lightning.report",
+    brief: bool = False,
 ) -> str:
     """The report's text (and the plots copied beside ``out``); ``out`` None: links relative to the
     working directory. Written to ``out`` by `main`, which also keeps what ``out`` holds outside the
@@ -521,7 +601,7 @@ def build_report(
     sweeps, runs = collect(directories, metric, mode)
     if not runs:
         raise ValueError(f"no runs in {', '.join(map(str, directories))}")
-    renderer = Renderer(out.parent if out is not None else None)
+    renderer = Renderer(out.parent if out is not None else None, brief)
     body = renderer.document_body(sweeps, runs, command)
     default_title = (
         f"Training report: {runs[0].label}" if len(runs) == 1 else f"Training report: {len(runs)} runs"
@@ -556,6 +636,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--mode", choices=("max", "min"), help="its direction (default: optimized_metric_mode)"
     )
+    parser.add_argument(
+        "--brief", action="store_true", help="only the comparison and sweep summaries: no section per run"
+    )
     args = parser.parse_args(argv)
     # The command that writes the report again, as the file says: --notes is a one-off (the introduction
     # stays in the file, outside the markers), so it is left out.
@@ -574,7 +657,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     try:
         notes = args.notes.read_text() if args.notes is not None else None
-        text = build_report(args.directories, out, args.title, notes, args.metric, args.mode, command)
+        text = build_report(
+            args.directories, out, args.title, notes, args.metric, args.mode, command, args.brief
+        )
     except (OSError, ValueError) as error:
         parser.error(str(error))
     if out is None:

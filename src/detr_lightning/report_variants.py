@@ -1,0 +1,208 @@
+"""Seeds pooled in reports: runs that differ only in ``seed`` are one *variant* of an A/B comparison.
+
+`group_by_seed` pools the runs of a report; a variant's curve is the per-epoch mean over its seeds.
+All variants are compared over the same epoch budget: the fewest epochs any run of the report reached
+(runs stopped by ``trainer.max_time`` on a shared machine reach slightly different counts), so no
+variant is credited with epochs another did not get. The first variant is the reference, as the first
+run is in the report's run comparison: each variant gets the epoch at which its mean curve first
+reaches the reference's mean figure at the end of the budget (the "same mAP in fewer epochs" figure
+of a convergence comparison).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+if TYPE_CHECKING:  # report imports this module
+    from detr_lightning.report import Run
+
+SEED_KEY = "seed"
+VARIANTS_PLOT = "variants.png"
+VARIANTS_CAPTION = "Validation mAP and mAP@0.5 per epoch: mean over seeds (line) and the seeds' range (band)"
+#: A seed suffix of a run folder's name (``demo_plain_s42``, ``run-seed7``), dropped from variant labels.
+_SEED_SUFFIX = re.compile(r"[_-]*(?:s|seed)?\d*$")
+
+
+@dataclass
+class Variant:
+    """The runs of one configuration, one per seed."""
+
+    label: str
+    runs: list[Run]
+
+    @property
+    def seeds(self) -> list[str]:
+        return [run.override_values().get(SEED_KEY, "–") for run in self.runs]
+
+    def epochs_reached(self) -> int:
+        """Epochs every seed of the variant has figures for."""
+        return min(len(run.epochs) for run in self.runs)
+
+    def values_at(self, key: str, epoch: int) -> list[float]:
+        """Each seed's ``key`` at ``epoch`` (0-based), seeds without a figure there left out."""
+        values = []
+        for run in self.runs:
+            value = epoch_values(run, key).get(epoch)
+            if value is not None:
+                values.append(value)
+        return values
+
+    def mean_curve(self, key: str, epochs: int) -> list[float | None]:
+        """The mean over seeds of ``key`` at epochs ``0 .. epochs-1`` (None where no seed has it)."""
+        curve: list[float | None] = []
+        for epoch in range(epochs):
+            values = self.values_at(key, epoch)
+            curve.append(statistics.fmean(values) if values else None)
+        return curve
+
+
+def epoch_values(run: Run, key: str) -> dict[int, float]:
+    """``{epoch: value}`` of ``key`` in the run's ``metrics.csv`` rows (NaN and blanks left out)."""
+    values: dict[int, float] = {}
+    for index, row in enumerate(run.epochs):
+        try:
+            epoch = int(float(row.get("epoch", index)))
+            value = float(row.get(key, ""))
+        except (TypeError, ValueError):
+            continue
+        if not math.isnan(value):
+            values[epoch] = value
+    return values
+
+
+def group_by_seed(runs: Sequence[Run]) -> list[Variant]:
+    """The runs pooled by their overrides less ``seed``, in the order of each variant's first run.
+
+    A variant is labelled by what its runs' folder names share, less a seed suffix when its runs set
+    ``seed`` (``demo_plain_s42`` and ``demo_plain_s43``: ``demo_plain``), or by its overrides when the
+    names share nothing.
+    """
+    pooled: dict[tuple[tuple[str, str], ...], list[Run]] = {}
+    for run in runs:
+        values = {key: value for key, value in run.override_values().items() if key != SEED_KEY}
+        pooled.setdefault(tuple(sorted(values.items())), []).append(run)
+    variants = []
+    for key, members in pooled.items():
+        shared = os.path.commonprefix([run.label for run in members])
+        if any(SEED_KEY in run.override_values() for run in members):
+            shared = _SEED_SUFFIX.sub("", shared)
+        label = shared or " ".join(f"{name}={value}" for name, value in key) or "(no overrides)"
+        variants.append(Variant(label, members))
+    labels = [variant.label for variant in variants]
+    for variant in variants:
+        if labels.count(variant.label) > 1:
+            variant.label = f"{variant.label} ({', '.join(run.label for run in variant.runs)})"
+    return variants
+
+
+def has_seed_groups(variants: Sequence[Variant]) -> bool:
+    """Whether pooling means anything: some variant has several seeds."""
+    return any(len(variant.runs) > 1 for variant in variants)
+
+
+def common_budget(variants: Sequence[Variant]) -> int:
+    """The epoch budget of the comparison: the fewest epochs any run reached."""
+    return min(variant.epochs_reached() for variant in variants)
+
+
+def first_epoch_at_least(curve: Sequence[float | None], target: float, mode: str = "max") -> int | None:
+    """The first epoch (0-based) whose value reaches ``target`` (``mode`` min: falls to it), or None."""
+    for epoch, value in enumerate(curve):
+        if value is not None and (value >= target if mode == "max" else value <= target):
+            return epoch
+    return None
+
+
+def variants_table(
+    variants: Sequence[Variant], keys: Sequence[tuple[str, str]], metric: str, mode: str
+) -> tuple[list[str], list[list[str]], int]:
+    """Header, rows and epoch budget of the variants table.
+
+    Per variant: its seeds; each ``keys`` figure at the last epoch of the budget (mean, then each seed);
+    the mean over seeds of each seed's best ``metric`` within the budget; the first epoch at which the
+    variant's mean ``metric`` curve reaches the reference's (first variant's) mean at the end of the
+    budget, and whether that is within half the budget.
+    """
+    budget = common_budget(variants)
+    last = budget - 1
+    reference = variants[0].mean_curve(metric, budget)[last]
+    header = ["variant", "seeds"]
+    header += [f"`{key}` at epoch {last} (mean; per seed)" for key, _ in keys]
+    header += [f"best `{metric}` within the budget (mean over seeds)"]
+    reference_text = "–" if reference is None else _figure(reference)
+    header += [f"first epoch at `{variants[0].label}`'s `{metric}` at epoch {last} ({reference_text})"]
+    rows = []
+    for variant in variants:
+        row = [f"`{variant.label}`", ", ".join(variant.seeds)]
+        for key, _ in keys:
+            values = variant.values_at(key, last)
+            row.append(
+                "–"
+                if not values
+                else f"{_figure(statistics.fmean(values))} ({'; '.join(_figure(v) for v in values)})"
+            )
+        bests = []
+        for run in variant.runs:
+            within = [value for epoch, value in epoch_values(run, metric).items() if epoch <= last]
+            if within:
+                bests.append(max(within) if mode == "max" else min(within))
+        row.append(_figure(statistics.fmean(bests)) if bests else "–")
+        reached = (
+            None
+            if reference is None
+            else first_epoch_at_least(variant.mean_curve(metric, budget), reference, mode)
+        )
+        if reached is None:
+            row.append("not reached")
+        else:
+            half = " (within half the budget)" if reached + 1 <= budget / 2 else ""
+            row.append(f"epoch {reached}{half}")
+        rows.append(row)
+    return header, rows, budget
+
+
+def variants_plot(
+    variants: Sequence[Variant], keys: Sequence[tuple[str, str]], budget: int, target: Path
+) -> None:
+    """Write one panel per ``keys`` figure: each variant's mean curve with its seeds' min-max band, and
+    the end of the common budget marked."""
+    figure = Figure(figsize=(12, 4.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    for axis, (key, title) in zip(figure.subplots(1, len(keys)), keys, strict=True):
+        for variant in variants:
+            epochs = range(variant.epochs_reached())
+            mean = variant.mean_curve(key, len(epochs))
+            points = [(epoch, value) for epoch, value in zip(epochs, mean, strict=True) if value is not None]
+            if not points:
+                continue
+            (line,) = axis.plot(*zip(*points, strict=True), marker=".", label=variant.label)
+            if len(variant.runs) > 1:
+                spans = [(epoch, variant.values_at(key, epoch)) for epoch, _ in points]
+                axis.fill_between(
+                    [epoch for epoch, _ in spans],
+                    [min(values) for _, values in spans],
+                    [max(values) for _, values in spans],
+                    color=line.get_color(),
+                    alpha=0.15,
+                )
+        axis.axvline(budget - 1, color="grey", linestyle="--", linewidth=1)
+        axis.set_title(f"{title} ({key})")
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize="x-small")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(target, dpi=100)
+
+
+def _figure(value: float) -> str:
+    return f"{value:.3f}"
