@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from detr_lightning.checkpoints import CheckpointError, load_weights_file
+from detr_lightning.distributed import close_process_group
 from detr_lightning.lit_module import DETRLitModule
 from detr_lightning.training import build_module, instantiate_group, quiet_third_party_logs
 
@@ -63,6 +64,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=False)
     run = trainer.validate if cfg.split == "val" else trainer.test
     results = run(module, datamodule=datamodule, verbose=False)
+    close_process_group()
     return {k: float(v) for k, v in (results[0] if results else {}).items()}
 
 

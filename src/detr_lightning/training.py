@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from detr_lightning.checkpoints import CheckpointError
 from detr_lightning.data.errors import DataError
+from detr_lightning.distributed import close_process_group
 from detr_lightning.fault_tolerance import (
     SIGTERM_EXIT_CODE,
     check_resume_checkpoint,
@@ -108,6 +109,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True, verbose=False)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if _is_scalar(v)})
+    close_process_group()  # DDP: every rank ends together (a sweep's next job opens a new group)
     return metrics
 
 

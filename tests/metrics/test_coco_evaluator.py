@@ -14,6 +14,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 
 from detr_lightning.callbacks import CocoEvaluator
+from detr_lightning.distributed import close_process_group
 from detr_lightning.metrics import detections_to_coco_results
 
 from .synthetic import (
@@ -50,6 +51,14 @@ class FixedDetectionsModule(lightning.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class CloseProcessGroup(lightning.Callback):
+    """What ``train.py``/``eval.py`` do after their last stage, for runs driven from a test: every rank
+    closes the gloo group together instead of in its interpreter's shutdown."""
+
+    def teardown(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, stage: str) -> None:
+        close_process_group()
 
 
 def make_trainer(tmp_path: Path, **kwargs: Any) -> lightning.Trainer:
@@ -157,7 +166,8 @@ def test_ddp_counts_the_image_the_sampler_repeats_once(tmp_path, coco_dict):
     detections = make_detections(coco_dict)
     # A broken collective fails after a minute instead of hanging the test run.
     strategy = DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60))
-    trainer = make_trainer(tmp_path, devices=2, strategy=strategy)
+    callbacks = [CocoEvaluator(), CloseProcessGroup()]
+    trainer = make_trainer(tmp_path, devices=2, strategy=strategy, callbacks=callbacks)
     trainer.validate(FixedDetectionsModule(detections), datamodule=FakeDataModule(coco_dict))
 
     expected_rows = detections_to_coco_results(

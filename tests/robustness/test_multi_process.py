@@ -13,9 +13,11 @@ from pathlib import Path
 
 import lightning
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from detr_lightning.batching import pad_images_to_batch
+from detr_lightning.distributed import close_process_group
 from detr_lightning.lit_module import DETRLitModule
 from test_lit_module import TINY_MODEL
 
@@ -138,3 +140,11 @@ def test_two_processes_compute_the_losses_and_gradients_of_one(tmp_path):
 
     assert [rank["skipped"] for rank in ranks] == [1, 1]  # the NaN on rank 1 skipped the step everywhere
     torch.testing.assert_close(ranks[0]["weights"], ranks[1]["weights"], atol=0, rtol=0)
+
+
+def test_close_process_group_ends_the_group_once(tmp_path):
+    assert close_process_group() is False  # no group: nothing to do
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert close_process_group() is True
+    assert not dist.is_initialized()
+    assert close_process_group() is False

@@ -1,0 +1,32 @@
+"""The end of a multi-process run: every rank closes the ``torch.distributed`` process group together.
+
+Lightning opens the process group and, for NCCL only, closes it at interpreter exit; a gloo group (DDP
+on CPUs) is left to the C++ destructors of a process that is shutting down, while the other ranks may
+still hold connections to it. Rank processes that exit at different moments can then abort in gloo's
+teardown (SIGABRT), after all their work is done. `close_process_group` closes the group after a
+barrier, so every rank has finished its collectives before any connection goes away.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+def close_process_group() -> bool:
+    """Barrier, then destroy the default process group, on every rank; True if there was one.
+
+    Call it on every rank once a run's last collective is done (after ``fit``/``test``/``validate``),
+    never on one rank alone: the barrier waits for all of them.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    log.debug("closed the torch.distributed process group")
+    return True
