@@ -53,6 +53,7 @@ from detr_lightning.report_variants import (
     epoch_values,
     group_by_seed,
     has_seed_groups,
+    run_settings,
     variants_plot,
     variants_table,
 )
@@ -132,6 +133,7 @@ class Run:
     metric: str = "val/map"
     mode: str = "max"
     plots: list[Path] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)  # .hydra/config.yaml, as composed
 
     @property
     def command(self) -> str:
@@ -187,6 +189,7 @@ def read_run(path: Path, label: str | None = None, metric: str | None = None, mo
     run.duration_s, run.duration_measured = _duration(path, status)
     run.final = {k: float(v) for k, v in _read_json(path / METRICS_FILE).items() if _is_number(v)}
     run.epochs = read_epoch_rows(path / EPOCH_METRICS_FILE)
+    run.config = config
     run.metric = metric or str(config.get("optimized_metric") or "val/map")
     run.mode = mode or str(config.get("optimized_metric_mode") or "max")
     run.plots = [path / PLOTS_DIR / name for name in (METRICS_PLOT, PREDICTIONS_PLOT)]
@@ -353,7 +356,8 @@ class Renderer:
         lines = [
             "## Variants (seeds pooled)",
             "",
-            f"Runs that differ only in `{SEED_KEY}` are one variant. Every figure is taken within the same "
+            f"Runs whose configuration differs only in `{SEED_KEY}` (or in output paths, loggers and the "
+            "progress bar) are one variant. Every figure is taken within the same "
             f"budget of {budget} epochs (0 to {budget - 1}: the fewest any run reached); the first variant "
             "is the reference.",
             "",
@@ -364,20 +368,18 @@ class Renderer:
             target = self.out_dir.resolve() / PLOTS_DIR / VARIANTS_PLOT
             variants_plot(variants, COMPARISON_FIGURES, budget, target)
             lines += [f"![{VARIANTS_CAPTION}]({target.relative_to(self.out_dir.resolve()).as_posix()})", ""]
-        values = [
-            {key: value for key, value in variant.runs[0].override_values().items() if key != SEED_KEY}
-            for variant in variants
-        ]
+        values = [run_settings(variant.runs[0]) for variant in variants]
         keys = _differing_keys(values)
         if keys:
-            overrides = [
+            settings = [
                 [f"`{variant.label}`", *(_cell(v.get(key, "")) for key in keys)]
                 for variant, v in zip(variants, values, strict=True)
             ]
+            source = "composed configs" if all(run.config for run in variants[0].runs) else "overrides"
             lines += [
-                "Overrides that differ between the variants:",
+                f"Settings that differ between the variants ({source}):",
                 "",
-                *_table(["variant", *(f"`{key}`" for key in keys)], overrides),
+                *_table(["variant", *(f"`{key}`" for key in keys)], settings),
                 "",
             ]
         per_run = []

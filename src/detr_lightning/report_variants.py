@@ -1,6 +1,10 @@
 """Seeds pooled in reports: runs that differ only in ``seed`` are one *variant* of an A/B comparison.
 
-`group_by_seed` pools the runs of a report; a variant's curve is the per-epoch mean over its seeds.
+`group_by_seed` pools the runs of a report by their composed configuration (``.hydra/config.yaml``)
+less the seed and the settings that do not change results (output paths, loggers, the progress bar),
+so runs made with different overrides of an experiment whose defaults changed in between are told
+apart; runs without a saved configuration are pooled by their overrides less ``seed``. A variant's
+curve is the per-epoch mean over its seeds.
 All variants are compared over the same epoch budget: the fewest epochs any run of the report reached
 (runs stopped by ``trainer.max_time`` on a shared machine reach slightly different counts), so no
 variant is credited with epochs another did not get. The first variant is the reference, as the first
@@ -18,7 +22,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -29,8 +33,10 @@ if TYPE_CHECKING:  # report imports this module
 SEED_KEY = "seed"
 VARIANTS_PLOT = "variants.png"
 VARIANTS_CAPTION = "Validation mAP and mAP@0.5 per epoch: mean over seeds (line) and the seeds' range (band)"
+#: Configuration keys (dotted prefixes) that do not change what a run computes, left out when pooling.
+RESULT_NEUTRAL_KEYS = ("seed", "data.seed", "paths", "logger", "callbacks.progress_bar", "ckpt_path")
 #: A seed suffix of a run folder's name (``demo_plain_s42``, ``run-seed7``), dropped from variant labels.
-_SEED_SUFFIX = re.compile(r"[_-]*(?:s|seed)?\d*$")
+_SEED_SUFFIX = re.compile(r"[_-](?:s|seed)\d+$")
 
 
 @dataclass
@@ -42,7 +48,7 @@ class Variant:
 
     @property
     def seeds(self) -> list[str]:
-        return [run.override_values().get(SEED_KEY, "–") for run in self.runs]
+        return [run_seed(run) for run in self.runs]
 
     def epochs_reached(self) -> int:
         """Epochs every seed of the variant has figures for."""
@@ -80,23 +86,46 @@ def epoch_values(run: Run, key: str) -> dict[int, float]:
     return values
 
 
-def group_by_seed(runs: Sequence[Run]) -> list[Variant]:
-    """The runs pooled by their overrides less ``seed``, in the order of each variant's first run.
+def run_seed(run: Run) -> str:
+    """The run's seed: its ``seed`` override, else its configuration's, else ``–``."""
+    seed = run.override_values().get(SEED_KEY, run.config.get(SEED_KEY))
+    return "–" if seed is None else str(seed)
 
-    A variant is labelled by what its runs' folder names share, less a seed suffix when its runs set
-    ``seed`` (``demo_plain_s42`` and ``demo_plain_s43``: ``demo_plain``), or by its overrides when the
-    names share nothing.
+
+def run_settings(run: Run) -> dict[str, str]:
+    """The settings that make a variant: the flattened composed configuration (else the overrides),
+    less the seed and `RESULT_NEUTRAL_KEYS`."""
+    if run.config:
+        values = _flatten(run.config)
+    else:
+        values = {key: value for key, value in run.override_values().items() if key != SEED_KEY}
+    return {
+        key: value
+        for key, value in values.items()
+        if not any(key == neutral or key.startswith(f"{neutral}.") for neutral in RESULT_NEUTRAL_KEYS)
+    }
+
+
+def variant_key(run: Run) -> tuple[tuple[str, str], ...]:
+    """What must be equal for two runs to be seeds of one variant (see the module docstring)."""
+    return tuple(sorted(run_settings(run).items()))
+
+
+def group_by_seed(runs: Sequence[Run]) -> list[Variant]:
+    """The runs pooled by `variant_key`, in the order of each variant's first run.
+
+    A variant is labelled by its runs' folder names less a seed suffix (``demo_plain_s42`` and
+    ``demo_plain_s43``: ``demo_plain``), or what those names share, or else its overrides.
     """
     pooled: dict[tuple[tuple[str, str], ...], list[Run]] = {}
     for run in runs:
-        values = {key: value for key, value in run.override_values().items() if key != SEED_KEY}
-        pooled.setdefault(tuple(sorted(values.items())), []).append(run)
+        pooled.setdefault(variant_key(run), []).append(run)
     variants = []
-    for key, members in pooled.items():
-        shared = os.path.commonprefix([run.label for run in members])
-        if any(SEED_KEY in run.override_values() for run in members):
-            shared = _SEED_SUFFIX.sub("", shared)
-        label = shared or " ".join(f"{name}={value}" for name, value in key) or "(no overrides)"
+    for members in pooled.values():
+        names = [_SEED_SUFFIX.sub("", run.label) for run in members]
+        shared = names[0] if len(set(names)) == 1 else os.path.commonprefix(names).rstrip("_-/ ")
+        overrides = {k: v for k, v in members[0].override_values().items() if k != SEED_KEY}
+        label = shared or " ".join(f"{k}={v}" for k, v in overrides.items()) or "(no overrides)"
         variants.append(Variant(label, members))
     labels = [variant.label for variant in variants]
     for variant in variants:
@@ -202,6 +231,19 @@ def variants_plot(
         axis.legend(fontsize="x-small")
     target.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(target, dpi=100)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    """``{"a.b.c": "value"}`` of a nested mapping (lists and scalars as their text; numbers as floats,
+    so ``2`` from a command line equals ``2.0`` from a config file)."""
+    if isinstance(tree, dict):
+        flat: dict[str, str] = {}
+        for key, value in tree.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    if isinstance(tree, int | float) and not isinstance(tree, bool):
+        tree = float(tree)
+    return {prefix.rstrip("."): str(tree)}
 
 
 def _figure(value: float) -> str:

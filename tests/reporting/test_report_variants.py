@@ -14,11 +14,16 @@ from detr_lightning.report_variants import common_budget, first_epoch_at_least, 
 from .test_report import table
 
 
-def write_run(root: Path, name: str, overrides: list[str], val_map: list[float]) -> Path:
-    """A run folder with ``.hydra/overrides.yaml`` and a ``metrics.csv`` of ``val/map`` (mAP@0.5 = 2x)."""
+def write_run(
+    root: Path, name: str, overrides: list[str], val_map: list[float], config: dict | None = None
+) -> Path:
+    """A run folder with ``.hydra/overrides.yaml`` (and ``config.yaml`` if given) and a ``metrics.csv``
+    of ``val/map`` (mAP@0.5 = 2x)."""
     run = root / name
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if config is not None:
+        (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
     with (run / "metrics.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, ["epoch", "val/map", "val/map_50"])
         writer.writeheader()
@@ -74,7 +79,7 @@ def test_report_pools_seeds_over_a_common_budget(ab_runs, tmp_path):
     assert by_variant["`plain`"][5] == "epoch 3"
     assert by_variant["`groups`"][5] == "not reached"
     assert (tmp_path / "report" / "plots" / "variants.png").stat().st_size > 10_000
-    overrides = table(text.split("Overrides that differ between the variants:", 1)[1])
+    overrides = table(text.split("Settings that differ between the variants (overrides):", 1)[1])
     assert overrides[0] == ["variant", "`model.spatial_prior`", "`model.num_groups`"]
     runs = table(text.split("Every run (all its epochs):", 1)[1])
     assert [row[0] for row in runs[1:]] == [f"`{path.name}`" for path in ab_runs]
@@ -90,3 +95,28 @@ def test_runs_without_seeds_keep_the_side_by_side_comparison(tmp_path):
     main([*map(str, runs), "-o", str(out)])
     text = out.read_text()
     assert "## Comparison" in text and "## Variants" not in text and "## Run `a`" in text
+
+
+def test_runs_are_pooled_by_their_composed_config_less_the_seed(tmp_path):
+    """Overrides alone mislead when the experiment's defaults changed between runs: the saved config
+    decides. Output paths and the progress bar do not split a variant."""
+
+    def config(seed: int, groups: float, out: str, bar: str | None) -> dict:
+        return {
+            "seed": seed,
+            "model": {"num_groups": groups},
+            "paths": {"output_dir": out},
+            "callbacks": {"progress_bar": bar},
+        }
+
+    runs = [
+        write_run(tmp_path, "default", [], [0.1, 0.2], config(42, 4, "/a", "rich")),
+        write_run(tmp_path, "default_s43", ["seed=43"], [0.3, 0.4], config(43, 4.0, "/b", None)),
+        write_run(tmp_path, "older_s43", ["seed=43"], [0.0, 0.1], config(43, 1, "/c", None)),
+    ]
+    _, read = collect(runs)
+    variants = group_by_seed(read)
+    assert [(variant.label, variant.seeds) for variant in variants] == [
+        ("default", ["42", "43"]),
+        ("older", ["43"]),
+    ]
