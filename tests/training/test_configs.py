@@ -97,6 +97,14 @@ def test_file_loggers_write_metrics(compose_config, tmp_path, logger):
     assert any(path.is_file() for path in tmp_path.rglob("*")), f"{logger} wrote nothing under {tmp_path}"
 
 
+def test_demo_config_has_the_generators_scales(compose_config):
+    from detr_lightning.data.demo import DEMO_TRANSFORM_SCALES
+
+    data = OmegaConf.to_container(compose_config(["experiment=demo"]).data, resolve=True)
+    assert {key: data[key] for key in DEMO_TRANSFORM_SCALES} == DEMO_TRANSFORM_SCALES
+    assert data["demo_options"] is None  # the built-in demo: the generator's defaults
+
+
 def test_crowded_demo_config_matches_the_generator(compose_config):
     from detr_lightning.data.demo import CROWDED_DEMO_OPTIONS, CROWDED_DEMO_TRANSFORM_SCALES
 
