@@ -23,6 +23,8 @@ import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from detr_lightning.models.spatial_prior import SPATIAL_PRIORS
+
 log = logging.getLogger(__name__)
 
 
@@ -99,7 +101,7 @@ POSITIVE = {
 #: Keys that take one of a few words, and those words.
 CHOICES: dict[str, tuple[Any, ...]] = {
     "loss.class_loss": ("ce", "focal", "varifocal"),
-    "model.spatial_prior": ("none", "gaussian"),
+    "model.spatial_prior": SPATIAL_PRIORS,
     "matcher.class_cost": (None, "softmax", "focal"),
 }
 

@@ -28,7 +28,6 @@ import argparse
 import csv
 import datetime
 import json
-import math
 import re
 import shlex
 import shutil
@@ -62,8 +61,10 @@ from detr_lightning.sweep import (
     JOB_STATUS_FILE,
     SUMMARY_FILE,
     best_of_epochs,
+    epoch_series,
     find_job_dirs,
     first_epoch_reaching,
+    format_figure,
     read_epoch_rows,
 )
 
@@ -254,15 +255,6 @@ def _unique_labels(runs: list[Run]) -> None:
 
 
 # -------------------------------------------------------------------------------------------- rendering
-def format_figure(value: float | None) -> str:
-    """A COCO figure or loss in the report: 3 decimals; ``n/a`` for COCOeval's -1, ``–`` when absent."""
-    if value is None or math.isnan(value):
-        return "–"
-    if value < 0:
-        return "n/a"
-    return f"{value:.3f}"
-
-
 def coco_lines(figures: dict[str, float], split: str) -> list[str] | None:
     """The 12 pycocotools summary lines of ``split`` from ``metrics.json`` figures; None when incomplete."""
     values = {key: figures.get(f"{split}/{key}") for key in COCO_KEYS}
@@ -416,11 +408,7 @@ class Renderer:
         FigureCanvasAgg(figure)
         for axis, (key, title) in zip(figure.subplots(1, 2), COMPARISON_FIGURES, strict=True):
             for run in runs:
-                points = [
-                    (_epoch_of(row, index), value)
-                    for index, row in enumerate(run.epochs)
-                    if (value := _to_float(row.get(key))) is not None and not math.isnan(value)
-                ]
+                points = epoch_series(run.epochs, key)
                 if points:
                     axis.plot(*zip(*points, strict=True), marker=".", label=run.label)
             axis.set_title(f"{title} ({key})")

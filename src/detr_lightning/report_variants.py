@@ -15,7 +15,6 @@ of a convergence comparison).
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import statistics
@@ -26,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from detr_lightning.sweep import epoch_series, first_reaching, format_figure
 
 if TYPE_CHECKING:  # report imports this module
     from detr_lightning.report import Run
@@ -74,16 +75,7 @@ class Variant:
 
 def epoch_values(run: Run, key: str) -> dict[int, float]:
     """``{epoch: value}`` of ``key`` in the run's ``metrics.csv`` rows (NaN and blanks left out)."""
-    values: dict[int, float] = {}
-    for index, row in enumerate(run.epochs):
-        try:
-            epoch = int(float(row.get("epoch", index)))
-            value = float(row.get(key, ""))
-        except (TypeError, ValueError):
-            continue
-        if not math.isnan(value):
-            values[epoch] = value
-    return values
+    return dict(epoch_series(run.epochs, key))
 
 
 def run_seed(run: Run) -> str:
@@ -145,11 +137,9 @@ def common_budget(variants: Sequence[Variant]) -> int:
 
 
 def first_epoch_at_least(curve: Sequence[float | None], target: float, mode: str = "max") -> int | None:
-    """The first epoch (0-based) whose value reaches ``target`` (``mode`` min: falls to it), or None."""
-    for epoch, value in enumerate(curve):
-        if value is not None and (value >= target if mode == "max" else value <= target):
-            return epoch
-    return None
+    """The first epoch (0-based) of a curve whose value reaches ``target`` (``mode`` min: falls to it),
+    or None; epochs without a value are skipped."""
+    return first_reaching(((e, v) for e, v in enumerate(curve) if v is not None), target, mode)
 
 
 def variants_table(
@@ -168,24 +158,21 @@ def variants_table(
     header = ["variant", "seeds"]
     header += [f"`{key}` at epoch {last} (mean; per seed)" for key, _ in keys]
     header += [f"best `{metric}` within the budget (mean over seeds)"]
-    reference_text = "–" if reference is None else _figure(reference)
+    reference_text = "–" if reference is None else format_figure(reference)
     header += [f"first epoch at `{variants[0].label}`'s `{metric}` at epoch {last} ({reference_text})"]
     rows = []
     for variant in variants:
         row = [f"`{variant.label}`", ", ".join(variant.seeds)]
         for key, _ in keys:
             values = variant.values_at(key, last)
-            row.append(
-                "–"
-                if not values
-                else f"{_figure(statistics.fmean(values))} ({'; '.join(_figure(v) for v in values)})"
-            )
+            per_seed = "; ".join(format_figure(value) for value in values)
+            row.append(f"{format_figure(statistics.fmean(values))} ({per_seed})" if values else "–")
         bests = []
         for run in variant.runs:
             within = [value for epoch, value in epoch_values(run, metric).items() if epoch <= last]
             if within:
                 bests.append(max(within) if mode == "max" else min(within))
-        row.append(_figure(statistics.fmean(bests)) if bests else "–")
+        row.append(format_figure(statistics.fmean(bests)) if bests else "–")
         reached = (
             None
             if reference is None
@@ -244,7 +231,3 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, str]:
     if isinstance(tree, int | float) and not isinstance(tree, bool):
         tree = float(tree)
     return {prefix.rstrip("."): str(tree)}
-
-
-def _figure(value: float) -> str:
-    return f"{value:.3f}"

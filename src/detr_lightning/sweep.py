@@ -25,7 +25,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,29 +233,40 @@ def read_epoch_rows(path: Path) -> list[dict[str, str]]:
         return []
 
 
-def best_of_epochs(rows: list[dict[str, str]], metric: str, mode: str) -> tuple[float, int | None] | None:
-    """The best value of ``metric`` over epoch rows and the first epoch that reached it; None without one."""
-    best: tuple[float, int | None] | None = None
+def epoch_series(rows: list[dict[str, str]], metric: str) -> list[tuple[int, float]]:
+    """``(epoch, value)`` of ``metric`` over epoch rows, blanks and NaN left out (a row without an
+    ``epoch`` column counts by its position)."""
+    series = []
     for index, row in enumerate(rows):
         value = _to_float(row.get(metric))
         if value is None or math.isnan(value):
             continue
+        epoch = _to_float(row.get("epoch"))
+        series.append((int(epoch) if epoch is not None else index, value))
+    return series
+
+
+def best_of_epochs(rows: list[dict[str, str]], metric: str, mode: str) -> tuple[float, int | None] | None:
+    """The best value of ``metric`` over epoch rows and the first epoch that reached it; None without one."""
+    best: tuple[float, int | None] | None = None
+    for epoch, value in epoch_series(rows, metric):
         if best is None or (value > best[0] if mode == "max" else value < best[0]):
-            epoch = _to_float(row.get("epoch"))
-            best = (value, int(epoch) if epoch is not None else index)
+            best = (value, epoch)
     return best
+
+
+def first_reaching(series: Iterable[tuple[int, float]], target: float, mode: str) -> int | None:
+    """The first epoch of ``(epoch, value)`` pairs whose value is as good as ``target`` or better
+    (``mode``: max|min), or None."""
+    for epoch, value in series:
+        if value >= target if mode == "max" else value <= target:
+            return epoch
+    return None
 
 
 def first_epoch_reaching(rows: list[dict[str, str]], metric: str, target: float, mode: str) -> int | None:
     """The first epoch whose ``metric`` is as good as ``target`` or better (``mode``: max|min), or None."""
-    for index, row in enumerate(rows):
-        value = _to_float(row.get(metric))
-        if value is None or math.isnan(value):
-            continue
-        if value >= target if mode == "max" else value <= target:
-            epoch = _to_float(row.get("epoch"))
-            return int(epoch) if epoch is not None else index
-    return None
+    return first_reaching(epoch_series(rows, metric), target, mode)
 
 
 def summarize_sweep(sweep_dir: Path, metric: str, mode: str = "max") -> list[JobResult]:
@@ -507,6 +518,16 @@ def _is_number(value: Any) -> bool:
 
 def _blank_if_none(value: Any) -> Any:
     return "" if value is None else value
+
+
+def format_figure(value: float | None) -> str:
+    """A COCO figure or loss in a markdown report: 3 decimals; ``n/a`` for COCOeval's -1, ``–`` when
+    absent."""
+    if value is None or math.isnan(value):
+        return "–"
+    if value < 0:
+        return "n/a"
+    return f"{value:.3f}"
 
 
 def _format_figure(value: float | None) -> str:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from detr_lightning.batching import pad_images_to_batch
 from detr_lightning.models.backbone import BackboneWithPosition, ResNetBackbone
 from detr_lightning.models.position_encoding import build_position_encoding
-from detr_lightning.models.spatial_prior import GaussianSpatialPrior
+from detr_lightning.models.spatial_prior import SPATIAL_PRIORS, GaussianSpatialPrior
 from detr_lightning.models.transformer import Transformer
 
 
@@ -147,9 +147,6 @@ class DETR(nn.Module):
         if self.num_groups > 1:
             with torch.no_grad():
                 self.query_embed_groups.copy_(self.query_embed.weight.repeat(self.num_groups - 1, 1))
-
-
-SPATIAL_PRIORS = ("none", "gaussian")
 
 
 def group_attention_mask(num_groups: int, num_queries: int, device: torch.device) -> Tensor:

@@ -22,6 +22,9 @@ import math
 import torch
 from torch import Tensor, nn
 
+#: ``model.spatial_prior`` choices: ``none`` is the official model.
+SPATIAL_PRIORS = ("none", "gaussian")
+
 
 class GaussianSpatialPrior(nn.Module):
     """Learned anchors and spreads of ``num_anchors`` queries (all query groups, group 0 first).

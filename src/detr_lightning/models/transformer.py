@@ -137,13 +137,9 @@ class TransformerDecoderLayer(nn.Module):
         cross_attn_bias: Tensor | None = None,
     ) -> Tensor:
         """``tgt (Q, B, D)``, ``memory (S, B, D)``, ``memory_key_padding_mask (B, S)``, ``pos (S, B, D)``,
-        ``query_pos (Q, B, D)``, optional ``self_attn_mask (Q, Q)`` (True = blocked) -> ``(Q, B, D)``.
-
-        ``cross_attn_bias`` ``(B * nhead, Q, S)`` float, added to the cross-attention logits, replaces
-        ``memory_key_padding_mask`` (it holds ``-inf`` on padding itself)."""
-        if cross_attn_bias is not None:
-            cross_attn_bias = cross_attn_bias.to(memory.dtype)
-            memory_key_padding_mask = None
+        ``query_pos (Q, B, D)``, optional ``self_attn_mask (Q, Q)`` (True = blocked) and
+        ``cross_attn_bias (B * nhead, Q, S)`` (float, added to the cross-attention logits)
+        -> ``(Q, B, D)``."""
         if self.normalize_before:
             x = self.norm1(tgt)
             q = k = _with_pos(x, query_pos)
@@ -210,7 +206,13 @@ class TransformerDecoder(nn.Module):
         self_attn_mask: Tensor | None = None,
         cross_attn_bias: Tensor | None = None,
     ) -> Tensor:
-        """Returns the normed output of every layer, ``(L, Q, B, D)``."""
+        """Returns the normed output of every layer, ``(L, Q, B, D)``.
+
+        A ``cross_attn_bias`` holds ``-inf`` on padding itself, so it replaces
+        ``memory_key_padding_mask``; it is cast to the memory's dtype once for all layers."""
+        if cross_attn_bias is not None:
+            cross_attn_bias = cross_attn_bias.to(memory.dtype)
+            memory_key_padding_mask = None
         output = tgt
         intermediate = []
         for layer in self.layers:
