@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import torch
 
 from detr_lightning.bench import synthetic_detections
 from detr_lightning.models import build_detr
+from detr_lightning.models.dropout import FastDropout, FastDropoutMultiheadAttention
 from detr_lightning.speed import apply_speed_options
 from tiny_detr import tiny_detr_kwargs
 
@@ -38,6 +40,44 @@ def test_compile_in_place_keeps_checkpoint_keys():
     apply_speed_options(model, compile=True, compile_mode="reduce-overhead")
     assert list(model.state_dict()) == keys  # no "_orig_mod." prefix: checkpoints load uncompiled
     assert model._compiled_call_impl is not None
+
+
+def test_fast_dropout_option_swaps_the_dropout_modules():
+    model = apply_speed_options(build_detr(**TINY), fast_dropout=True)
+    kinds = {type(m) for m in model.modules()}
+    assert FastDropout in kinds and FastDropoutMultiheadAttention in kinds
+    assert torch.nn.Dropout not in kinds and torch.nn.MultiheadAttention not in kinds
+
+
+FAULTS_OF_FREED_TENSORS = """
+import resource, statistics, sys, torch
+from detr_lightning.speed import reuse_freed_host_memory
+if sys.argv[1] == "reuse":
+    assert reuse_freed_host_memory()
+faults = []
+for _ in range(16):  # 64 MB tensors, each freed at once
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(16 * 1024 * 1024)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(statistics.median(faults[8:]))  # the heap settles within the first few
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_reuse_freed_memory_keeps_freed_blocks_in_the_heap():
+    """With the option a freed 64 MB tensor's memory is reused (after the heap has settled, within the
+    first few allocations); without it each new tensor is a fresh mmap, faulted in page by page
+    (16384 faults of 4 KiB pages). In subprocesses: the option is process-wide."""
+
+    def median_page_faults(mode: str) -> float:
+        result = subprocess.run(
+            [sys.executable, "-c", FAULTS_OF_FREED_TENSORS, mode], capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        return float(result.stdout.split()[-1])
+
+    assert median_page_faults("default") > 8000
+    assert median_page_faults("reuse") < 1000
 
 
 def test_unknown_compile_mode_is_refused():
@@ -77,9 +117,21 @@ def test_data_benchmark_reports_images_per_second():
 
 def test_train_step_benchmark_runs_one_step_with_breakdown():
     figures = run_bench(
-        "train-step", "--steps", "1", "--warmup", "0", "--device", "cpu", "--breakdown", "--no-flops"
+        "train-step",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--device",
+        "cpu",
+        "--breakdown",
+        "--no-flops",
+        "--fast-dropout",
+        "--reuse-freed-memory",
     )
     assert figures["impl"] == "ours" and figures["steps"] == 1
+    assert figures["fast_dropout"] is True
+    assert figures["reuse_freed_memory"] is (platform.libc_ver()[0] == "glibc")
     assert figures["median_s"] > 0 and figures["peak_memory_mib"] > 0
     for phase in ("forward", "loss", "backward", "optimizer"):
         assert figures[f"{phase}_median_s"] > 0

@@ -32,6 +32,8 @@ import torch
 from torch import Tensor
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from detr_lightning.speed import reuse_freed_host_memory
+
 PRECISIONS = {"32": None, "32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 #: Official DETR-R50 training recipe (main.py defaults).
@@ -151,6 +153,7 @@ def train_batch(
 def build_our_train_step(args: argparse.Namespace, device: torch.device) -> tuple[Callable[[], Tensor], Any]:
     """One training step of our DETR exactly as the Lightning module trains it."""
     from detr_lightning.lit_module import DETRLitModule
+    from detr_lightning.models.dropout import use_fast_dropout
 
     module = DETRLitModule(
         model={**R50_MODEL, "dropout": 0.1},
@@ -171,6 +174,8 @@ def build_our_train_step(args: argparse.Namespace, device: torch.device) -> tupl
     module.to(device)
     if args.channels_last:
         module.model.backbone.to(memory_format=torch.channels_last)
+    if args.fast_dropout:
+        use_fast_dropout(module.model)
     model, criterion = module.model, module.criterion
     model.train()
     optimizer = module.configure_optimizers()["optimizer"]
@@ -319,7 +324,11 @@ def bench_train_step(args: argparse.Namespace) -> dict[str, Any]:
         "channels_last": args.channels_last,
         "fused": args.fused,
         **(
-            {"fold_norm": args.fold_norm, "attention_weights": args.attention_weights}
+            {
+                "fold_norm": args.fold_norm,
+                "attention_weights": args.attention_weights,
+                "fast_dropout": args.fast_dropout,
+            }
             if args.impl == "ours"
             else {}
         ),
@@ -534,6 +543,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument("--channels-last", action="store_true", help="channels_last backbone and images")
         p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
         p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+        p.add_argument(
+            "--reuse-freed-memory",
+            action="store_true",
+            help="glibc keeps freed tensor memory for reuse (speed.reuse_freed_memory)",
+        )
 
     train = sub.add_parser("train-step", help="one DETR-R50 training step on a batch of 2")
     model_options(train, steps=10)
@@ -544,6 +558,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     train.add_argument(
         "--attention-weights", action="store_true", help="materialize attention weights (official path)"
+    )
+    train.add_argument(
+        "--fast-dropout",
+        action="store_true",
+        help="CPU dropout masks from NumPy's PCG64 (speed.fast_dropout)",
     )
     train.add_argument(
         "--breakdown", action="store_true", help="also time forward/loss/backward/optimizer (adds syncs)"
@@ -578,7 +597,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    emit(args.name, BENCHMARKS[args.name](args))
+    reuse = getattr(args, "reuse_freed_memory", None)
+    if reuse:
+        reuse = reuse_freed_host_memory()
+    figures = BENCHMARKS[args.name](args)
+    if reuse is not None:
+        figures = {**figures, "reuse_freed_memory": reuse}
+    emit(args.name, figures)
 
 
 if __name__ == "__main__":
