@@ -149,33 +149,40 @@ def train_batch(
     return batch, mask.to(device), targets
 
 
-# ---------------------------------------------------------------------------- train-step
-def build_our_train_step(args: argparse.Namespace, device: torch.device) -> tuple[Callable[[], Tensor], Any]:
-    """One training step of our DETR exactly as the Lightning module trains it."""
-    from detr_lightning.lit_module import DETRLitModule
+# ---------------------------------------------------------------------------- our model's execution
+def execution_options(model: torch.nn.Module, args: argparse.Namespace) -> None:
+    """Our DETR run the official way (``--no-fold-norm``, ``--attention-weights``) or with the levers
+    (``--channels-last``, ``--fast-dropout``), in place; the numbers are the same either way."""
+    from detr_lightning.models.backbone import AppliedFrozenBatchNorm2d, FrozenNormConv2d
     from detr_lightning.models.dropout import use_fast_dropout
 
-    module = DETRLitModule(
-        model={**R50_MODEL, "dropout": 0.1},
-        optimizer={"lr": 1e-4, "lr_backbone": 1e-5, "weight_decay": 1e-4, "fused": args.fused or None},
-    )
     if not args.fold_norm:  # the official layout: frozen norms run after their convolutions
-        from detr_lightning.models.backbone import AppliedFrozenBatchNorm2d, FrozenNormConv2d
-
-        for layer in module.model.modules():
+        for layer in model.modules():
             if isinstance(layer, FrozenNormConv2d):
                 layer.__class__ = torch.nn.Conv2d
             elif isinstance(layer, AppliedFrozenBatchNorm2d):
                 layer.__class__ = FrozenBatchNorm2d
     if args.attention_weights:  # the official attention: weights materialized, no fused SDPA kernel
-        for layer in module.model.modules():
+        for layer in model.modules():
             if hasattr(layer, "need_weights"):
                 layer.need_weights = True
-    module.to(device)
     if args.channels_last:
-        module.model.backbone.to(memory_format=torch.channels_last)
-    if args.fast_dropout:
-        use_fast_dropout(module.model)
+        model.backbone.to(memory_format=torch.channels_last)
+    if getattr(args, "fast_dropout", False):
+        use_fast_dropout(model)
+
+
+# ---------------------------------------------------------------------------- train-step
+def build_our_train_step(args: argparse.Namespace, device: torch.device) -> tuple[Callable[[], Tensor], Any]:
+    """One training step of our DETR exactly as the Lightning module trains it."""
+    from detr_lightning.lit_module import DETRLitModule
+
+    module = DETRLitModule(
+        model={**R50_MODEL, "dropout": 0.1},
+        optimizer={"lr": 1e-4, "lr_backbone": 1e-5, "weight_decay": 1e-4, "fused": args.fused or None},
+    )
+    module.to(device)
+    execution_options(module.model, args)
     model, criterion = module.model, module.criterion
     model.train()
     optimizer = module.configure_optimizers()["optimizer"]
@@ -364,8 +371,7 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
         forward = compiled(detect, args)
     else:
         model = build_detr(**R50_MODEL).to(device).eval()
-        if args.channels_last:
-            model.backbone.to(memory_format=torch.channels_last)
+        execution_options(model, args)
         forward = compiled(model, args)
     postprocess = PostProcess()  # the same post-processing for both: softmax, top class, boxes to pixels
 
@@ -391,6 +397,11 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
         "precision": args.precision,
         "compile": args.compile and args.compile_mode,
         "channels_last": args.channels_last,
+        **(
+            {"fold_norm": args.fold_norm, "attention_weights": args.attention_weights}
+            if args.impl == "ours"
+            else {}
+        ),
         "batch1_median_s": round(statistics.median(latency), 5),
         "batch1_min_s": round(min(latency), 5),
         f"batch{args.batch_size}_images_per_s": round(args.batch_size / statistics.median(batched), 3),
@@ -544,6 +555,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
         p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
         p.add_argument(
+            "--no-fold-norm",
+            dest="fold_norm",
+            action="store_false",
+            help="frozen norms after the convolutions",
+        )
+        p.add_argument(
+            "--attention-weights", action="store_true", help="materialize attention weights (official path)"
+        )
+        p.add_argument(
             "--reuse-freed-memory",
             action="store_true",
             help="glibc keeps freed tensor memory for reuse (speed.reuse_freed_memory)",
@@ -553,12 +573,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model_options(train, steps=10)
     train.add_argument("--impl", choices=["ours", "huggingface"], default="ours")
     train.add_argument("--fused", action="store_true", help="fused AdamW kernel")
-    train.add_argument(
-        "--no-fold-norm", dest="fold_norm", action="store_false", help="frozen norms after the convolutions"
-    )
-    train.add_argument(
-        "--attention-weights", action="store_true", help="materialize attention weights (official path)"
-    )
     train.add_argument(
         "--fast-dropout",
         action="store_true",
