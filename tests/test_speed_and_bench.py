@@ -1,4 +1,5 @@
-"""Speed options (channels_last, torch.compile in place) and the benchmark CLI's output contract."""
+"""Speed options (channels_last, fast dropout, freed-memory reuse, torch.compile in place, the speed config
+group) and the benchmark CLI's output contract."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from conftest import REPO_ROOT
 from detr_lightning.bench import synthetic_detections
 from detr_lightning.models import build_detr
 from detr_lightning.models.dropout import FastDropout, FastDropoutMultiheadAttention
@@ -40,6 +42,19 @@ def test_compile_in_place_keeps_checkpoint_keys():
     apply_speed_options(model, compile=True, compile_mode="reduce-overhead")
     assert list(model.state_dict()) == keys  # no "_orig_mod." prefix: checkpoints load uncompiled
     assert model._compiled_call_impl is not None
+
+
+def test_speed_config_group_reaches_the_options():
+    from omegaconf import OmegaConf
+
+    from detr_lightning.speed import apply_speed_config
+
+    untouched = apply_speed_config(build_detr(**TINY), None)  # no group: every option off
+    assert torch.nn.Dropout in {type(m) for m in untouched.modules()}
+    defaults = OmegaConf.load(REPO_ROOT / "conf" / "speed" / "default.yaml")
+    defaults.reuse_freed_memory = False  # process-wide: not in the test process
+    swapped = apply_speed_config(build_detr(**TINY), defaults)
+    assert FastDropout in {type(m) for m in swapped.modules()}  # on by default
 
 
 def test_fast_dropout_option_swaps_the_dropout_modules():

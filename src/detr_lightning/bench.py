@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from detr_lightning.speed import reuse_freed_host_memory
+from detr_lightning.speed import apply_speed_options, reuse_freed_host_memory
 
 PRECISIONS = {"32": None, "32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
@@ -154,7 +154,6 @@ def execution_options(model: torch.nn.Module, args: argparse.Namespace) -> None:
     """Our DETR run the official way (``--no-fold-norm``, ``--attention-weights``) or with the levers
     (``--channels-last``, ``--fast-dropout``), in place; the numbers are the same either way."""
     from detr_lightning.models.backbone import AppliedFrozenBatchNorm2d, FrozenNormConv2d
-    from detr_lightning.models.dropout import use_fast_dropout
 
     if not args.fold_norm:  # the official layout: frozen norms run after their convolutions
         for layer in model.modules():
@@ -166,10 +165,9 @@ def execution_options(model: torch.nn.Module, args: argparse.Namespace) -> None:
         for layer in model.modules():
             if hasattr(layer, "need_weights"):
                 layer.need_weights = True
-    if args.channels_last:
-        model.backbone.to(memory_format=torch.channels_last)
-    if getattr(args, "fast_dropout", False):
-        use_fast_dropout(model)
+    apply_speed_options(
+        model, channels_last=args.channels_last, fast_dropout=getattr(args, "fast_dropout", False)
+    )
 
 
 # ---------------------------------------------------------------------------- train-step
@@ -611,12 +609,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    reuse = getattr(args, "reuse_freed_memory", None)
-    if reuse:
-        reuse = reuse_freed_host_memory()
+    requested = getattr(args, "reuse_freed_memory", None)  # None: a benchmark without the option
+    reused = reuse_freed_host_memory() if requested else requested
     figures = BENCHMARKS[args.name](args)
-    if reuse is not None:
-        figures = {**figures, "reuse_freed_memory": reuse}
+    if reused is not None:
+        figures["reuse_freed_memory"] = reused
     emit(args.name, figures)
 
 

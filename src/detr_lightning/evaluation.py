@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from detr_lightning.checkpoints import CheckpointError, load_weights_file
 from detr_lightning.distributed import close_process_group
 from detr_lightning.lit_module import DETRLitModule
-from detr_lightning.speed import apply_speed_options
+from detr_lightning.speed import apply_speed_config
 from detr_lightning.training import build_module, instantiate_group, quiet_third_party_logs
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         module = build_module(cfg, num_classes)
         module.load_pretrained()
     datamodule.check_num_classes(module.model.num_classes)
-    apply_speed_options(module.model, **OmegaConf.to_container(cfg.get("speed") or {}, resolve=True))
+    apply_speed_config(module.model, cfg.get("speed"))
     trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=False)
     run = trainer.validate if cfg.split == "val" else trainer.test
     results = run(module, datamodule=datamodule, verbose=False)

@@ -14,6 +14,7 @@ import logging
 import platform
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from detr_lightning.models.dropout import use_fast_dropout
@@ -35,8 +36,9 @@ def reuse_freed_host_memory() -> bool:
     memory in again and the kernel zeroes it page by page. Raising ``M_MMAP_THRESHOLD`` and
     ``M_TRIM_THRESHOLD`` to 1 GiB keeps those blocks for reuse (what jemalloc/tcmalloc give when
     preloaded). The process's resident memory then stays near its peak instead of shrinking between
-    steps; the peak itself does not grow. Returns False, changing nothing, where the C library is not
-    glibc.
+    steps. With one input size the peak stays as it was (the DETR-R50 train step); with changing sizes
+    fragmentation can raise it (BENCHMARKS.md, inference at batch 1 then 8). Returns False, changing
+    nothing, where the C library is not glibc.
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
@@ -56,7 +58,7 @@ def apply_speed_options(
     fast_dropout: bool = False,
     reuse_freed_memory: bool = False,
 ) -> nn.Module:
-    """Put the model's convolutions in ``channels_last`` and/or compile its forward, in place.
+    """Apply the speed options to ``model`` in place (and, for ``reuse_freed_memory``, to the process).
 
     Args:
         model: a :class:`~detr_lightning.models.DETR` (any ``nn.Module`` with a ``backbone`` works).
@@ -97,3 +99,8 @@ def apply_speed_options(
             "Model compiled with torch.compile (mode %s); the first steps include compilation", compile_mode
         )
     return model
+
+
+def apply_speed_config(model: nn.Module, speed: DictConfig | None) -> nn.Module:
+    """:func:`apply_speed_options` with a run's ``speed`` config group (``conf/speed``); None: defaults."""
+    return apply_speed_options(model, **OmegaConf.to_container(speed or OmegaConf.create(), resolve=True))

@@ -28,7 +28,7 @@ from detr_lightning.preflight import (
     check_run_outputs,
     warn_more_boxes_than_queries,
 )
-from detr_lightning.speed import apply_speed_options
+from detr_lightning.speed import apply_speed_config
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_run_outputs(cfg, module)  # writable, with room for the checkpoints: not found after an epoch
     if cfg.model.get("pretrained") and not ckpt_path:
         module.load_pretrained()
-    apply_speed_options(module.model, **OmegaConf.to_container(cfg.get("speed") or {}, resolve=True))
+    apply_speed_config(module.model, cfg.get("speed"))
 
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
