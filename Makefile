@@ -19,10 +19,13 @@ $(STAMP): pyproject.toml
 train: install
 	$(BIN)/python train.py experiment=demo
 
+# The import layers (pyproject.toml, [tool.importlinter]) first: seconds, and a broken layer fails fast.
 test: install
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
 
 lint: install
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/ruff check src tests *.py
 	$(BIN)/ruff format --check src tests *.py
 

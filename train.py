@@ -4,14 +4,14 @@ import hydra
 from omegaconf import DictConfig
 
 from detr_lightning.sweep import is_multirun, optimized_value, run_sweep_job
-from detr_lightning.training import exit_on_user_error, train
+from detr_lightning.training import USER_ERRORS, exit_on_user_error, train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Train; return the best ``optimized_metric`` (NaN if the job failed) for a sweeper to optimize."""
     if is_multirun():  # a failing job is recorded in its folder and the sweep goes on
-        metrics = run_sweep_job(train, cfg)
+        metrics = run_sweep_job(train, cfg, user_errors=USER_ERRORS)
     else:
         with exit_on_user_error():
             metrics = train(cfg)

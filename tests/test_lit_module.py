@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from detr_lightning import load_official_detr
+from detr_lightning import load_detr
 from detr_lightning.batching import pad_images_to_batch
 from detr_lightning.checkpoints import CheckpointError
 from detr_lightning.lit_module import DETRLitModule
@@ -114,7 +114,7 @@ def test_fit_logs_the_official_losses_and_checkpoints_load_safely(tmp_path):
 
     path = tmp_path / "module.ckpt"
     trainer.save_checkpoint(path)
-    reloaded = load_official_detr(path)  # weights_only=True: a checkpoint of ours holds no pickled objects
+    reloaded = load_detr(path)  # weights_only=True: a checkpoint of ours holds no pickled objects
     for key, value in module.model.state_dict().items():
         assert torch.equal(reloaded.state_dict()[key], value), key
     restored = DETRLitModule.load_from_checkpoint(path, weights_only=True)

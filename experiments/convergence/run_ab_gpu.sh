@@ -6,7 +6,7 @@
 # 22 demo-length runs (the demo and the crowded set, 2 seeds each) share the GPU and the CPU cores; each
 # stops at trainer.max_time (MAXT, default 7 min 20 s), so they reach about the same number of epochs and
 # the report compares them over the fewest any reached. Then:
-#   python -m detr_lightning.report OUT_DIR/demo_plain_s4? ... --brief -o experiments/convergence/README.md
+#   python -m detr_lightning.tools.report OUT_DIR/demo_plain_s4? ... --brief -o experiments/convergence/README.md
 #
 # Run from the repository root with the project installed (make install). On the lent GPU machine of this
 # workplace (its own torch, no registry) the missing packages travel as wheels in .whl/ and pure-Python

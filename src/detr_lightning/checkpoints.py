@@ -1,136 +1,42 @@
-"""Official DETR checkpoints: names and URLs, downloads, safe loading, and rebuilding the model.
+"""One way from a weight file to a ready DETR: an official ``.pth``, a Lightning checkpoint of this
+project, a bare state dict, a URL or an official name.
 
-Weight files are always read with ``torch.load(weights_only=True)``: only tensors, containers and the
-one class official files carry (``argparse.Namespace``) are accepted, so a file cannot run code.
+The architecture comes from the file: a checkpoint of this project says it in full (its
+``hyper_parameters["model"]``, the :func:`build_detr` arguments it was trained with); an official file
+or a bare state dict is read from its tensor shapes, completed by the ``args`` official files carry
+(heads, dilation, dropout) and by the official name. Reading is always safe
+(:func:`~detr_lightning.models.weight_files.load_weights_file`).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
-import pickle
 import re
-import socket
-import urllib.error
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
-import torch
 from torch import Tensor
 
+from detr_lightning.models.criterion import class_score
 from detr_lightning.models.detr import DETR, build_detr
+from detr_lightning.models.weight_files import (
+    OFFICIAL_DETR_URLS,
+    CheckpointError,
+    load_weights_file,
+    resolve_weights,
+)
 
 log = logging.getLogger(__name__)
 
-#: The four official COCO detection models (facebookresearch/detr, 500-epoch schedule).
-OFFICIAL_DETR_URLS = {
-    "detr_r50": "https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth",
-    "detr_r50_dc5": "https://dl.fbaipublicfiles.com/detr/detr-r50-dc5-f0fb7ef5.pth",
-    "detr_r101": "https://dl.fbaipublicfiles.com/detr/detr-r101-2c7b67e5.pth",
-    "detr_r101_dc5": "https://dl.fbaipublicfiles.com/detr/detr-r101-dc5-a2e86def.pth",
-}
+#: What tensor shapes cannot tell about an architecture.
+SHAPELESS_KEYS = ("nheads", "dilation", "dropout", "activation")
 
-#: Classes a weight file may contain besides tensors and plain containers.
-ALLOWED_PICKLE_CLASSES = [argparse.Namespace]
-
-#: Key under which this project's Lightning checkpoints store the model's :func:`build_detr` arguments.
-ARCHITECTURE_KEY = "detr_architecture"
-
-#: Set to 1 to never try the network (a missing file is reported at once).
-OFFLINE_ENV = "DETR_LIGHTNING_OFFLINE"
-
-DOWNLOAD_TIMEOUT_S = 30.0
-
-
-class CheckpointError(RuntimeError):
-    """A weight file that cannot be used: unreadable, unsafe, or not matching the model."""
-
-
-class WeightsUnavailableError(CheckpointError):
-    """Weights that are neither on disk nor downloadable (typically: no network)."""
-
-
-def hub_checkpoint_path(url: str) -> Path:
-    """Where torch hub keeps the download of ``url``: ``<torch hub dir>/checkpoints/<file name>``."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
-
-
-def download_weights(url: str) -> Path:
-    """Return the cached file of ``url``, downloading it into the torch hub cache when missing.
-
-    The 8 hex digits before ``.pth`` in official file names are the SHA-256 prefix and are checked.
-    Offline (or with ``DETR_LIGHTNING_OFFLINE=1``) this fails fast with a message naming the URL and
-    where to put the file by hand.
-    """
-    destination = hub_checkpoint_path(url)
-    if destination.is_file():
-        return destination
-    how_to_fix = (
-        f"Download {url} on a machine with internet access and copy it to {destination} "
-        "(or pass the local file path instead)."
-    )
-    if os.environ.get(OFFLINE_ENV) == "1":
-        raise WeightsUnavailableError(
-            f"{destination} is missing and {OFFLINE_ENV}=1 forbids downloads. {how_to_fix}"
-        )
-    match = re.search(r"-([0-9a-f]{8,})\.\w+$", destination.name)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    previous_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-    try:
-        torch.hub.download_url_to_file(url, str(destination), hash_prefix=match.group(1) if match else None)
-    except (urllib.error.URLError, OSError, TimeoutError) as error:
-        reason = getattr(error, "reason", error)
-        raise WeightsUnavailableError(f"Could not download {url} ({reason}). {how_to_fix}") from None
-    except RuntimeError as error:  # hash mismatch
-        raise WeightsUnavailableError(
-            f"Download of {url} is corrupt ({error}). Delete it and retry."
-        ) from None
-    finally:
-        socket.setdefaulttimeout(previous_timeout)
-    return destination
-
-
-def resolve_weights(source: str | os.PathLike) -> Path:
-    """Turn an official model name, a URL or a path into a local file (downloading when needed)."""
-    text = str(source)
-    if text in OFFICIAL_DETR_URLS:
-        return download_weights(OFFICIAL_DETR_URLS[text])
-    if text.startswith(("http://", "https://")):
-        return download_weights(text)
-    path = Path(text).expanduser()
-    if not path.is_file():
-        raise CheckpointError(
-            f"Weight file {path} does not exist. Give an existing path, a URL, or one of the official "
-            f"names {sorted(OFFICIAL_DETR_URLS)}."
-        )
-    return path
-
-
-def load_weights_file(path: str | os.PathLike) -> Any:
-    """``torch.load`` a file safely (``weights_only=True``, only ``argparse.Namespace`` allowed), on CPU."""
-    try:
-        with torch.serialization.safe_globals(ALLOWED_PICKLE_CLASSES):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        # torch's message: a generic first line, then the reason ("... unsupported GLOBAL posix.system ...").
-        detail = next(
-            (line for line in lines if "GLOBAL" in line), lines[0] if lines else type(error).__name__
-        )
-        raise CheckpointError(
-            f"Refusing to load {path}: it contains pickled objects other than tensors and containers "
-            f"(allowed classes: {[c.__qualname__ for c in ALLOWED_PICKLE_CLASSES]}), which could run code. "
-            f"Loader said: {detail}. "
-            "Re-save only the state dict: torch.save({'model': model.state_dict()}, path)."
-        ) from None
-    except Exception as error:  # torch.load raises many types on corrupt or foreign files
-        raise CheckpointError(
-            f"{path} is not a readable PyTorch weight file ({type(error).__name__}: {error})."
-        ) from None
+_BUILD_ARGUMENTS = set(inspect.signature(build_detr).parameters)
 
 
 def extract_state_dict(checkpoint: Any, path: str | os.PathLike = "<checkpoint>") -> dict[str, Tensor]:
@@ -198,21 +104,86 @@ def infer_architecture(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
     }
 
 
-def _architecture_hints(checkpoint: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """Arguments shapes cannot tell, from the file's ``args`` / saved architecture, or the model name."""
+def _official_hints(contents: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """What shapes cannot tell, from an official file's ``args`` or the official model name."""
     hints: dict[str, Any] = {}
-    saved = checkpoint.get(ARCHITECTURE_KEY)
-    if isinstance(saved, Mapping):
-        hints.update({k: saved[k] for k in ("nheads", "dilation", "dropout", "activation") if k in saved})
-    args = checkpoint.get("args")
+    args = contents.get("args")
     if isinstance(args, argparse.Namespace):
         hints.update({k: getattr(args, k) for k in ("nheads", "dilation", "dropout") if hasattr(args, k)})
-    if "dilation" not in hints and str(source) in OFFICIAL_DETR_URLS:
-        hints["dilation"] = str(source).endswith("_dc5")
+    if "dilation" not in hints and source in OFFICIAL_DETR_URLS:
+        hints["dilation"] = source.endswith("_dc5")
     return hints
 
 
-def _check_keys(model: DETR, state_dict: Mapping[str, Tensor], ignored: set[str], path: str) -> None:
+@dataclass(frozen=True)
+class DETRFile:
+    """A weight file read safely, with the DETR it holds.
+
+    Attributes:
+        source: as given (name, URL or path); ``path``: the local file.
+        contents: the whole loaded file (``hyper_parameters``, ``class_names``, official ``args`` ...).
+        state_dict: the DETR weights (keys as in :class:`DETR`).
+        architecture: the :func:`build_detr` arguments of those weights.
+    """
+
+    source: str
+    path: Path
+    contents: Mapping[str, Any]
+    state_dict: dict[str, Tensor]
+    architecture: dict[str, Any]
+
+    @property
+    def hyper_parameters(self) -> dict[str, Any]:
+        """The LightningModule arguments of a checkpoint of this project (empty for other files)."""
+        return dict(self.contents.get("hyper_parameters") or {})
+
+
+def saved_scoring(contents: Mapping[str, Any]) -> tuple[str, int | None]:
+    """``(score, top_k)`` of a weight file's contents: ``softmax`` or ``sigmoid`` (how its class logits
+    are read, from the saved ``loss.class_loss``) and its saved ``postprocess.top_k``. Official files and
+    checkpoints from before the option: ``("softmax", None)``."""
+    hyper_parameters = dict(contents.get("hyper_parameters") or {})
+    class_loss = dict(hyper_parameters.get("loss") or {}).get("class_loss") or "ce"
+    try:
+        score = class_score(class_loss)
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
+    return score, dict(hyper_parameters.get("postprocess") or {}).get("top_k")
+
+
+def read_detr_file(
+    source: str | os.PathLike, *, nheads: int | None = None, dilation: bool | None = None
+) -> DETRFile:
+    """Read ``source`` (official name, URL or file) and work out its architecture.
+
+    ``nheads`` and ``dilation`` fill in what a bare state dict cannot say (defaults 8 and False); a
+    value contradicting the file is a :class:`CheckpointError`.
+    """
+    path = resolve_weights(source)
+    contents = load_weights_file(path)
+    state_dict = extract_state_dict(contents, path)
+    saved_model = dict(dict(contents.get("hyper_parameters") or {}).get("model") or {})
+    if saved_model:  # a checkpoint of this project says everything
+        architecture = {k: v for k, v in saved_model.items() if k in _BUILD_ARGUMENTS}
+        known = architecture
+    else:
+        try:
+            architecture = infer_architecture(state_dict)
+        except CheckpointError as error:
+            raise CheckpointError(f"{path}: {error}") from None
+        known = _official_hints(contents, str(source))
+        architecture.update(known)
+    for name, given in (("nheads", nheads), ("dilation", dilation)):
+        if given is None:
+            continue
+        if name in known and known[name] != given:
+            raise CheckpointError(f"{path} was trained with {name}={known[name]!r}, not {given!r}")
+        architecture[name] = given
+    architecture["pretrained_backbone"] = False  # the file holds the backbone's weights
+    return DETRFile(str(source), path, contents, state_dict, architecture)
+
+
+def _check_keys(model: DETR, state_dict: Mapping[str, Tensor], ignored: set[str], path: Path) -> None:
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict) - ignored)
     unexpected = sorted(set(state_dict) - set(expected) - ignored)
@@ -230,8 +201,39 @@ def _check_keys(model: DETR, state_dict: Mapping[str, Tensor], ignored: set[str]
         raise CheckpointError(f"{path} does not fit the DETR it describes; " + "; ".join(problems))
 
 
-def load_official_detr(
-    path_or_url: str | os.PathLike,
+def build_from_file(
+    file: DETRFile, num_classes: int | None = None, *, aux_loss: bool = True, **overrides: Any
+) -> DETR:
+    """The DETR of ``file`` with its weights loaded strictly.
+
+    Args:
+        num_classes: when it differs from the file's, the class head is re-initialised (the usual
+            fine-tuning recipe) and everything else is loaded.
+        aux_loss: whether the model returns aux outputs (does not change the weights).
+        overrides: further :func:`build_detr` arguments that weights do not fix (``dropout``,
+            ``activation``, ``train_backbone``).
+    """
+    architecture = {**file.architecture, **overrides, "aux_loss": aux_loss}
+    file_classes = int(file.state_dict["class_embed.weight"].shape[0]) - 1
+    architecture["num_classes"] = file_classes if num_classes is None else num_classes
+    model = build_detr(**architecture)
+    state_dict, ignored = file.state_dict, set()
+    if architecture["num_classes"] != file_classes:
+        ignored = {"class_embed.weight", "class_embed.bias"}
+        state_dict = {k: v for k, v in state_dict.items() if k not in ignored}
+        log.info(
+            "Re-initialised the class head for num_classes=%d (%s has %d); all other weights loaded.",
+            num_classes,
+            file.path.name,
+            file_classes,
+        )
+    _check_keys(model, state_dict, ignored, file.path)
+    model.load_state_dict(state_dict, strict=not ignored)
+    return model
+
+
+def load_detr(
+    source: str | os.PathLike,
     num_classes: int | None = None,
     *,
     nheads: int | None = None,
@@ -239,56 +241,17 @@ def load_official_detr(
     aux_loss: bool = True,
     **overrides: Any,
 ) -> DETR:
-    """Build the DETR a checkpoint needs and load it strictly.
+    """Build the DETR a weight file needs and load it strictly: :func:`read_detr_file` then
+    :func:`build_from_file`.
 
     Args:
-        path_or_url: an official name (``detr_r50``, ``detr_r50_dc5``, ``detr_r101``, ``detr_r101_dc5``),
-            a URL (downloaded to the torch hub cache) or a local file: an official ``.pth``, a bare state
-            dict, or a Lightning checkpoint of this project.
-        num_classes: when it differs from the checkpoint's, the class head is re-initialised (the usual
-            fine-tuning recipe) and everything else is loaded.
-        nheads, dilation: for files that do not say (official files carry them in ``args``; defaults 8 and
-            False, or from the official name). A value contradicting the file is an error.
-        aux_loss: whether the model returns aux outputs (does not change the weights).
-        overrides: further :func:`build_detr` arguments that weights do not fix (``dropout``,
-            ``activation``, ``train_backbone``).
+        source: an official name (``detr_r50``, ``detr_r50_dc5``, ``detr_r101``, ``detr_r101_dc5``), a URL
+            (downloaded to the torch hub cache) or a local file: an official ``.pth``, a bare state dict,
+            or a Lightning checkpoint of this project.
 
     Raises:
         CheckpointError: unreadable or unsafe file, or any missing/unexpected/mis-shaped key.
         WeightsUnavailableError: a name or URL that cannot be downloaded.
     """
-    path = resolve_weights(path_or_url)
-    checkpoint = load_weights_file(path)
-    state_dict = extract_state_dict(checkpoint, path)
-    architecture = infer_architecture(state_dict)
-    hints = _architecture_hints(checkpoint, str(path_or_url))
-    for name, given in (("nheads", nheads), ("dilation", dilation)):
-        if given is None:
-            continue
-        if name in hints and hints[name] != given:
-            raise CheckpointError(f"{path} was trained with {name}={hints[name]!r}, not {given!r}")
-        hints[name] = given
-    architecture.update(hints)
-    architecture.update(overrides)
-    checkpoint_classes = architecture["num_classes"]
-    if num_classes is not None:
-        architecture["num_classes"] = num_classes
-    model = build_detr(aux_loss=aux_loss, **architecture)
-    ignored: set[str] = set()
-    if num_classes is not None and num_classes != checkpoint_classes:
-        ignored = {"class_embed.weight", "class_embed.bias"}
-        state_dict = {k: v for k, v in state_dict.items() if k not in ignored}
-        log.info(
-            "Re-initialised the class head for num_classes=%d (%s has %d); all other weights loaded.",
-            num_classes,
-            path.name,
-            checkpoint_classes,
-        )
-    _check_keys(model, state_dict, ignored, str(path))
-    model.load_state_dict(state_dict, strict=not ignored)
-    return model
-
-
-def fetch_torchvision_weights(weights: Any) -> dict[str, Tensor]:
-    """State dict of a torchvision ``WeightsEnum`` (e.g. ImageNet ResNet-50), via the torch hub cache."""
-    return load_weights_file(download_weights(weights.url))
+    file = read_detr_file(source, nheads=nheads, dilation=dilation)
+    return build_from_file(file, num_classes, aux_loss=aux_loss, **overrides)

@@ -9,9 +9,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from detr_lightning.checkpoints import CheckpointError, load_weights_file
+from detr_lightning.checkpoints import read_detr_file
 from detr_lightning.distributed import close_process_group
 from detr_lightning.lit_module import DETRLitModule
+from detr_lightning.models.weight_files import CheckpointError
+from detr_lightning.runs import run_data_config
 from detr_lightning.speed import apply_speed_config
 from detr_lightning.training import build_module, instantiate_group, quiet_third_party_logs
 
@@ -21,14 +23,15 @@ log = logging.getLogger(__name__)
 def data_config_for_checkpoint(cfg: DictConfig, ckpt_path: Path, command_line: list[str]) -> DictConfig:
     """The data settings of the run that wrote ``ckpt_path`` (its ``.hydra/config.yaml``), with the
     ``data.*`` overrides of this command line applied on top; ``cfg.data`` when the run's config is gone."""
-    run_config = ckpt_path.resolve().parent.parent / ".hydra" / "config.yaml"
-    if not run_config.is_file():
+    run_dir = ckpt_path.resolve().parent.parent
+    run_data = run_data_config(run_dir)
+    if run_data is None:
         return cfg.data
-    data = OmegaConf.load(run_config).data
+    data = OmegaConf.create(run_data)
     data_overrides = [o.removeprefix("data.") for o in command_line if o.startswith("data.")]
     if data_overrides:
         data = OmegaConf.merge(data, OmegaConf.from_dotlist(data_overrides))
-    log.info("Data settings of %s (with %s)", run_config, data_overrides or "no overrides")
+    log.info("Data settings of %s (with %s)", run_dir, data_overrides or "no overrides")
     return data
 
 
@@ -71,13 +74,16 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 
 def load_project_checkpoint(path: Path) -> DETRLitModule:
-    """A LightningModule from a checkpoint of this project, read with ``weights_only=True``."""
-    checkpoint = load_weights_file(path)
-    if not isinstance(checkpoint, dict) or "hyper_parameters" not in checkpoint:
+    """The LightningModule of a checkpoint of this project: its settings, then its weights."""
+    file = read_detr_file(path)
+    if not file.hyper_parameters:
         raise CheckpointError(
             f"{path} is not a Lightning checkpoint of this project. Fix: for official DETR weights use "
             "model.pretrained=PATH instead of ckpt_path."
         )
-    module = DETRLitModule(**checkpoint["hyper_parameters"])
-    module.load_state_dict(checkpoint["state_dict"])
+    settings = file.hyper_parameters
+    # The file holds every weight: nothing is downloaded (neither DETR nor ImageNet weights).
+    model = {**settings["model"], "pretrained": None, "pretrained_backbone": False}
+    module = DETRLitModule(**{**settings, "model": model})
+    module.load_pretrained(file)
     return module

@@ -4,12 +4,15 @@
   same folder, syncs it to disk and renames it over the target: a run killed while saving leaves the
   previous ``last.ckpt`` whole. (Lightning's own writer stages the file in ``$TMPDIR`` and *copies* it
   when that is another file system, so a kill can leave a truncated file.)
-- :class:`RobustModelCheckpoint` (``callbacks.model_checkpoint``): ``last.ckpt`` after every validation,
+- :class:`RobustModelCheckpoint` (``callbacks.model_checkpoint``): ``last.ckpt`` at every save point,
   not only when ``best.ckpt`` improved (Lightning 2.6 skips it otherwise); no checkpoint of weights
   holding NaN/inf; on SIGTERM (what schedulers send before killing a job) ``last.ckpt`` of the current
   step, then the run stops (``train.py`` exits with status 143).
 - :func:`resolve_resume_checkpoint`: ``ckpt_path=last`` and the automatic resume of a restarted SLURM
   job; :func:`check_resume_checkpoint` refuses files that need pickled code before Lightning reads them.
+
+Only public Lightning API is used: the ``TorchCheckpointIO.save_checkpoint`` method, the public hooks of
+``ModelCheckpoint`` and ``Trainer.save_checkpoint``.
 """
 
 from __future__ import annotations
@@ -18,15 +21,14 @@ import logging
 import os
 from pathlib import Path
 from typing import Any
+from weakref import proxy
 
 import lightning
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from detr_lightning.checkpoints import CheckpointError, load_weights_file
 
@@ -48,7 +50,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None
     ) -> None:
         if storage_options is not None or "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
@@ -73,11 +75,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def write(checkpoint: dict[str, Any], file: Any) -> None:
         """Serialize ``checkpoint`` into the open temporary ``file`` (a seam for fault-injection tests)."""
         torch.save(checkpoint, file)
-
-    def remove_checkpoint(self, path: _PATH) -> None:
-        fs = get_filesystem(path)
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -105,21 +102,31 @@ def weights_are_finite(module: torch.nn.Module) -> bool:
 class RobustModelCheckpoint(ModelCheckpoint):
     """:class:`~lightning.pytorch.callbacks.ModelCheckpoint` that keeps ``last.ckpt`` current and sane.
 
-    - ``last.ckpt`` is written at every save point (each validation), also when the monitored metric did
-      not improve: stock Lightning 2.6 then leaves it at the last *improvement*, and resuming from it
-      would silently repeat epochs.
-    - Nothing is saved (neither best nor last) while the weights hold NaN/inf; a warning says so.
-    - SIGTERM: ``last.ckpt`` of the current step is written before the run stops.
+    The best (top-k) checkpoints are Lightning's, unchanged. ``last.ckpt`` (``save_last=True``) is written
+    here, with ``Trainer.save_checkpoint``, at every save point:
+
+    - the end of every training epoch (after the best checkpoint, so the state it holds is current),
+      after every validation within an epoch, and every ``every_n_train_steps`` steps, also when the
+      monitored metric did not improve: stock Lightning 2.6 writes it only together with a best
+      checkpoint, and resuming from it would silently repeat epochs;
+    - on SIGTERM, ``last.ckpt`` of the current step, before the run stops.
+
+    Nothing is saved (neither best nor last) while the weights hold NaN/inf; a warning says so.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *, save_last: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)  # without save_last: Lightning's last.ckpt follows only improvements
+        self.keeps_last = bool(save_last)
+        self.step_interval = kwargs.get("every_n_train_steps") or 0
+        self.saves_on_a_timer = kwargs.get("train_time_interval") is not None
         self._last_saved_step: int | None = None
+        self._warned_step: int | None = None
 
     def _finite_or_warn(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> bool:
         if weights_are_finite(pl_module):
             return True
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and self._warned_step != trainer.global_step:  # once per step
+            self._warned_step = trainer.global_step
             log.warning(
                 "Not saving checkpoints at step %d: the model weights hold NaN/inf. The last good "
                 "checkpoint stays in %s.",
@@ -128,56 +135,66 @@ class RobustModelCheckpoint(ModelCheckpoint):
             )
         return False
 
-    def _save_last_checkpoint(self, trainer: lightning.Trainer, monitor_candidates: dict[str, Any]) -> None:
-        super()._save_last_checkpoint(trainer, monitor_candidates)
-        if self.save_last:
-            self._last_saved_step = trainer.global_step
+    @staticmethod
+    def _fitting(trainer: lightning.Trainer) -> bool:
+        return trainer.state.fn == TrainerFn.FITTING and not (trainer.fast_dev_run or trainer.sanity_checking)
 
-    def _refresh_last(self, trainer: lightning.Trainer) -> None:
-        if self.save_last and self._last_saved_step != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+    def _save_last(self, trainer: lightning.Trainer) -> None:
+        """Write ``last.ckpt`` of the current step (once per step; every rank calls it)."""
+        if not self.keeps_last or self._last_saved_step == trainer.global_step:
+            return
+        self.last_model_path = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+        trainer.save_checkpoint(self.last_model_path, self.save_weights_only)
+        self._last_saved_step = trainer.global_step
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
 
-    def _can_save(self, trainer: lightning.Trainer) -> bool:
-        from lightning.pytorch.trainer.states import TrainerFn
-
-        return not (trainer.fast_dev_run or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-        if self._every_n_train_steps and not self._finite_or_warn(trainer, pl_module):
+    def on_train_batch_end(
+        self,
+        trainer: lightning.Trainer,
+        pl_module: lightning.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        step_save = bool(self.step_interval) and trainer.global_step % self.step_interval == 0
+        if (step_save or self.saves_on_a_timer) and not self._finite_or_warn(trainer, pl_module):
             return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-
-    def on_train_epoch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
-        if not (self._can_save(trainer) and self._should_save_on_train_epoch_end(trainer)):
-            return
-        if self._finite_or_warn(trainer, pl_module):
-            super().on_train_epoch_end(trainer, pl_module)
-            self._refresh_last(trainer)
+        if step_save and self._fitting(trainer):
+            self._save_last(trainer)
 
     def on_validation_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
-        if not self._can_save(trainer) or self._should_save_on_train_epoch_end(trainer):
+        if not self._fitting(trainer) or not self._finite_or_warn(trainer, pl_module):
             return
-        if self._finite_or_warn(trainer, pl_module):
-            super().on_validation_end(trainer, pl_module)
-            self._refresh_last(trainer)
+        super().on_validation_end(trainer, pl_module)
+        if not trainer.is_last_batch:  # at an epoch's end, last.ckpt follows on_train_epoch_end's best
+            self._save_last(trainer)
+
+    def on_train_epoch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        if not self._fitting(trainer) or not self._finite_or_warn(trainer, pl_module):
+            return
+        super().on_train_epoch_end(trainer, pl_module)
+        self._save_last(trainer)
 
     def on_exception(
         self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, exception: BaseException
     ) -> None:
         super().on_exception(trainer, pl_module, exception)
-        if not isinstance(exception, SIGTERMException) or not self._can_save(trainer):
+        if not isinstance(exception, SIGTERMException) or not self._fitting(trainer) or not self.keeps_last:
             return
-        if not self.save_last or not self._finite_or_warn(trainer, pl_module):
+        if not self._finite_or_warn(trainer, pl_module):
             return
-        self._refresh_last(trainer)
-        rank_zero_info(
-            f"SIGTERM: saved {self.last_model_path} at epoch {trainer.current_epoch}, step "
-            f"{trainer.global_step}; resume with ckpt_path=last (or the same hydra.run.dir under SLURM)."
-        )
-
-    def on_train_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
-        if weights_are_finite(pl_module):
-            super().on_train_end(trainer, pl_module)
+        self._save_last(trainer)
+        if trainer.is_global_zero:
+            log.info(
+                "SIGTERM: saved %s at epoch %d, step %d; resume with ckpt_path=last (or the same "
+                "hydra.run.dir under SLURM).",
+                self.last_model_path,
+                trainer.current_epoch,
+                trainer.global_step,
+            )
 
 
 # ---------------------------------------------------------------------------------------------- resuming

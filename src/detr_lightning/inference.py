@@ -2,9 +2,8 @@
 
 Two sources, as in ``eval.py``:
 
-- a Lightning checkpoint of this project (``ckpt_path``): the architecture is read from the weights'
-  shapes plus the saved :data:`~detr_lightning.checkpoints.ARCHITECTURE_KEY` / hyper-parameters (for
-  what shapes cannot tell: heads, dilation, activation); nothing is downloaded. Class names and the
+- a Lightning checkpoint of this project (``ckpt_path``), read by
+  :func:`~detr_lightning.checkpoints.read_detr_file`; nothing is downloaded. Class names and the
   evaluation resize come from the training run's ``.hydra/config.yaml`` (its data annotations);
 - official weights (``model.pretrained``: a name, URL or file) with the 80 COCO class names.
 
@@ -22,20 +21,10 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor
 from torchvision.transforms.v2 import functional as F
 
-from detr_lightning.checkpoints import (
-    ARCHITECTURE_KEY,
-    OFFICIAL_DETR_URLS,
-    CheckpointError,
-    extract_state_dict,
-    infer_architecture,
-    load_official_detr,
-    load_weights_file,
-)
+from detr_lightning.checkpoints import build_from_file, read_detr_file, saved_scoring
 from detr_lightning.data.annotations import read_annotation_file
 from detr_lightning.data.categories import build_label_map
 from detr_lightning.data.errors import DataError
@@ -47,9 +36,10 @@ from detr_lightning.data.transforms import (
     IMAGENET_STD,
     short_side_resize_shape,
 )
-from detr_lightning.models.criterion import class_score
-from detr_lightning.models.detr import DETR, build_detr
+from detr_lightning.models.detr import DETR
 from detr_lightning.models.postprocess import PostProcess
+from detr_lightning.models.weight_files import OFFICIAL_DETR_URLS, CheckpointError
+from detr_lightning.runs import run_data_config
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +66,6 @@ COCO_CLASS_NAMES: dict[int, str] = {
 
 #: Checkpoint entries where class names may be saved (a label -> name dict or a list indexed by label).
 SAVED_CLASS_NAME_KEYS = ("class_names", "detr_class_names")
-
-#: What shapes cannot tell about an architecture; read from the checkpoint's saved settings.
-_SHAPELESS_ARCHITECTURE_KEYS = ("nheads", "dilation", "activation")
 
 
 class InferenceSettingError(CheckpointError):
@@ -115,19 +102,6 @@ class Detector:
         return PostProcess(self.score, top_k=self.top_k)
 
 
-def saved_scoring(checkpoint: Mapping[str, Any]) -> tuple[str, int | None]:
-    """``(score, top_k)`` of a project checkpoint, from its saved ``loss.class_loss`` / ``postprocess``
-    hyper-parameters (checkpoints from before the option: the official ``softmax``)."""
-    hyper_parameters = checkpoint.get("hyper_parameters") or {}
-    class_loss = dict(hyper_parameters.get("loss") or {}).get("class_loss") or "ce"
-    try:
-        score = class_score(class_loss)
-    except ValueError as error:
-        raise CheckpointError(str(error)) from None
-    top_k = dict(hyper_parameters.get("postprocess") or {}).get("top_k")
-    return score, top_k
-
-
 def load_detector(
     ckpt_path: str | os.PathLike | None = None,
     pretrained: str | None = None,
@@ -158,7 +132,7 @@ def load_detector(
     if ckpt_path:
         detector = _load_project_checkpoint(Path(ckpt_path).expanduser())
     else:
-        model = load_official_detr(pretrained, aux_loss=False).eval()
+        model = build_from_file(read_detr_file(pretrained), aux_loss=False).eval()
         names = COCO_CLASS_NAMES if _is_official(pretrained) else {}
         detector = Detector(model=model, class_names=dict(names), source=str(pretrained))
     if class_names is not None:
@@ -193,15 +167,15 @@ def _load_project_checkpoint(path: Path) -> Detector:
             f"ckpt_path={path} does not exist. Fix: point it at a run's checkpoints/best.ckpt "
             "(or use model.pretrained=detr_r50 for the official COCO model)."
         )
-    checkpoint = load_weights_file(path)
-    if not isinstance(checkpoint, Mapping) or "hyper_parameters" not in checkpoint:
+    file = read_detr_file(path)
+    if not file.hyper_parameters:
         raise CheckpointError(
             f"{path} is not a Lightning checkpoint of this project. Fix: for official DETR weights use "
             "model.pretrained=PATH instead of ckpt_path."
         )
-    model = build_model_from_checkpoint(checkpoint, path)
-    run_data = run_data_config(path)
-    score, top_k = saved_scoring(checkpoint)
+    model = build_from_file(file, aux_loss=False).eval()
+    run_data = run_data_config(path.resolve().parent.parent)
+    score, top_k = saved_scoring(file.contents)
     detector = Detector(model=model, source=str(path), score=score, top_k=top_k)
     if run_data is not None:
         detector.scale = int(run_data.get("val_scale") or DETR_EVAL_SCALE)
@@ -214,29 +188,8 @@ def _load_project_checkpoint(path: Path) -> Detector:
             detector.scale,
             detector.max_size,
         )
-    detector.class_names = saved_class_names(checkpoint) or _run_class_names(run_data, path)
+    detector.class_names = saved_class_names(file.contents) or _run_class_names(run_data, path)
     return detector
-
-
-def build_model_from_checkpoint(checkpoint: Mapping[str, Any], path: str | os.PathLike) -> DETR:
-    """The eval-mode DETR of a project checkpoint: shapes from the weights, the rest from its settings.
-
-    No ImageNet backbone is fetched (``pretrained_backbone`` is ignored: the checkpoint holds the weights).
-    """
-    state_dict = extract_state_dict(checkpoint, path)
-    try:
-        architecture = infer_architecture(state_dict)
-    except CheckpointError as error:
-        raise CheckpointError(f"{path}: {error}") from None
-    hyper_parameters = checkpoint.get("hyper_parameters") or {}
-    saved = {**dict(hyper_parameters.get("model") or {}), **dict(checkpoint.get(ARCHITECTURE_KEY) or {})}
-    architecture.update({k: saved[k] for k in _SHAPELESS_ARCHITECTURE_KEYS if k in saved})
-    model = build_detr(**architecture, aux_loss=False)
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as error:
-        raise CheckpointError(f"{path} does not fit the DETR its settings describe: {error}") from None
-    return model.eval()
 
 
 def saved_class_names(checkpoint: Mapping[str, Any]) -> dict[int, str]:
@@ -249,36 +202,6 @@ def saved_class_names(checkpoint: Mapping[str, Any]) -> dict[int, str]:
             if place.get(key):
                 return _as_name_dict(place[key])
     return {}
-
-
-def run_data_config(ckpt_path: Path) -> dict[str, Any] | None:
-    """The resolved ``data`` settings of the run that wrote ``RUN/checkpoints/X.ckpt``, or None.
-
-    ``paths.root_dir`` (``${hydra:runtime.cwd}`` when training) is set to the training run's working
-    directory from ``.hydra/hydra.yaml``, so relative data paths resolve as they did then.
-    """
-    run_dir = ckpt_path.resolve().parent.parent
-    config_file = run_dir / ".hydra" / "config.yaml"
-    if not config_file.is_file():
-        return None
-    try:
-        config = OmegaConf.load(config_file)
-        if "data" not in config:
-            return None
-        hydra_file = run_dir / ".hydra" / "hydra.yaml"
-        training_cwd = (
-            OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.cwd")
-            if hydra_file.is_file()
-            else None
-        )
-        if "paths" in config:
-            config.paths.root_dir = str(training_cwd or Path.cwd())
-            config.paths.output_dir = str(run_dir)
-        data = OmegaConf.to_container(config.data, resolve=True)
-    except (OmegaConfBaseException, OSError, ValueError) as error:
-        log.warning("Cannot read the data settings of %s (%s); using defaults.", config_file, error)
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _run_class_names(run_data: Mapping[str, Any] | None, ckpt_path: Path) -> dict[int, str]:

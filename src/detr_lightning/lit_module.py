@@ -15,10 +15,10 @@ import lightning
 import torch
 from torch import Tensor
 
-from detr_lightning.checkpoints import ARCHITECTURE_KEY, CheckpointError, load_official_detr
-from detr_lightning.data.samplers import sample_seed
+from detr_lightning.checkpoints import DETRFile, build_from_file, read_detr_file, saved_scoring
 from detr_lightning.models import HungarianMatcher, PostProcess, SetCriterion, build_detr, build_weight_dict
 from detr_lightning.models.criterion import class_score, prior_class_bias
+from detr_lightning.models.weight_files import OFFICIAL_DETR_URLS, CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -114,28 +114,31 @@ class DETRLitModule(lightning.LightningModule):
             torch.nn.init.constant_(self.model.class_embed.bias, prior_class_bias(self.prior_prob))
 
     # ------------------------------------------------------------------ weights
-    def load_pretrained(self, source: str | None = None) -> None:
-        """Load official DETR weights (name, URL or file) into the model.
+    def load_pretrained(self, source: str | os.PathLike | DETRFile | None = None) -> None:
+        """Load DETR weights (official name, URL or file, or a checkpoint of this project) into the model.
 
-        The class head is replaced when ``num_classes`` differs, and always kept as initialised with a
-        sigmoid class loss (the official head was trained for a softmax: its logits mean nothing to a
-        sigmoid). ``train.py`` calls this when ``model.pretrained`` is set and the run does not resume from
-        a checkpoint.
+        The class head is replaced when ``num_classes`` differs, or when the file's class scores are read
+        otherwise than this model's (the official softmax head means nothing to a sigmoid loss).
+        ``train.py`` calls this when ``model.pretrained`` is set and the run does not resume.
         """
         source = source or self.pretrained
         if source is None:
             return
         arch = self.model.architecture
-        if self.model.spatial_prior is not None:
+        official = str(getattr(source, "source", source)) in OFFICIAL_DETR_URLS  # no prior: refused unread
+        if isinstance(source, DETRFile):
+            file, source = source, source.source
+        elif not (official and arch["spatial_prior"] != "none"):
+            file = read_detr_file(source, nheads=arch["nheads"], dilation=arch["dilation"])
+        file_prior = "none" if official else file.architecture.get("spatial_prior", "none")
+        if file_prior != arch["spatial_prior"]:
             raise CheckpointError(
-                f"model.pretrained={source}: official DETR weights predict boxes without a spatial prior, "
-                "and model.spatial_prior=gaussian reads box centres relative to its anchors. "
-                "Fix: model.spatial_prior=none to fine-tune official weights (the prior is for training "
-                "from scratch)."
+                f"model.pretrained={source}: its weights predict boxes with spatial_prior={file_prior}, "
+                f"this model has model.spatial_prior={arch['spatial_prior']}, which reads box centres "
+                "otherwise. Fix: model.spatial_prior=none to fine-tune official weights (the prior is for "
+                "training from scratch)."
             )
-        pretrained = load_official_detr(
-            source, num_classes=self.model.num_classes, nheads=arch["nheads"], dilation=arch["dilation"]
-        )
+        pretrained = build_from_file(file, num_classes=self.model.num_classes)
         ours, theirs = self.model.state_dict(), pretrained.state_dict()
         group_queries = {"query_embed_groups"} if self.model.num_groups > 1 else set()
         mismatched = sorted(
@@ -152,15 +155,14 @@ class DETRLitModule(lightning.LightningModule):
                 f"First differing keys: {mismatched[:5]}"
             )
         theirs = {k: v for k, v in theirs.items() if k not in group_queries}
-        if self.class_score == "sigmoid":
+        if saved_scoring(file.contents)[0] != self.class_score:
             theirs.update({k: v.detach().clone() for k, v in ours.items() if k.startswith("class_embed.")})
-            log.info("Sigmoid class loss: the class head starts fresh (not from %s)", source)
+            log.info("%s class scores: the class head starts fresh (not from %s)", self.class_score, source)
         self.model.load_state_dict(theirs, strict=not group_queries)
         self.model.copy_group_zero_queries()
         log.info("Loaded pretrained DETR weights from %s", source)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[ARCHITECTURE_KEY] = dict(self.model.architecture)
         # Label -> class name, so predict/export name classes from the checkpoint alone.
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         try:
@@ -202,13 +204,6 @@ class DETRLitModule(lightning.LightningModule):
             batch_size=batch_size,
             sync_dist=not on_step,
         )
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # In-model randomness (dropout) restarts each epoch from (seed, epoch, rank), as the data order and
-        # augmentation do (EpochShuffleSampler): a run resumed at an epoch boundary repeats the original.
-        seed = os.environ.get("PL_GLOBAL_SEED")  # set by lightning.seed_everything
-        if batch_idx == 0 and seed is not None:
-            torch.manual_seed(sample_seed(int(seed), self.current_epoch, self.global_rank))
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         _, losses, total = self._losses(batch)

@@ -19,7 +19,6 @@ these choices, each tested:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -30,28 +29,15 @@ from rich.table import Table
 from torch import Tensor
 from torchmetrics.detection import MeanAveragePrecision
 
+from detr_lightning.coco_summary import COCO_MAX_DETECTIONS, max_detections
+from detr_lightning.coco_summary import coco_summary_lines as coco_summary_lines  # for the callbacks
+
 COCO_IOU_THRESHOLDS: list[float] = np.linspace(0.5, 0.95, 10).tolist()
 COCO_RECALL_THRESHOLDS: list[float] = np.linspace(0.0, 1.0, 101).tolist()
-COCO_MAX_DETECTIONS: list[int] = [1, 10, 100]
 # torchmetrics replaces an area of 0 by the box area; COCOeval keeps 0, which falls in "small" only. A
 # tiny positive area falls in the same buckets.
 _ZERO_AREA = 1e-12
 
-# The 12 stats of COCOeval.summarize(), in its order: (result key, AP or AR, IoU, area, maxDets index).
-_SUMMARY_ROWS: list[tuple[str, bool, float | None, str, int]] = [
-    ("map", True, None, "all", 2),
-    ("map_50", True, 0.5, "all", 2),
-    ("map_75", True, 0.75, "all", 2),
-    ("map_small", True, None, "small", 2),
-    ("map_medium", True, None, "medium", 2),
-    ("map_large", True, None, "large", 2),
-    ("mar_{0}", False, None, "all", 0),
-    ("mar_{1}", False, None, "all", 1),
-    ("mar_{2}", False, None, "all", 2),
-    ("mar_small", False, None, "small", 2),
-    ("mar_medium", False, None, "medium", 2),
-    ("mar_large", False, None, "large", 2),
-]
 _PER_CLASS_KEYS = ("map_per_class", "classes")
 
 
@@ -267,34 +253,6 @@ def detections_to_coco_results(
     return coco_results(image_ids, coco_detections(detections, label_to_category_id))
 
 
-def _max_detections(result: Mapping[str, Tensor]) -> list[int]:
-    """The three maxDets of a result, read from its ``mar_<n>`` keys."""
-    found = sorted(int(m.group(1)) for key in result if (m := re.fullmatch(r"mar_(\d+)", key)))
-    return found if len(found) == 3 else COCO_MAX_DETECTIONS
-
-
-def coco_summary_lines(result: Mapping[str, Tensor]) -> list[str]:
-    """The 12 lines ``COCOeval.summarize()`` prints, from a metric result.
-
-    ``' Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = 0.xxx'`` and so on:
-    6 AP rows, then 6 AR rows.
-    """
-    max_detections = _max_detections(result)
-    lines = []
-    for key, is_precision, iou, area, max_detections_index in _SUMMARY_ROWS:
-        value = float(result[key.format(*max_detections)])
-        title = "Average Precision" if is_precision else "Average Recall"
-        kind = "(AP)" if is_precision else "(AR)"
-        iou_text = (
-            f"{COCO_IOU_THRESHOLDS[0]:0.2f}:{COCO_IOU_THRESHOLDS[-1]:0.2f}" if iou is None else f"{iou:0.2f}"
-        )
-        lines.append(
-            f" {title:<18} {kind} @[ IoU={iou_text:<9} | area={area:>6s} | "
-            f"maxDets={max_detections[max_detections_index]:>3d} ] = {value:0.3f}"
-        )
-    return lines
-
-
 def _per_class_values(result: Mapping[str, Tensor]) -> list[tuple[int, float, float]]:
     """``(category id, AP, AR@maxDets)`` per class; empty without ``class_metrics``."""
     classes = result.get("classes")
@@ -302,7 +260,7 @@ def _per_class_values(result: Mapping[str, Tensor]) -> list[tuple[int, float, fl
     if classes is None or average_precisions is None:
         return []
     average_precisions = average_precisions.reshape(-1)
-    recall_key = f"mar_{_max_detections(result)[-1]}_per_class"
+    recall_key = f"mar_{max_detections(result)[-1]}_per_class"
     average_recalls = result[recall_key].reshape(-1)
     classes = classes.reshape(-1)
     if len(average_precisions) != len(classes):  # class_metrics=False gives a single -1
@@ -324,12 +282,12 @@ def per_class_table(result: Mapping[str, Tensor], class_names: Mapping[int, str]
 
     A class with no ground truth in the evaluated images has no AP (COCOeval's -1) and shows ``-``.
     """
-    max_detections = _max_detections(result)[-1]
+    recall_at = max_detections(result)[-1]
     table = Table(title="AP per class")
     table.add_column("class")
     table.add_column("id", justify="right")
     table.add_column("AP@[.50:.95]", justify="right")
-    table.add_column(f"AR@{max_detections}", justify="right")
+    table.add_column(f"AR@{recall_at}", justify="right")
     for category_id, average_precision, average_recall in _per_class_values(result):
         table.add_row(
             escape(str(class_names.get(category_id, category_id))),

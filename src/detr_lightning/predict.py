@@ -46,7 +46,6 @@ from detr_lightning.inference import (
     select_device,
 )
 from detr_lightning.models.postprocess import PostProcess
-from detr_lightning.speed import reuse_freed_host_memory
 from detr_lightning.viz import draw_detections, save_attention_figure, save_image
 
 log = logging.getLogger(__name__)
@@ -70,8 +69,6 @@ def predict(cfg: DictConfig) -> Path:
     if OmegaConf.is_missing(cfg, "input") or cfg.input is None:
         raise DataError("input is not set. Fix: input=IMAGE_FILE or input=FOLDER_OF_IMAGES.")
     files = list_images(cfg.input)  # before loading the model: a wrong path is reported at once
-    if cfg.get("reuse_freed_memory", False):
-        reuse_freed_host_memory()
     class_names = cfg.get("class_names")
     detector = load_detector(
         ckpt_path=cfg.get("ckpt_path"),

@@ -1,31 +1,24 @@
 """Hydra multirun sweeps: every job's outcome in its folder, and a ranked summary of the whole sweep.
 
-``python train.py -m ...`` runs each job through :func:`run_sweep_job`, which records the job in
+``python train.py -m ...`` runs each job through `run_sweep_job`, which records it in
 ``<job dir>/job_status.json`` (``running``, then ``ok``, ``failed`` or ``interrupted``) and keeps a failing
-job from stopping the sweep. The Hydra callback :class:`SweepSummary` (``conf/hydra/callbacks``) reads
-every job folder of the sweep after each job and at the end: ``.hydra/overrides.yaml``, ``metrics.csv``
-(the best value of the optimized metric over the epochs, and its epoch), ``metrics.json`` (final figures,
-e.g. the test mAP of the best checkpoint) and ``job_status.json``. It writes ``summary.csv`` into the sweep
-folder, best job first and jobs that did not finish last, and prints it as a table when the sweep ends.
-
-``python -m detr_lightning.sweep SWEEP_DIR`` writes and prints the summary of a sweep that was stopped.
+job from stopping the sweep. The Hydra callback `SweepSummary` (``conf/hydra/callbacks``) reads every job
+folder after each job and writes ``summary.csv`` into the sweep folder: the swept values, the best epoch
+of the optimized metric and final figures per job, best job first, unfinished jobs last; it prints the
+table when the sweep ends. ``python -m detr_lightning.tools.sweep_summary SWEEP_DIR`` does it for a
+stopped sweep.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import gc
-import io
 import json
 import logging
 import math
-import os
-import re
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,19 +27,25 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from detr_lightning.callbacks.coco_evaluator import METRICS_FILE
-from detr_lightning.training import USER_ERRORS
+from detr_lightning.files import atomic_writer, format_duration
+from detr_lightning.runs import (
+    JOB_STATUS_FILE,
+    SUMMARY_FILE,
+    best_of_epochs,
+    differing_keys,
+    find_job_dirs,
+    override_values,
+    read_epoch_rows,
+    read_run,
+)
 
 log = logging.getLogger(__name__)
 
-JOB_STATUS_FILE = "job_status.json"
-EPOCH_METRICS_FILE = "metrics.csv"  # written by detr_lightning.callbacks.EpochMetricsCSV
-SUMMARY_FILE = "summary.csv"
 MODES = ("max", "min")
 #: Final figures of ``metrics.json`` shown beside the best value (when the jobs have them).
 DEFAULT_FINAL_METRICS = ("test/map", "test/map_50")
@@ -58,12 +57,17 @@ def is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def run_sweep_job(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> dict[str, float] | None:
+def run_sweep_job(
+    task: Callable[[DictConfig], dict[str, float]],
+    cfg: DictConfig,
+    *,
+    user_errors: tuple[type[Exception], ...],
+) -> dict[str, float] | None:
     """Run ``task(cfg)`` as one job of a multirun and record its outcome in ``<job dir>/job_status.json``.
 
-    A job that raises is logged to its own log (with the traceback, except for user errors, whose message
-    says it all), recorded as ``failed`` with the error on one line, and returns None so that the sweep
-    goes on with the next job. Ctrl-C or an exit is recorded as ``interrupted`` and stops the sweep.
+    A job that raises is logged to its own log (with the traceback, except for ``user_errors``, whose
+    message says it all), recorded as ``failed`` with the error on one line, and returns None so that the
+    sweep goes on with the next job. Ctrl-C or an exit is recorded as ``interrupted`` and stops the sweep.
     """
     hydra_config = HydraConfig.get()
     job_dir = Path(hydra_config.runtime.output_dir)
@@ -79,11 +83,12 @@ def run_sweep_job(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfi
         record["status"] = "ok"
         return metrics
     except Exception as error:
-        if isinstance(error, USER_ERRORS):
+        user_error = isinstance(error, user_errors)
+        if user_error:
             log.error("job %s failed: %s", hydra_config.job.num, error)
         else:
             log.exception("job %s failed, the sweep goes on", hydra_config.job.num)
-        record.update(status="failed", error=one_line(error, with_type=not isinstance(error, USER_ERRORS)))
+        record.update(status="failed", error=one_line(error, with_type=not user_error))
         return None
     except BaseException as error:  # Ctrl-C, SystemExit: the sweep stops here
         record.update(status="interrupted", error=one_line(error, with_type=True))
@@ -112,7 +117,7 @@ def optimized_value(cfg: DictConfig, metrics: dict[str, float] | None) -> float 
         return math.nan
     mode = check_mode(cfg.get("optimized_metric_mode", "max"), "optimized_metric_mode")
     job_dir = Path(HydraConfig.get().runtime.output_dir)
-    best = best_of_epochs(read_epoch_rows(job_dir / EPOCH_METRICS_FILE), name, mode)
+    best = best_of_epochs(read_epoch_rows(job_dir), name, mode)
     if best is not None:
         return best[0]
     if name not in metrics:
@@ -129,7 +134,8 @@ def optimized_value(cfg: DictConfig, metrics: dict[str, float] | None) -> float 
 def write_job_status(job_dir: Path, record: dict[str, Any]) -> None:
     """Write ``job_status.json`` into ``job_dir`` (global rank 0 only: DDP ranks share the folder)."""
     if rank_zero_only.rank == 0:
-        _write_atomically(job_dir / JOB_STATUS_FILE, json.dumps(record, indent=2) + "\n")
+        with atomic_writer(job_dir / JOB_STATUS_FILE) as handle:
+            handle.write(json.dumps(record, indent=2) + "\n")
 
 
 def one_line(error: BaseException, with_type: bool) -> str:
@@ -157,116 +163,42 @@ def _finish_wandb_run(failed: bool) -> None:
 # ------------------------------------------------------------------------------------------ job folders
 @dataclass
 class JobResult:
-    """What the summary says about one job of a sweep.
+    """What the summary says about one job of a sweep."""
 
-    Attributes:
-        job: the job folder, relative to the sweep folder (``0``, ``1``, ... by default).
-        status: ``ok``, ``failed``, ``interrupted`` or ``incomplete`` (no end recorded: killed or running).
-        overrides: the job's command-line overrides, ``key=value`` as Hydra saved them.
-        best: best value of the optimized metric over the epochs (the final one without ``metrics.csv``).
-        best_epoch: the epoch of ``best`` (None when it comes from ``metrics.json``).
-        epochs: rows of ``metrics.csv``.
-        final: the figures of ``metrics.json`` (last validation, test of the best checkpoint).
-        duration_s: wall time of the job, when it ended.
-        error: the one-line error of a job that did not end ``ok``.
-    """
-
-    job: str
-    status: str
+    job: str  # the job folder, relative to the sweep folder (0, 1, ... by default)
+    status: str  # ok, failed, interrupted or incomplete (no end recorded: killed or running)
     overrides: list[str]
-    best: float | None = None
-    best_epoch: int | None = None
-    epochs: int = 0
-    final: dict[str, float] = field(default_factory=dict)
+    best: float | None = None  # best optimized metric over the epochs (the final one without metrics.csv)
+    best_epoch: int | None = None  # None when best comes from metrics.json
+    epochs: int = 0  # rows of metrics.csv
+    final: dict[str, float] = field(default_factory=dict)  # the figures of metrics.json
     duration_s: float | None = None
-    error: str = ""
-
-    def override_values(self) -> dict[str, str]:
-        """``{key: value}`` of the overrides (``+``/``++`` prefixes dropped, ``~key`` kept with no value)."""
-        pairs = (override.partition("=") for override in self.overrides)
-        return {key.lstrip("+"): value for key, _, value in pairs}
-
-
-def find_job_dirs(sweep_dir: Path) -> list[Path]:
-    """The job folders of a sweep (with ``.hydra/overrides.yaml`` or ``job_status.json``), in job order."""
-    markers = [*sweep_dir.glob("**/.hydra/overrides.yaml"), *sweep_dir.glob(f"**/{JOB_STATUS_FILE}")]
-    job_dirs = {
-        marker.parent.parent if marker.parent.name == ".hydra" else marker.parent for marker in markers
-    }
-    job_dirs.discard(sweep_dir)  # a run folder used as sweep folder: only its sub-folders are jobs
-    return sorted(job_dirs, key=lambda job_dir: _natural_key(job_dir.relative_to(sweep_dir).as_posix()))
+    error: str = ""  # the one-line error of a job that did not end ok
 
 
 def read_job(job_dir: Path, sweep_dir: Path, metric: str, mode: str) -> JobResult:
     """Read one job folder; missing or unreadable files leave their fields empty."""
-    status_record = _read_json(job_dir / JOB_STATUS_FILE)
-    final = {k: float(v) for k, v in _read_json(job_dir / METRICS_FILE).items() if _is_number(v)}
-    rows = read_epoch_rows(job_dir / EPOCH_METRICS_FILE)
+    run = read_run(job_dir, metric=metric, mode=mode)
     result = JobResult(
         job=job_dir.relative_to(sweep_dir).as_posix(),
-        status=str(status_record.get("status", "incomplete")),
-        overrides=_read_overrides(job_dir) or [str(o) for o in status_record.get("overrides", [])],
-        epochs=len(rows),
-        final=final,
-        duration_s=status_record.get("duration_s"),
-        error=str(status_record.get("error", "")),
+        status=run.status or "incomplete",
+        overrides=run.overrides,
+        epochs=len(run.epochs),
+        final=run.final,
+        duration_s=run.duration_s if run.duration_measured else None,
+        error=run.error,
     )
-    best = best_of_epochs(rows, metric, mode)
+    best = best_of_epochs(run.epochs, metric, mode)
     if best is not None:
         result.best, result.best_epoch = best
-    elif metric in final and not math.isnan(final[metric]):
-        result.best = final[metric]
+    elif metric in run.final and not math.isnan(run.final[metric]):
+        result.best = run.final[metric]
     if result.status == "running":
         result.status = "incomplete"
         result.error = "started but no end recorded: the job was killed, or is still running"
-    elif not status_record:
+    elif run.status is None:
         result.error = f"no {JOB_STATUS_FILE}: the job was killed before training, or never ran train.py"
     return result
-
-
-def read_epoch_rows(path: Path) -> list[dict[str, str]]:
-    """The rows of a ``metrics.csv`` (one per epoch); none when it is missing or unreadable."""
-    try:
-        with path.open(newline="") as handle:
-            return list(csv.DictReader(handle))
-    except (OSError, csv.Error, UnicodeDecodeError):
-        return []
-
-
-def epoch_series(rows: list[dict[str, str]], metric: str) -> list[tuple[int, float]]:
-    """``(epoch, value)`` of ``metric`` over epoch rows, blanks and NaN left out (a row without an
-    ``epoch`` column counts by its position)."""
-    series = []
-    for index, row in enumerate(rows):
-        value = _to_float(row.get(metric))
-        if value is None or math.isnan(value):
-            continue
-        epoch = _to_float(row.get("epoch"))
-        series.append((int(epoch) if epoch is not None else index, value))
-    return series
-
-
-def best_of_epochs(rows: list[dict[str, str]], metric: str, mode: str) -> tuple[float, int | None] | None:
-    """The best value of ``metric`` over epoch rows and the first epoch that reached it; None without one."""
-    best: tuple[float, int | None] | None = None
-    for epoch, value in epoch_series(rows, metric):
-        if best is None or (value > best[0] if mode == "max" else value < best[0]):
-            best = (value, epoch)
-    return best
-
-
-def first_reaching(series: Iterable[tuple[int, float]], target: float, mode: str) -> int | None:
-    """The first epoch of ``(epoch, value)`` pairs whose value is as good as ``target`` or better
-    (``mode``: max|min), or None."""
-    for epoch, value in series:
-        if value >= target if mode == "max" else value <= target:
-            return epoch
-    return None
-
-
-def first_epoch_reaching(rows: list[dict[str, str]], metric: str, target: float, mode: str) -> int | None:
-    """The first epoch whose ``metric`` is as good as ``target`` or better (``mode``: max|min), or None."""
-    return first_reaching(epoch_series(rows, metric), target, mode)
 
 
 def summarize_sweep(sweep_dir: Path, metric: str, mode: str = "max") -> list[JobResult]:
@@ -281,45 +213,26 @@ def summarize_sweep(sweep_dir: Path, metric: str, mode: str = "max") -> list[Job
 # ---------------------------------------------------------------------------------------------- summary
 def swept_keys(jobs: Sequence[JobResult]) -> list[str]:
     """Override keys whose values differ between the jobs (the swept parameters), in command-line order."""
-    values = [job.override_values() for job in jobs]
-    keys: list[str] = []
-    for job_values in values:
-        keys.extend(key for key in job_values if key not in keys)
-    return [key for key in keys if len({job_values.get(key) for job_values in values}) > 1]
-
-
-def summary_columns(jobs: Sequence[JobResult], metric: str, final_metrics: Sequence[str]) -> list[str]:
-    """The columns of ``summary.csv``."""
-    shown_finals = [name for name in final_metrics if any(name in job.final for job in jobs)]
-    return [
-        "rank",
-        "job",
-        "status",
-        *swept_keys(jobs),
-        f"best {metric}",
-        "best_epoch",
-        "epochs",
-        *shown_finals,
-        "duration_s",
-        "error",
-        "overrides",
-    ]
+    return differing_keys([override_values(job.overrides) for job in jobs])
 
 
 def summary_rows(
     jobs: Sequence[JobResult], metric: str, final_metrics: Sequence[str]
 ) -> list[dict[str, Any]]:
-    """One ``summary.csv`` row per job, in the order of ``jobs``; empty cells for what a job lacks."""
+    """One ``summary.csv`` row per job, in the order of ``jobs``, all with the same columns (rank, job,
+    status, the swept keys, best ``metric``, its epoch, epochs, the ``final_metrics`` that some job has,
+    duration_s, error, overrides); empty cells for what a job lacks."""
     keys = swept_keys(jobs)
+    finals = _shown_finals(jobs, final_metrics)
     rows = []
     for rank, job in enumerate(jobs, start=1):
-        values = job.override_values()
+        values = override_values(job.overrides)
         row: dict[str, Any] = {"rank": rank, "job": job.job, "status": job.status}
         row.update({key: values.get(key, "") for key in keys})
         row[f"best {metric}"] = _blank_if_none(job.best)
         row["best_epoch"] = _blank_if_none(job.best_epoch)
         row["epochs"] = job.epochs
-        row.update({name: job.final[name] for name in final_metrics if name in job.final})
+        row.update({name: job.final.get(name, "") for name in finals})
         row["duration_s"] = _blank_if_none(job.duration_s)
         row["error"] = job.error
         row["overrides"] = " ".join(job.overrides)
@@ -331,12 +244,11 @@ def write_summary_csv(
     jobs: Sequence[JobResult], path: Path, metric: str, final_metrics: Sequence[str] = DEFAULT_FINAL_METRICS
 ) -> Path:
     """Write ``summary.csv`` (atomically: a reader never sees half a file) and return its path."""
-    columns = summary_columns(jobs, metric, final_metrics)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
-    writer.writeheader()
-    writer.writerows(summary_rows(jobs, metric, final_metrics))
-    _write_atomically(path, buffer.getvalue())
+    rows = summary_rows(jobs, metric, final_metrics)
+    with atomic_writer(path, newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else [])
+        writer.writeheader()
+        writer.writerows(rows)
     return path
 
 
@@ -348,7 +260,7 @@ def summary_table(
 ) -> Table:
     """The summary as a rich table: the swept parameters, best ``metric`` and its epoch, and the errors."""
     keys = swept_keys(jobs)
-    finals = [name for name in final_metrics if any(name in job.final for job in jobs)]
+    finals = _shown_finals(jobs, final_metrics)
     # Text, not markup: overrides and errors hold brackets (`a=[1,2]`, `shape [2, 3]`).
     table = Table(title=Text(f"Sweep summary: {len(jobs)} jobs, best {metric} ({mode}) first"))
     table.add_column("#", justify="right")
@@ -365,12 +277,12 @@ def summary_table(
     if show_errors:
         table.add_column("error (whole in summary.csv)", max_width=80, no_wrap=True, overflow="ellipsis")
     for rank, job in enumerate(jobs, start=1):
-        values = job.override_values()
+        values = override_values(job.overrides)
         cells: list[Any] = [rank, job.job]
         cells += [values.get(key, "") for key in keys] if keys else [" ".join(job.overrides)]
         cells += [_format_figure(job.best), _blank_if_none(job.best_epoch)]
         cells += [_format_figure(job.final.get(name)) for name in finals]
-        cells.append(_format_duration(job.duration_s))
+        cells.append("" if job.duration_s is None else format_duration(job.duration_s))
         if show_errors:
             cells.append(job.error)
         texts = [Text(str(cell)) for cell in cells]
@@ -441,106 +353,14 @@ class SweepSummary(Callback):
         return jobs, write_summary_csv(jobs, sweep_dir / SUMMARY_FILE, self.metric, self.final_metrics)
 
 
-# ------------------------------------------------------------------------------------------------- CLI
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m detr_lightning.sweep SWEEP_DIR``: write and print the summary of a sweep folder."""
-    parser = argparse.ArgumentParser(
-        prog="python -m detr_lightning.sweep",
-        description="Write summary.csv of a Hydra sweep folder and print it (e.g. for a stopped sweep).",
-    )
-    parser.add_argument("sweep_dir", type=Path, help="the sweep folder (hydra.sweep.dir): multirun/...")
-    parser.add_argument("--metric", help="figure to rank by; default: optimized_metric of multirun.yaml")
-    parser.add_argument("--mode", choices=MODES, help="its direction; default: optimized_metric_mode or max")
-    args = parser.parse_args(argv)
-    if not args.sweep_dir.is_dir():
-        parser.error(
-            f"{args.sweep_dir} is not a folder: pass a sweep folder, e.g. multirun/train/<date_time>"
-        )
-    saved = _read_multirun_config(args.sweep_dir)
-    metric = args.metric or saved.get("optimized_metric") or "val/map"
-    mode = args.mode or saved.get("optimized_metric_mode") or "max"
-    jobs = summarize_sweep(args.sweep_dir, metric, mode)
-    if not jobs:
-        parser.error(f"no job folders (with .hydra/overrides.yaml or {JOB_STATUS_FILE}) in {args.sweep_dir}")
-    csv_path = write_summary_csv(jobs, args.sweep_dir / SUMMARY_FILE, metric)
-    print_summary(jobs, metric, mode, csv_path=csv_path)
-
-
 # ---------------------------------------------------------------------------------------------- helpers
-def _natural_key(text: str) -> list[Any]:
-    """Sort key that puts job ``2`` before job ``10``."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        content = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return content if isinstance(content, dict) else {}
-
-
-def _read_overrides(job_dir: Path) -> list[str]:
-    try:
-        overrides = OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")
-    except Exception:  # missing, unreadable or not YAML: the job folder may be half-written
-        return []
-    return [str(override) for override in overrides] if OmegaConf.is_list(overrides) else []
-
-
-def _read_multirun_config(sweep_dir: Path) -> dict[str, Any]:
-    """The top-level plain values of the sweep's ``multirun.yaml`` (empty when it is missing)."""
-    try:
-        saved = OmegaConf.to_container(OmegaConf.load(sweep_dir / "multirun.yaml"), resolve=False)
-    except Exception:
-        return {}
-    return {k: v for k, v in saved.items() if isinstance(v, str)} if isinstance(saved, dict) else {}
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename, so readers see all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
-
-
-def _to_float(value: Any) -> float | None:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+def _shown_finals(jobs: Sequence[JobResult], final_metrics: Sequence[str]) -> list[str]:
+    return [name for name in final_metrics if any(name in job.final for job in jobs)]
 
 
 def _blank_if_none(value: Any) -> Any:
     return "" if value is None else value
 
 
-def format_figure(value: float | None) -> str:
-    """A COCO figure or loss in a markdown report: 3 decimals; ``n/a`` for COCOeval's -1, ``–`` when
-    absent."""
-    if value is None or math.isnan(value):
-        return "–"
-    if value < 0:
-        return "n/a"
-    return f"{value:.3f}"
-
-
 def _format_figure(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
-
-
-def _format_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
-
-
-if __name__ == "__main__":
-    main()

@@ -12,7 +12,6 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from detr_lightning.checkpoints import CheckpointError
 from detr_lightning.data.errors import DataError
 from detr_lightning.distributed import close_process_group
 from detr_lightning.fault_tolerance import (
@@ -21,6 +20,7 @@ from detr_lightning.fault_tolerance import (
     resolve_resume_checkpoint,
 )
 from detr_lightning.lit_module import DETRLitModule, NonFiniteTrainingError
+from detr_lightning.models.weight_files import CheckpointError
 from detr_lightning.preflight import (
     ConfigError,
     OutputDirError,
@@ -70,6 +70,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the model of ``cfg`` on its data, then test the best checkpoint; return the final figures."""
     quiet_third_party_logs()
     check_config_types(cfg)
+    data = cfg.data
+    if data.root is None and not data.train.ann_file and not data.get("generate_demo"):
+        raise ConfigError(
+            "no training data: pass data.root=DIR (a COCO-format folder: Roboflow export or COCO layout) "
+            "for the official DETR-R50 fine-tuning recipe, or experiment=demo for the built-in demo."
+        )
     ckpt_path = resolve_resume_checkpoint(cfg.get("ckpt_path"), cfg.trainer.get("default_root_dir"))
     if ckpt_path:
         check_resume_checkpoint(ckpt_path)  # weights_only=True + allow-list, before Lightning reads it

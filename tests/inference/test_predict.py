@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from detr_lightning.checkpoints import CheckpointError, WeightsUnavailableError
 from detr_lightning.data.errors import DataError
 from detr_lightning.inference import COCO_CLASS_NAMES, load_detector
 from detr_lightning.models import build_detr
+from detr_lightning.models.weight_files import CheckpointError, WeightsUnavailableError
 from detr_lightning.predict import predict
 
 from .conftest import IMAGES, TINY_MODEL, compose_config, run_cli

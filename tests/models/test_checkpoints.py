@@ -10,14 +10,9 @@ import pytest
 import torch
 import torchvision
 
-from detr_lightning import OFFICIAL_DETR_URLS, load_official_detr
-from detr_lightning.checkpoints import (
-    ARCHITECTURE_KEY,
-    CheckpointError,
-    WeightsUnavailableError,
-    download_weights,
-)
+from detr_lightning import OFFICIAL_DETR_URLS, load_detr
 from detr_lightning.models import ResNetBackbone, build_detr
+from detr_lightning.models.weight_files import CheckpointError, WeightsUnavailableError, download_weights
 from tiny_detr import tiny_detr_kwargs
 
 # Without num_classes: the tests pass it themselves.
@@ -45,7 +40,7 @@ def assert_same_weights(a, b, skip=()):
 
 def test_round_trip_official_format(tiny_model, tmp_path):
     path = save_official_format(tiny_model, tmp_path / "ckpt.pth", nheads=2, dilation=False, dropout=0.1)
-    loaded = load_official_detr(path)
+    loaded = load_detr(path)
     assert_same_weights(tiny_model, loaded)
     assert loaded.architecture == tiny_model.architecture
 
@@ -53,16 +48,18 @@ def test_round_trip_official_format(tiny_model, tmp_path):
 def test_bare_state_dict_needs_nheads_from_caller(tiny_model, tmp_path):
     path = tmp_path / "bare.pth"
     torch.save(tiny_model.state_dict(), path)
-    assert_same_weights(tiny_model, load_official_detr(path, nheads=2))
-    assert load_official_detr(path).architecture["nheads"] == 8  # official default when nothing says
+    assert_same_weights(tiny_model, load_detr(path, nheads=2))
+    assert load_detr(path).architecture["nheads"] == 8  # official default when nothing says
 
 
 def test_lightning_checkpoint_of_this_project(tiny_model, tmp_path):
     path = tmp_path / "last.ckpt"
     state = {f"model.{k}": v for k, v in tiny_model.state_dict().items()}
     state["criterion.empty_weight"] = torch.ones(4)
-    torch.save({"state_dict": state, ARCHITECTURE_KEY: tiny_model.architecture, "epoch": 1}, path)
-    loaded = load_official_detr(path)
+    torch.save(
+        {"state_dict": state, "hyper_parameters": {"model": tiny_model.architecture}, "epoch": 1}, path
+    )
+    loaded = load_detr(path)
     assert_same_weights(tiny_model, loaded)
     assert loaded.architecture["nheads"] == 2
 
@@ -70,13 +67,13 @@ def test_lightning_checkpoint_of_this_project(tiny_model, tmp_path):
 def test_contradicting_nheads_is_an_error(tiny_model, tmp_path):
     path = save_official_format(tiny_model, tmp_path / "ckpt.pth", nheads=2)
     with pytest.raises(CheckpointError, match="nheads=2"):
-        load_official_detr(path, nheads=4)
+        load_detr(path, nheads=4)
 
 
 def test_class_head_is_replaced_for_other_num_classes(tiny_model, tmp_path, caplog):
     path = save_official_format(tiny_model, tmp_path / "ckpt.pth", nheads=2)
     with caplog.at_level(logging.INFO, logger="detr_lightning.checkpoints"):
-        loaded = load_official_detr(path, num_classes=1)
+        loaded = load_detr(path, num_classes=1)
     assert "Re-initialised the class head for num_classes=1" in caplog.text
     assert loaded.class_embed.out_features == 2 and loaded.num_classes == 1
     reference = tiny_model.state_dict()
@@ -102,7 +99,7 @@ def test_strict_loading_names_the_bad_keys(tiny_model, tmp_path, edit, message):
     path = tmp_path / "bad.pth"
     torch.save({"model": state}, path)
     with pytest.raises(CheckpointError, match=message):
-        load_official_detr(path, nheads=2)
+        load_detr(path, nheads=2)
 
 
 class _RunsCode:
@@ -122,7 +119,7 @@ def test_a_file_that_pickles_code_is_refused(tiny_model, tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"model": tiny_model.state_dict(), "payload": _RunsCode(marker)}, path)
     with pytest.raises(CheckpointError, match="Refusing to load .*evil.pth"):
-        load_official_detr(path)
+        load_detr(path)
     assert not marker.exists()
 
 
@@ -130,15 +127,15 @@ def test_not_a_weight_file(tmp_path):
     path = tmp_path / "notes.pth"
     path.write_text("hello")
     with pytest.raises(CheckpointError, match="not a readable PyTorch weight file"):
-        load_official_detr(path)
+        load_detr(path)
     with pytest.raises(CheckpointError, match="does not exist"):
-        load_official_detr(tmp_path / "nope.pth")
+        load_detr(tmp_path / "nope.pth")
 
 
 def test_official_name_offline_says_url_and_destination(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(WeightsUnavailableError) as info:
-        load_official_detr("detr_r50")
+        load_detr("detr_r50")
     message = str(info.value)
     assert OFFICIAL_DETR_URLS["detr_r50"] in message
     assert str(tmp_path / "checkpoints" / "detr-r50-e632da11.pth") in message
@@ -166,7 +163,7 @@ def test_official_name_from_the_hub_cache_sets_dilation(monkeypatch, tmp_path):
     cached.parent.mkdir()
     torch.save({"model": model.state_dict()}, cached)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    loaded = load_official_detr("detr_r50_dc5", nheads=2)
+    loaded = load_detr("detr_r50_dc5", nheads=2)
     assert loaded.architecture["dilation"] is True and loaded.backbone[0].stride == 16
     assert_same_weights(model, loaded)
 
@@ -189,7 +186,7 @@ def test_backbone_variants_are_read_from_the_weights(tmp_path):
     )
     path = tmp_path / "variant.pth"
     torch.save({"model": variant.state_dict()}, path)
-    loaded = load_official_detr(path, nheads=2)
+    loaded = load_detr(path, nheads=2)
     for key in ("backbone_norm", "backbone_output_stage", "num_groups"):
         assert loaded.architecture[key] == variant.architecture[key], key
     assert_same_weights(variant, loaded)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from detr_lightning.inference import saved_scoring
+from detr_lightning.checkpoints import saved_scoring
 from detr_lightning.lit_module import DETRLitModule
 from detr_lightning.models import HungarianMatcher, PostProcess, SetCriterion, build_detr, build_weight_dict
 from detr_lightning.models.criterion import paired_iou, prior_class_bias

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from detr_lightning import HungarianMatcher, PostProcess, SetCriterion, load_official_detr
+from detr_lightning import HungarianMatcher, PostProcess, SetCriterion, load_detr
 from detr_lightning.batching import pad_images_to_batch
 from detr_lightning.models import build_weight_dict
 
@@ -13,7 +13,7 @@ from detr_lightning.models import build_weight_dict
 @pytest.fixture(scope="module")
 def tiny_case(request):
     fixtures = request.getfixturevalue("official_fixtures") / "tiny"
-    model = load_official_detr(fixtures / "checkpoint.pth").eval()
+    model = load_detr(fixtures / "checkpoint.pth").eval()
     inputs = torch.load(fixtures / "inputs.pt", weights_only=True)
     expected = torch.load(fixtures / "expected.pt", weights_only=True)
     with torch.no_grad():

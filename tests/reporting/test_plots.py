@@ -20,9 +20,9 @@ from detr_lightning.callbacks.plots import (
     TrainingPlots,
     plot_metrics,
     plot_predictions,
-    read_metrics_csv,
 )
 from detr_lightning.data import CocoDataModule
+from detr_lightning.runs import read_epoch_rows
 
 from .conftest import fake_trainer
 
@@ -93,7 +93,7 @@ def test_a_training_run_writes_both_plots(sweep):
 
 
 def test_metrics_plot_from_a_runs_metrics_csv(sweep, tmp_path):
-    rows = read_metrics_csv(sweep.jobs[0] / "metrics.csv")
+    rows = read_epoch_rows(sweep.jobs[0])
     assert [row["epoch"] for row in rows] == ["0", "1"]
     first = plot_metrics(rows[:1], tmp_path / "one.png")
     both = plot_metrics(rows, tmp_path / "two.png")
@@ -104,7 +104,7 @@ def test_metrics_plot_from_a_runs_metrics_csv(sweep, tmp_path):
 
 # ---------------------------------------------------------------------- the callback, without a Trainer
 def test_metrics_plot_is_redrawn_after_every_epoch(sweep, tmp_path):
-    rows = read_metrics_csv(sweep.jobs[0] / "metrics.csv")
+    rows = read_epoch_rows(sweep.jobs[0])
     callback = TrainingPlots(output_dir=tmp_path / "plots")
     path = tmp_path / "plots" / METRICS_PLOT
     digests = []
@@ -121,7 +121,7 @@ def test_metrics_plot_is_redrawn_after_every_epoch(sweep, tmp_path):
 
 
 def test_a_resumed_run_plots_the_earlier_epochs(sweep, tmp_path):
-    rows = read_metrics_csv(sweep.jobs[0] / "metrics.csv")
+    rows = read_epoch_rows(sweep.jobs[0])
     first = TrainingPlots(output_dir=tmp_path / "first")
     first.on_train_epoch_end(fake_trainer(tmp_path, callback_metrics=epoch_metrics(rows[0])), None)
 

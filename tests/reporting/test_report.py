@@ -1,4 +1,4 @@
-"""`python -m detr_lightning.report`: numbers equal to the run files, comparisons, sweeps, README mode."""
+"""`python -m detr_lightning.tools.report`: numbers equal to the run files, comparisons, sweeps, README."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detr_lightning.report import BEGIN_MARKER, COCO_KEYS, END_MARKER, main
-from detr_lightning.sweep import first_epoch_reaching
+from detr_lightning.runs import first_epoch_reaching
+from detr_lightning.tools.report import BEGIN_MARKER, COCO_KEYS, END_MARKER, main
 
 from .conftest import Sweep
 
@@ -112,7 +112,7 @@ def random_run(sweep: Sweep, tmp_path) -> Path:
 def test_report_command_on_a_run(sweep, tmp_path):
     out = tmp_path / "report" / "run.md"
     result = subprocess.run(
-        [sys.executable, "-m", "detr_lightning.report", str(sweep.jobs[0]), "-o", str(out)],
+        [sys.executable, "-m", "detr_lightning.tools.report", str(sweep.jobs[0]), "-o", str(out)],
         capture_output=True,
         text=True,
         timeout=120,

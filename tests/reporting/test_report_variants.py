@@ -1,4 +1,4 @@
-"""Seeds pooled into variants in `python -m detr_lightning.report`: budget, means, first epochs, plot."""
+"""Seeds pooled into variants by `python -m detr_lightning.tools.report`: budget, means, first epochs."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from detr_lightning.report import collect, main
-from detr_lightning.report_variants import common_budget, first_epoch_at_least, group_by_seed
+from detr_lightning.tools.report import collect, main
+from detr_lightning.tools.report_variants import common_budget, first_epoch_at_least, group_by_seed
 
 from .test_report import table
 

@@ -10,13 +10,14 @@ import lightning
 import pytest
 import torch
 
-from detr_lightning.checkpoints import CheckpointError
+from detr_lightning.callbacks.epoch_seed import EpochSeed
 from detr_lightning.fault_tolerance import (
     SIGTERM_EXIT_CODE,
     AtomicCheckpointIO,
     RobustModelCheckpoint,
     resolve_resume_checkpoint,
 )
+from detr_lightning.models.weight_files import CheckpointError
 from test_lit_module import loader, make_module, synthetic_batches
 
 from .conftest import RunningTrain, cli_env, demo_args, load_checkpoint, run_cli
@@ -169,3 +170,32 @@ def test_last_ckpt_follows_every_epoch_even_without_improvement(tmp_path):
     trainer.fit(make_module(), loader(synthetic_batches(1)), loader(synthetic_batches(1)))
     assert load_checkpoint(tmp_path / "best.ckpt")["epoch"] == 0  # never improved after epoch 0
     assert load_checkpoint(tmp_path / "last.ckpt")["epoch"] == 2  # stock ModelCheckpoint: still 0
+
+
+def _fit_with_dropout(tmp_path, max_epochs, callbacks, ckpt_path=None) -> dict[str, torch.Tensor]:
+    """A process of ``train.py`` in miniature: seed, build the tiny DETR (dropout 0.1), fit, maybe resume."""
+    torch.manual_seed(0)
+    module = make_module()
+    assert module.model.transformer.encoder.layers[0].dropout.p > 0
+    trainer = lightning.Trainer(
+        accelerator="cpu",
+        max_epochs=max_epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[RobustModelCheckpoint(dirpath=tmp_path, save_top_k=0, save_last=True), *callbacks],
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, loader(synthetic_batches(2)), ckpt_path=ckpt_path, weights_only=True)
+    return module.model.state_dict()
+
+
+@pytest.mark.parametrize("epoch_seed", [True, False], ids=["callbacks=exact_resume", "default"])
+def test_dropout_resumes_exactly_with_the_epoch_seed_callback_only(tmp_path, epoch_seed):
+    callbacks = [EpochSeed(seed=0)] if epoch_seed else []
+    uninterrupted = _fit_with_dropout(tmp_path / "a", 2, callbacks)
+    _fit_with_dropout(tmp_path / "b", 1, callbacks)  # stopped after epoch 0 ...
+    resumed = _fit_with_dropout(tmp_path / "b", 2, callbacks, ckpt_path=tmp_path / "b" / "last.ckpt")
+    same = all(torch.allclose(resumed[k], uninterrupted[k], atol=1e-6, rtol=0) for k in uninterrupted)
+    assert same == epoch_seed  # by default epoch 1 draws other dropout masks: plain PyTorch stream

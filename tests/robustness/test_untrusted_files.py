@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from data.builders import coco_dict, write_image, write_split
-from detr_lightning import load_official_detr
+from detr_lightning import load_detr
 from detr_lightning.checkpoints import CheckpointError
 from detr_lightning.data import CocoDataModule
 from detr_lightning.data.check import load_split
@@ -75,7 +75,7 @@ def test_resuming_from_a_code_running_checkpoint_is_refused(small_demo, evil_che
         pytest.param(load_project_checkpoint, id="eval.py ckpt_path"),
         pytest.param(lambda path: load_detector(ckpt_path=path), id="predict.py ckpt_path"),
         pytest.param(lambda path: load_detector(pretrained=str(path)), id="predict.py model.pretrained"),
-        pytest.param(load_official_detr, id="model.pretrained (train, eval)"),
+        pytest.param(load_detr, id="model.pretrained (train, eval)"),
     ],
 )
 def test_every_loading_path_refuses_pickled_code(evil_checkpoint, load):

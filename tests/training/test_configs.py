@@ -29,6 +29,34 @@ def test_experiments_compose(compose_config):
         assert cfg.task_name == experiment
 
 
+def test_without_an_experiment_a_data_root_gets_the_official_fine_tuning_recipe(compose_config):
+    cfg = compose_config(["data.root=/my/data"])
+    assert cfg.task_name == "train" and cfg.model.pretrained == "detr_r50"
+    assert (cfg.model.backbone, cfg.model.dilation, cfg.model.backbone_norm) == ("resnet50", False, "frozen")
+    assert (cfg.model.hidden_dim, cfg.model.nheads, cfg.model.enc_layers, cfg.model.dec_layers) == (
+        256,
+        8,
+        6,
+        6,
+    )
+    assert (cfg.model.num_queries, cfg.model.dropout, cfg.model.spatial_prior, cfg.model.num_groups) == (
+        100,
+        0.1,
+        "none",
+        1,
+    )
+    assert list(cfg.data.train_scales) == list(range(480, 801, 32)) and cfg.data.train_max_size == 1333
+    assert (cfg.data.val_scale, cfg.data.val_max_size, cfg.data.batch_size) == (800, 1333, 2)
+    assert (cfg.optimizer.lr, cfg.optimizer.lr_backbone, cfg.optimizer.weight_decay) == (1e-4, 1e-5, 1e-4)
+    assert (cfg.trainer.gradient_clip_val, cfg.scheduler.lr_drop, cfg.trainer.max_epochs) == (0.1, 200, 300)
+    assert (cfg.loss.ce_loss_coef, cfg.loss.bbox_loss_coef, cfg.loss.giou_loss_coef, cfg.loss.eos_coef) == (
+        1,
+        5,
+        2,
+        0.1,
+    )
+
+
 def test_fire_extinguishers_reproduces_the_run_settings(compose_config):
     cfg = compose_config(["experiment=fire_extinguishers", "data.root=/data/fire"])
     assert cfg.model.backbone == "resnet50" and cfg.model.dilation is False
@@ -114,3 +142,16 @@ def test_crowded_demo_config_matches_the_generator(compose_config):
     assert {key: data[key] for key in CROWDED_DEMO_TRANSFORM_SCALES} == CROWDED_DEMO_TRANSFORM_SCALES
     assert data["root"].endswith("demo_crowded") and data["demo_root"] == data["root"]
     assert cfg.model.spatial_prior == "gaussian" and cfg.model.num_queries == 30
+
+
+def test_exact_resume_with_dropout_is_an_opt_in_callback(compose_config):
+    from detr_lightning.callbacks.epoch_seed import EpochSeed
+
+    default = compose_config(["experiment=demo"]).callbacks
+    assert "epoch_seed" not in default  # the default run draws from PyTorch's plain random stream
+    cfg = compose_config(["experiment=demo", "callbacks=exact_resume", "seed=7"])
+    assert list(cfg.callbacks) == [*default, "epoch_seed"]
+    callback = instantiate(cfg.callbacks.epoch_seed)
+    assert isinstance(callback, EpochSeed) and callback.seed == 7
+    with pytest.raises(Exception, match="callbacks=exact_resume needs a seed"):
+        instantiate(compose_config(["callbacks=exact_resume", "seed=null"]).callbacks.epoch_seed)

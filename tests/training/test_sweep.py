@@ -21,12 +21,13 @@ from omegaconf import OmegaConf, open_dict, read_write
 from detr_lightning.data.errors import DataError
 from detr_lightning.sweep import (
     SweepSummary,
-    main,
     optimized_value,
     run_sweep_job,
     summarize_sweep,
     write_summary_csv,
 )
+from detr_lightning.tools.sweep_summary import main
+from detr_lightning.training import USER_ERRORS
 
 from .conftest import QUICK, REPO_ROOT, run_train_cli
 
@@ -194,7 +195,7 @@ def test_a_failing_job_is_recorded_and_does_not_raise(job_config, caplog, monkey
         raise RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB")
 
     with caplog.at_level(logging.ERROR):
-        assert run_sweep_job(crash, job_config) is None
+        assert run_sweep_job(crash, job_config, user_errors=USER_ERRORS) is None
     status = job_status(job_config)
     assert status["status"] == "failed"
     assert status["error"] == "RuntimeError: CUDA out of memory. Tried to allocate 2 GiB"
@@ -207,7 +208,7 @@ def test_a_failing_job_is_recorded_and_does_not_raise(job_config, caplog, monkey
         raise DataError("data.root=/x does not exist")
 
     caplog.clear()
-    assert run_sweep_job(bad_data, job_config) is None
+    assert run_sweep_job(bad_data, job_config, user_errors=USER_ERRORS) is None
     assert job_status(job_config)["error"] == "data.root=/x does not exist"  # a user error: its message
     assert "Traceback" not in caplog.text
 
@@ -229,7 +230,7 @@ def test_a_failed_job_frees_its_objects_before_the_next_job(job_config, monkeypa
 
     gc.disable()  # no collection by chance: only the one run_sweep_job does
     try:
-        run_sweep_job(crash, job_config)
+        run_sweep_job(crash, job_config, user_errors=USER_ERRORS)
         assert alive[0]() is None
     finally:
         gc.enable()
@@ -240,13 +241,15 @@ def test_an_interrupted_job_stops_the_sweep(job_config):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_sweep_job(interrupted, job_config)
+        run_sweep_job(interrupted, job_config, user_errors=USER_ERRORS)
     assert job_status(job_config)["status"] == "interrupted"
 
 
 def test_the_sweeper_gets_the_best_epoch_of_the_optimized_metric(job_config, caplog):
     job_dir = Path(job_config.hydra.runtime.output_dir)
-    assert run_sweep_job(lambda cfg: {"val/map": 0.3}, job_config) == {"val/map": 0.3}
+    assert run_sweep_job(lambda cfg: {"val/map": 0.3}, job_config, user_errors=USER_ERRORS) == {
+        "val/map": 0.3
+    }
     assert job_status(job_config)["status"] == "ok" and job_status(job_config)["duration_s"] >= 0
     assert optimized_value(job_config, {"val/map": 0.3}) == 0.3  # no metrics.csv: the final value
     (job_dir / "metrics.csv").write_text("epoch,val/map\n0,0.2\n1,0.5\n2,0.3\n")

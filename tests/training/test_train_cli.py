@@ -10,7 +10,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from detr_lightning import load_official_detr
+from detr_lightning import load_detr
 
 from .conftest import QUICK, run_train_cli
 
@@ -27,7 +27,7 @@ def test_demo_run_writes_everything_a_user_looks_for(small_demo, tmp_path):
 
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     for checkpoint in ("best.ckpt", "last.ckpt"):
-        model = load_official_detr(run_dir / "checkpoints" / checkpoint)  # weights_only=True loads it
+        model = load_detr(run_dir / "checkpoints" / checkpoint)  # weights_only=True loads it
         assert model.num_classes == 5  # demo category ids go up to 4
 
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
@@ -72,6 +72,16 @@ def test_missing_data_is_one_clear_message(tmp_path):
     output = result.stdout + result.stderr
     assert "Traceback" not in output
     assert str(tmp_path / "nowhere") in output
+
+
+def test_no_data_says_in_one_line_what_to_pass(tmp_path):
+    result = run_train_cli([], cwd=tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stdout + result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert (
+        last_line.startswith("error: no training data: pass data.root=DIR") and "experiment=demo" in last_line
+    )
 
 
 def test_num_classes_too_small_for_the_data(small_demo, tmp_path):
@@ -132,7 +142,9 @@ def test_resume_from_last_checkpoint_continues_the_epochs(small_demo, tmp_path):
 
 def test_resume_without_an_earlier_run_says_so(tmp_path):
     result = run_train_cli(
-        ["ckpt_path=last", f"hydra.run.dir={tmp_path / 'out' / 'x'}"], cwd=tmp_path, timeout=120
+        ["experiment=demo", "ckpt_path=last", f"hydra.run.dir={tmp_path / 'out' / 'x'}"],
+        cwd=tmp_path,
+        timeout=120,
     )
     assert result.returncode != 0 and "no earlier run" in result.stderr + result.stdout
 

@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.text import Text
 from torch import Tensor
 
+from detr_lightning.files import atomic_writer
 from detr_lightning.metrics import (
     coco_detections,
     coco_results,
@@ -37,9 +38,9 @@ from detr_lightning.metrics import (
     per_class_table,
     unique_images,
 )
+from detr_lightning.runs import METRICS_FILE
 
 Split = Literal["val", "test"]
-METRICS_FILE = "metrics.json"
 PREDICTIONS_FILES: dict[str, str] = {"val": "predictions.coco.json", "test": "predictions_test.coco.json"}
 
 
@@ -219,10 +220,11 @@ class CocoEvaluator(lightning.Callback):
         output_dir.mkdir(parents=True, exist_ok=True)
         if self.write_metrics:
             all_figures = {key: value for figures in self.figures.values() for key, value in figures.items()}
-            (output_dir / METRICS_FILE).write_text(json.dumps(all_figures, indent=2) + "\n")
+            with atomic_writer(output_dir / METRICS_FILE) as file:
+                file.write(json.dumps(all_figures, indent=2) + "\n")
         if self.write_predictions:
             image_ids, detections = self._detections[split]
-            with open(output_dir / PREDICTIONS_FILES[split], "w") as file:
+            with atomic_writer(output_dir / PREDICTIONS_FILES[split]) as file:
                 json.dump(coco_results(image_ids, detections), file)
 
 

@@ -11,6 +11,9 @@ from typing import Any
 import lightning
 from lightning.pytorch.utilities import rank_zero_only
 
+from detr_lightning.files import atomic_writer, to_float
+from detr_lightning.runs import EPOCH_METRICS_FILE
+
 
 class EpochMetricsCSV(lightning.Callback):
     """Write one row per epoch to ``<output_dir>/metrics.csv``, rewritten whole as columns appear.
@@ -24,7 +27,9 @@ class EpochMetricsCSV(lightning.Callback):
         filename: the file name.
     """
 
-    def __init__(self, output_dir: str | os.PathLike | None = None, filename: str = "metrics.csv") -> None:
+    def __init__(
+        self, output_dir: str | os.PathLike | None = None, filename: str = EPOCH_METRICS_FILE
+    ) -> None:
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.filename = filename
         self.rows: list[dict[str, Any]] = []
@@ -35,16 +40,8 @@ class EpochMetricsCSV(lightning.Callback):
     @staticmethod
     def epoch_figures(metrics: dict[str, Any]) -> dict[str, float]:
         """Scalar epoch-level figures of ``trainer.callback_metrics`` (``_epoch`` suffix dropped)."""
-        figures: dict[str, float] = {}
-        for key, value in metrics.items():
-            if key.endswith("_step"):
-                continue
-            try:
-                number = float(value)
-            except (TypeError, ValueError):
-                continue
-            figures[key.removesuffix("_epoch")] = number
-        return figures
+        numbers = ((key, to_float(value)) for key, value in metrics.items() if not key.endswith("_step"))
+        return {key.removesuffix("_epoch"): number for key, number in numbers if number is not None}
 
     @rank_zero_only
     def on_train_epoch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
@@ -61,16 +58,13 @@ class EpochMetricsCSV(lightning.Callback):
         columns: list[str] = []
         for row in self.rows:
             columns.extend(key for key in row if key not in columns)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".csv.tmp")
-        with temporary.open("w", newline="") as handle:
+        with atomic_writer(path, newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=columns)
             writer.writeheader()
             for row in self.rows:
                 writer.writerow(
                     {k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
                 )
-        os.replace(temporary, path)
 
     def state_dict(self) -> dict[str, Any]:
         return {"rows": self.rows}

@@ -1,21 +1,12 @@
-"""Training plots in the run directory: the curves of every epoch and validation images with boxes.
+"""Training plots in the run directory: ``plots/metrics.png`` (the curves of every epoch) and
+``plots/val_predictions.png`` (validation images with boxes), drawn off-screen with matplotlib's Agg.
 
-`TrainingPlots` keeps two PNG files up to date while a model trains (matplotlib, drawn off-screen with Agg):
-
-- ``plots/metrics.png``, rewritten after every epoch (its validation included): the train and val losses
-  (total, classification, L1 box, GIoU), the validation COCO figures (mAP, mAP@0.5, mAP@0.75, AR@100) and
-  the learning rates, one point per epoch;
-- ``plots/val_predictions.png``, rewritten after every validation: a grid of the first ``num_images``
-  validation images (lowest image ids, the same images every epoch) with the predictions scoring at least
-  ``score_threshold`` (red, dashed, with class and score) and the ground truth (green).
-
-The plotting functions, `plot_metrics` and `plot_predictions`, work without a Trainer (e.g. on the rows of
-a run's ``metrics.csv``, see `read_metrics_csv`).
+`plot_metrics` and `plot_predictions` work without a Trainer, e.g. on the rows of a run's ``metrics.csv``
+(`detr_lightning.runs.read_epoch_rows`).
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -32,10 +23,9 @@ from torch import Tensor
 from detr_lightning.callbacks.epoch_csv import EpochMetricsCSV
 from detr_lightning.callbacks.val_samples import ValidationSample, ValidationSamples, labels_of
 from detr_lightning.callbacks.wandb_media import wandb_class_labels
+from detr_lightning.files import atomic_writer, to_float
+from detr_lightning.runs import METRICS_PLOT, PLOTS_DIR, PREDICTIONS_PLOT
 
-PLOTS_DIR = "plots"
-METRICS_PLOT = "metrics.png"
-PREDICTIONS_PLOT = "val_predictions.png"
 #: W&B keys of the two figures.
 WANDB_KEYS = {METRICS_PLOT: "plots/metrics", PREDICTIONS_PLOT: "plots/val_predictions"}
 #: Loss panels of ``metrics.png``: (name after ``train/``/``val/``, panel title).
@@ -235,12 +225,6 @@ class TrainingPlots(lightning.Callback):
 
 
 # ---------------------------------------------------------------------- plotting (plain functions)
-def read_metrics_csv(path: str | os.PathLike) -> list[dict[str, str]]:
-    """The rows of a run's ``metrics.csv``, one per epoch, as written (strings; ``""`` when absent)."""
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
 def plot_metrics(
     rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str | None = None, dpi: int = 100
 ) -> Path:
@@ -400,13 +384,10 @@ def _save(figure: Any, path: str | os.PathLike, dpi: int) -> Path:
     """Write the figure as PNG through a temporary file and a rename (readers never see half a file)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure)  # off-screen, whatever pyplot's backend is
-    temporary = path.with_name(f".{path.name}.tmp")
-    figure.savefig(temporary, format="png", dpi=dpi)
-    os.replace(temporary, path)
-    return path
+    with atomic_writer(path, "wb") as handle:
+        figure.savefig(handle, format="png", dpi=dpi)
+    return Path(path)
 
 
 def _columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -418,11 +399,8 @@ def _columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 def _number(value: Any) -> float | None:
     """A finite float of a figure or its text; None for blanks, NaN and what is not a number."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
+    number = to_float(value)
+    return number if number is not None and math.isfinite(number) else None
 
 
 def _epoch_of(row: Mapping[str, Any]) -> int:

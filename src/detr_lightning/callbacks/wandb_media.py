@@ -24,7 +24,7 @@ from detr_lightning.callbacks.val_samples import (
     ground_truth_boxes,
     labels_of,
 )
-from detr_lightning.metrics import COCO_MAX_DETECTIONS, coco_summary_lines
+from detr_lightning.coco_summary import COCO_MAX_DETECTIONS, COCO_SUMMARY_KEYS, coco_summary_lines
 
 __all__ = [
     "WandbPredictionImages",
@@ -37,19 +37,6 @@ __all__ = [
 ]
 
 IMAGES_KEY = "val/predictions"
-#: The result keys of the 12 lines of ``COCOeval.summarize()``, in its order (see `coco_summary_lines`).
-COCO_SUMMARY_KEYS = [
-    "map",
-    "map_50",
-    "map_75",
-    "map_small",
-    "map_medium",
-    "map_large",
-    *(f"mar_{max_detections}" for max_detections in COCO_MAX_DETECTIONS),
-    "mar_small",
-    "mar_medium",
-    "mar_large",
-]
 _REQUIRED_DATAMODULE = ("coco_gt", "dataset", "class_names", "label_to_category_id")
 
 

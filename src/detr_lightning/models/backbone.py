@@ -14,6 +14,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from detr_lightning.models.position_encoding import PositionEncoding
+from detr_lightning.models.weight_files import fetch_torchvision_weights
 
 #: torchvision constructor and ImageNet weights enum for each supported ResNet.
 RESNETS = {
@@ -86,7 +87,7 @@ class ResNetBackbone(nn.Module):
         name: one of :data:`RESNETS`.
         dilation: replace the stride of ``layer4`` by dilation (the "DC5" models: output stride 16).
         pretrained: load torchvision's ImageNet weights (through torchvision's weights API, cached in the
-            torch hub directory; offline: :class:`~detr_lightning.checkpoints.WeightsUnavailableError`).
+            torch hub directory; offline: :class:`~.weight_files.WeightsUnavailableError`).
         train_backbone: when False every backbone parameter is frozen (official ``lr_backbone <= 0``).
         trainable_layers: how many stages train, counted from ``layer4`` down to ``conv1`` (0-5; official 3).
         norm: ``frozen`` batch norm (official; its statistics come from the weights) or ``batch`` (trainable,
@@ -127,8 +128,6 @@ class ResNetBackbone(nn.Module):
             weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=NORM_LAYERS[norm]
         )
         if pretrained:
-            from detr_lightning.checkpoints import fetch_torchvision_weights
-
             missing, unexpected = resnet.load_state_dict(fetch_torchvision_weights(weights), strict=False)
             missing = [k for k in missing if not k.endswith("num_batches_tracked")]
             if missing or unexpected:

@@ -1,35 +1,28 @@
 """Seeds pooled in reports: runs that differ only in ``seed`` are one *variant* of an A/B comparison.
 
-`group_by_seed` pools the runs of a report by their composed configuration (``.hydra/config.yaml``)
-less the seed and the settings that do not change results (output paths, loggers, the progress bar),
-so runs made with different overrides of an experiment whose defaults changed in between are told
-apart; runs without a saved configuration are pooled by their overrides less ``seed``. A variant's
-curve is the per-epoch mean over its seeds.
-All variants are compared over the same epoch budget: the fewest epochs any run of the report reached
-(runs stopped by ``trainer.max_time`` on a shared machine reach slightly different counts), so no
-variant is credited with epochs another did not get. The first variant is the reference, as the first
-run is in the report's run comparison: each variant gets the epoch at which its mean curve first
-reaches the reference's mean figure at the end of the budget (the "same mAP in fewer epochs" figure
-of a convergence comparison).
+Runs are pooled by their composed configuration (``.hydra/config.yaml``; else their overrides) less the
+seed and `RESULT_NEUTRAL_KEYS`. A variant's curve is the per-epoch mean over its seeds. Variants are
+compared over the same epoch budget, the fewest epochs any run reached (runs stopped by
+``trainer.max_time`` reach slightly different counts); the first variant is the reference, and each
+variant gets the epoch at which its mean curve first reaches the reference's figure at the end of the
+budget ("the same mAP in fewer epochs").
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from detr_lightning.sweep import epoch_series, first_reaching, format_figure
-
-if TYPE_CHECKING:  # report imports this module
-    from detr_lightning.report import Run
+from detr_lightning.runs import Run, epoch_series, first_reaching
 
 SEED_KEY = "seed"
 VARIANTS_PLOT = "variants.png"
@@ -38,6 +31,13 @@ VARIANTS_CAPTION = "Validation mAP and mAP@0.5 per epoch: mean over seeds (line)
 RESULT_NEUTRAL_KEYS = ("seed", "data.seed", "paths", "logger", "callbacks.progress_bar", "ckpt_path")
 #: A seed suffix of a run folder's name (``demo_plain_s42``, ``run-seed7``), dropped from variant labels.
 _SEED_SUFFIX = re.compile(r"[_-](?:s|seed)\d+$")
+
+
+def format_figure(value: float | None) -> str:
+    """A COCO figure or loss in a report: 3 decimals; ``n/a`` for COCOeval's -1, ``–`` when absent."""
+    if value is None or math.isnan(value):
+        return "–"
+    return "n/a" if value < 0 else f"{value:.3f}"
 
 
 @dataclass
@@ -192,9 +192,8 @@ def variants_plot(
 ) -> None:
     """Write one panel per ``keys`` figure: each variant's mean curve with its seeds' min-max band, and
     the end of the common budget marked."""
-    figure = Figure(figsize=(12, 4.5), layout="constrained")
-    FigureCanvasAgg(figure)
-    for axis, (key, title) in zip(figure.subplots(1, len(keys)), keys, strict=True):
+
+    def draw(axis: Any, key: str) -> None:
         for variant in variants:
             epochs = range(variant.epochs_reached())
             mean = variant.mean_curve(key, len(epochs))
@@ -203,19 +202,32 @@ def variants_plot(
                 continue
             (line,) = axis.plot(*zip(*points, strict=True), marker=".", label=variant.label)
             if len(variant.runs) > 1:
-                spans = [(epoch, variant.values_at(key, epoch)) for epoch, _ in points]
+                spans = [variant.values_at(key, epoch) for epoch, _ in points]
+                lows, highs = [min(values) for values in spans], [max(values) for values in spans]
                 axis.fill_between(
-                    [epoch for epoch, _ in spans],
-                    [min(values) for _, values in spans],
-                    [max(values) for _, values in spans],
-                    color=line.get_color(),
-                    alpha=0.15,
+                    [epoch for epoch, _ in points], lows, highs, color=line.get_color(), alpha=0.15
                 )
         axis.axvline(budget - 1, color="grey", linestyle="--", linewidth=1)
+
+    save_curves(keys, draw, target, figsize=(12, 4.5))
+
+
+def save_curves(
+    keys: Sequence[tuple[str, str]],
+    draw: Callable[[Any, str], None],
+    target: Path,
+    figsize: tuple[float, float],
+) -> None:
+    """Write the PNG ``target``: one panel per ``(key, title)`` of ``keys``, over the epochs, its curves
+    drawn by ``draw(axis, key)``."""
+    figure = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(figure)
+    for axis, (key, title) in zip(figure.subplots(1, len(keys)), keys, strict=True):
+        draw(axis, key)
         axis.set_title(f"{title} ({key})")
         axis.set_xlabel("epoch")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize="x-small")
+        axis.legend(fontsize="small")
     target.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(target, dpi=100)
 

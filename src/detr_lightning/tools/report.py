@@ -1,95 +1,76 @@
-"""Markdown reports of training runs: ``python -m detr_lightning.report RUN_DIR [RUN_DIR ...] [-o OUT.md]``.
+"""Markdown reports of training runs: ``python -m detr_lightning.tools.report RUN_DIR [...] [-o OUT.md]``.
 
-A report reads only the files a run leaves in its folder and says, per run: the command (``python
-<job>.py`` and the task overrides of ``.hydra/overrides.yaml``, the job name and config groups of
-``.hydra/hydra.yaml``), when it started and how long it took, the final COCO figures of ``metrics.json``
-as the 12 lines pycocotools prints (val: the last validation; test: the best checkpoint), AP per class
-by name, the best and the last epoch of ``metrics.csv`` and the plots of the `TrainingPlots` callback.
-Several runs also get a side-by-side table (the overrides that differ between them and the main figures),
-and a multirun sweep folder (``multirun/...``, with ``summary.csv``) stands for its jobs plus its summary.
-Runs that differ only in ``seed`` are pooled into variants (`detr_lightning.report_variants`): the
-comparison is then one row per variant (mean and per-seed figures over a common epoch budget, and the
-epoch each reaches the first variant's figure) with a plot of the mean curves, plus one line per run;
-``--brief`` leaves out the per-run sections.
+Read only from the run folders (see `detr_lightning.runs`), per run: the command and config groups, when
+it started and how long it took, the 12 pycocotools lines of ``metrics.json`` (val: the last validation;
+test: the best checkpoint), AP per class, the best and last epochs of ``metrics.csv``, and the plots.
+Several runs get a side-by-side table and a plot of their validation curves; a sweep folder stands for
+its jobs plus its ``summary.csv``; runs that differ only in ``seed`` are pooled into variants
+(`report_variants`). ``--brief`` leaves out the per-run sections. Figures are rounded to 3 decimals
+(COCOeval's -1 reads ``n/a``); plots outside the report's folder are copied into ``plots/`` beside it.
 
-Every COCO figure is the ``metrics.json`` value rounded to 3 decimals (COCOeval's -1, "no such objects",
-reads ``n/a`` in tables and ``-1.000`` in the pycocotools lines). Image links are relative to the report;
-plots outside the report's folder are copied into ``plots/`` beside it.
-
-The generated part sits between ``<!-- report:begin ... -->`` and ``<!-- report:end -->``: writing into an
-existing file (e.g. ``-o experiments/demo/README.md``) replaces only that part and keeps the title and
-the hand-written text around it. A file without the markers keeps its text as the introduction, above
-the generated part. ``--notes FILE`` sets the introduction, ``--title`` the ``# `` title.
+Writing into an existing file replaces only the text between the ``report:begin`` and ``report:end``
+markers; a file without them keeps its text as the introduction. ``--notes FILE`` sets the introduction,
+``--title`` the ``# `` title.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
-import json
 import re
 import shlex
 import shutil
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
-from detr_lightning.callbacks.coco_evaluator import METRICS_FILE
-from detr_lightning.callbacks.plots import METRICS_PLOT, PLOTS_DIR, PREDICTIONS_PLOT
-from detr_lightning.metrics import coco_summary_lines
-from detr_lightning.report_variants import (
+from detr_lightning.coco_summary import coco_summary_lines
+from detr_lightning.files import format_duration, read_csv_rows, to_float
+from detr_lightning.runs import (
+    EPOCH_METRICS_FILE,
+    METRICS_FILE,
+    METRICS_PLOT,
+    PLOTS_DIR,
+    PREDICTIONS_PLOT,
+    SUMMARY_FILE,
+    Run,
+    best_of_epochs,
+    differing_keys,
+    epoch_series,
+    find_job_dirs,
+    first_epoch_reaching,
+    is_run_dir,
+    is_sweep_dir,
+    read_run,
+    read_sweep_config,
+)
+from detr_lightning.tools.report_variants import (
     SEED_KEY,
     VARIANTS_CAPTION,
     VARIANTS_PLOT,
     Variant,
     epoch_values,
+    format_figure,
     group_by_seed,
     has_seed_groups,
     run_settings,
+    save_curves,
     variants_plot,
     variants_table,
-)
-from detr_lightning.sweep import (
-    EPOCH_METRICS_FILE,
-    JOB_STATUS_FILE,
-    SUMMARY_FILE,
-    best_of_epochs,
-    epoch_series,
-    find_job_dirs,
-    first_epoch_reaching,
-    format_figure,
-    read_epoch_rows,
 )
 
 REPORT_FILE = "report.md"
 BEGIN_MARKER = (
-    "<!-- report:begin (written by python -m detr_lightning.report: the text up to report:end is "
+    "<!-- report:begin (written by python -m detr_lightning.tools.report: the text up to report:end is "
     "replaced when it runs again) -->"
 )
 END_MARKER = "<!-- report:end -->"
 _BEGIN_PATTERN = re.compile(r"<!-- report:begin\b.*?-->", re.DOTALL)
 #: The 12 figures of COCOeval.summarize(), in its order (keys of metrics.json after ``<split>/``).
-COCO_KEYS = [
-    "map",
-    "map_50",
-    "map_75",
-    "map_small",
-    "map_medium",
-    "map_large",
-    "mar_1",
-    "mar_10",
-    "mar_100",
-    "mar_small",
-    "mar_medium",
-    "mar_large",
-]
+COCO_KEYS = (
+    "map map_50 map_75 map_small map_medium map_large mar_1 mar_10 mar_100 mar_small mar_medium mar_large"
+).split()
 #: The figures of the comparison table, per split: (key after ``<split>/``, label).
 COMPARISON_PLOT = "comparison.png"
 COMPARISON_FIGURES = [("val/map", "validation mAP"), ("val/map_50", "validation mAP@0.5")]
@@ -112,39 +93,9 @@ SPLIT_NOTES = {
     "train": {"val": "the last validation epoch", "test": "the best checkpoint on the test split"},
     "eval": {"val": "the evaluated checkpoint", "test": "the evaluated checkpoint"},
 }
-_LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)")
 
 
 # ---------------------------------------------------------------------------------------------- reading
-@dataclass
-class Run:
-    """What a report says about one run folder (missing files leave their fields empty)."""
-
-    path: Path
-    label: str
-    job_name: str = "train"
-    overrides: list[str] = field(default_factory=list)
-    choices: dict[str, str] = field(default_factory=dict)
-    started: str | None = None
-    duration_s: float | None = None
-    duration_measured: bool = False  # False: estimated from file times
-    status: str | None = None
-    final: dict[str, float] = field(default_factory=dict)
-    epochs: list[dict[str, str]] = field(default_factory=list)
-    metric: str = "val/map"
-    mode: str = "max"
-    plots: list[Path] = field(default_factory=list)
-    config: dict[str, Any] = field(default_factory=dict)  # .hydra/config.yaml, as composed
-
-    @property
-    def command(self) -> str:
-        return " ".join(["python", f"{self.job_name}.py", *(shlex.quote(o) for o in self.overrides)])
-
-    def override_values(self) -> dict[str, str]:
-        pairs = (override.partition("=") for override in self.overrides)
-        return {key.lstrip("+"): value for key, _, value in pairs}
-
-
 @dataclass
 class Sweep:
     """A multirun folder: its command, ``summary.csv`` rows and job runs."""
@@ -155,60 +106,13 @@ class Sweep:
     runs: list[Run]
 
 
-def is_sweep_dir(path: Path) -> bool:
-    return (path / SUMMARY_FILE).is_file() or (path / "multirun.yaml").is_file()
-
-
-def is_run_dir(path: Path) -> bool:
-    return any(
-        (path / name).is_file()
-        for name in (".hydra/overrides.yaml", METRICS_FILE, EPOCH_METRICS_FILE, JOB_STATUS_FILE)
-    )
-
-
-def read_run(path: Path, label: str | None = None, metric: str | None = None, mode: str | None = None) -> Run:
-    """Read a run folder; ``metric``/``mode`` (what "best epoch" means) default to its config's
-    ``optimized_metric``/``optimized_metric_mode``, else ``val/map``/``max``."""
-    if label is None:  # a job of a sweep is known by both names: multirun/<date>/<job>
-        label = f"{path.parent.name}/{path.name}" if is_sweep_dir(path.parent) else path.name
-    run = Run(path=path, label=label)
-    hydra = _read_yaml(path / ".hydra" / "hydra.yaml").get("hydra", {}) or {}
-    config = _read_yaml(path / ".hydra" / "config.yaml")
-    status = _read_json(path / JOB_STATUS_FILE)
-    run.job_name = str((hydra.get("job") or {}).get("name") or "train")
-    overrides = _read_yaml_list(path / ".hydra" / "overrides.yaml")
-    if overrides is None:
-        overrides = (hydra.get("overrides") or {}).get("task") or status.get("overrides") or []
-    run.overrides = [str(override) for override in overrides]
-    run.choices = {
-        str(group): str(option)
-        for group, option in ((hydra.get("runtime") or {}).get("choices") or {}).items()
-        if option is not None and not str(group).startswith("hydra/")
-    }
-    run.status = status.get("status")
-    run.started = _started(path, run.job_name, status)
-    run.duration_s, run.duration_measured = _duration(path, status)
-    run.final = {k: float(v) for k, v in _read_json(path / METRICS_FILE).items() if _is_number(v)}
-    run.epochs = read_epoch_rows(path / EPOCH_METRICS_FILE)
-    run.config = config
-    run.metric = metric or str(config.get("optimized_metric") or "val/map")
-    run.mode = mode or str(config.get("optimized_metric_mode") or "max")
-    run.plots = [path / PLOTS_DIR / name for name in (METRICS_PLOT, PREDICTIONS_PLOT)]
-    run.plots = [plot for plot in run.plots if plot.is_file()]
-    return run
-
-
 def read_sweep(path: Path, metric: str | None = None, mode: str | None = None) -> Sweep:
     """Read a multirun folder and its jobs (labelled ``<sweep folder>/<job>``)."""
-    multirun = _read_yaml(path / "multirun.yaml").get("hydra", {}) or {}
+    multirun = read_sweep_config(path).get("hydra") or {}
     task = [str(o) for o in (multirun.get("overrides") or {}).get("task") or []]
     job_name = str((multirun.get("job") or {}).get("name") or "train")
     command = " ".join(["python", f"{job_name}.py", "-m", *(shlex.quote(o) for o in task)])
-    try:
-        with (path / SUMMARY_FILE).open(newline="") as handle:
-            summary = list(csv.DictReader(handle))
-    except (OSError, csv.Error):
-        summary = []
+    summary = read_csv_rows(path / SUMMARY_FILE)
     runs = [
         read_run(job, f"{path.name}/{job.relative_to(path).as_posix()}", metric, mode)
         for job in find_job_dirs(path)
@@ -291,17 +195,14 @@ class Renderer:
     def comparison(self, runs: Sequence[Run]) -> list[str]:
         rows: list[list[str]] = []
         values = [run.override_values() for run in runs]
-        for key in _differing_keys(values):
+        for key in differing_keys(values):
             rows.append([f"`{key}`", *(_cell(v.get(key, "")) for v in values)])
         if any(run.status for run in runs):
             rows.append(["status", *(run.status or "" for run in runs)])
         rows.append(["epochs", *(str(len(run.epochs)) for run in runs)])
         metrics = {run.metric for run in runs}
         for metric in sorted(metrics):
-            cells = []
-            for run in runs:
-                best = best_of_epochs(run.epochs, metric, run.mode)
-                cells.append("–" if best is None else f"{format_figure(best[0])} (epoch {best[1]})")
+            cells = [_best_text(run, metric, run.mode) for run in runs]
             rows.append([f"best `{metric}` over the epochs", *cells])
         for split in ("val", "test"):
             if not any(f"{split}/map" in run.final for run in runs):
@@ -325,7 +226,7 @@ class Renderer:
                     *cells,
                 ]
             )
-        rows.append(["duration", *(_format_duration(run) for run in runs)])
+        rows.append(["duration", *(_duration_text(run) for run in runs)])
         header = ["", *(_cell(f"`{run.label}`") for run in runs)]
         lines = [
             "## Comparison",
@@ -361,7 +262,7 @@ class Renderer:
             variants_plot(variants, COMPARISON_FIGURES, budget, target)
             lines += [f"![{VARIANTS_CAPTION}]({target.relative_to(self.out_dir.resolve()).as_posix()})", ""]
         values = [run_settings(variant.runs[0]) for variant in variants]
-        keys = _differing_keys(values)
+        keys = differing_keys(values)
         if keys:
             settings = [
                 [f"`{variant.label}`", *(_cell(v.get(key, "")) for key in keys)]
@@ -377,7 +278,6 @@ class Renderer:
         per_run = []
         for variant in variants:
             for run, seed in zip(variant.runs, variant.seeds, strict=True):
-                best = best_of_epochs(run.epochs, metric, mode)
                 map_50 = epoch_values(run, "val/map_50")
                 last_map_50 = map_50[max(map_50)] if map_50 else None
                 per_run.append(
@@ -386,10 +286,10 @@ class Renderer:
                         f"`{variant.label}`",
                         seed,
                         str(len(run.epochs)),
-                        "–" if best is None else f"{format_figure(best[0])} (epoch {best[1]})",
+                        _best_text(run, metric, mode),
                         format_figure(last_map_50),
                         format_figure(run.final.get("test/map_50")),
-                        _format_duration(run),
+                        _duration_text(run),
                     ]
                 )
         header = ["run", "variant", "seed", "epochs", f"best `{metric}`", "last `val/map_50`"]
@@ -404,20 +304,15 @@ class Renderer:
         per run; its link, or None without an output folder or epoch figures."""
         if self.out_dir is None or not any(run.epochs for run in runs):
             return None
-        figure = Figure(figsize=(11, 4), layout="constrained")
-        FigureCanvasAgg(figure)
-        for axis, (key, title) in zip(figure.subplots(1, 2), COMPARISON_FIGURES, strict=True):
+
+        def draw(axis: Any, key: str) -> None:
             for run in runs:
                 points = epoch_series(run.epochs, key)
                 if points:
                     axis.plot(*zip(*points, strict=True), marker=".", label=run.label)
-            axis.set_title(f"{title} ({key})")
-            axis.set_xlabel("epoch")
-            axis.grid(alpha=0.3)
-            axis.legend(fontsize="small")
+
         target = self.out_dir.resolve() / PLOTS_DIR / COMPARISON_PLOT
-        target.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(target, dpi=100)
+        save_curves(COMPARISON_FIGURES, draw, target, figsize=(11, 4))
         return target.relative_to(self.out_dir.resolve()).as_posix()
 
     def sweep_section(self, sweep: Sweep) -> list[str]:
@@ -433,10 +328,8 @@ class Renderer:
             ]
             lines += [f"Summary (`{SUMMARY_FILE}`, best first):", "", *_table(columns, rows), ""]
         else:
-            lines += [
-                f"No `{SUMMARY_FILE}`: `python -m detr_lightning.sweep {_shown_path(sweep.path)}` writes it.",
-                "",
-            ]
+            command = f"python -m detr_lightning.tools.sweep_summary {_shown_path(sweep.path)}"
+            lines += [f"No `{SUMMARY_FILE}`: `{command}` writes it.", ""]
         return lines
 
     def run_section(self, run: Run) -> list[str]:
@@ -445,7 +338,7 @@ class Renderer:
         if run.choices:
             facts.append(["config groups", _cell(", ".join(f"{k}={v}" for k, v in run.choices.items()))])
         facts.append(["started", run.started or "–"])
-        facts.append(["duration", _format_duration(run)])
+        facts.append(["duration", _duration_text(run)])
         if run.status:
             facts.append(["status", run.status])
         facts.append(["folder", _cell(f"`{_shown_path(run.path)}`")])
@@ -497,7 +390,7 @@ class Renderer:
             chosen.append((f"best `{run.metric}` ({run.mode})", epoch, row))
         chosen.append(("last", *numbered[-1]))
         rows = [
-            [label, str(epoch), *(format_figure(_to_float(row.get(key))) for key, _ in columns)]
+            [label, str(epoch), *(format_figure(to_float(row.get(key))) for key, _ in columns)]
             for label, epoch, row in chosen
         ]
         return [
@@ -582,7 +475,7 @@ def build_report(
     notes: str | None = None,
     metric: str | None = None,
     mode: str | None = None,
-    command: str = "python -m detr_lightning.report",
+    command: str = "python -m detr_lightning.tools.report",
     brief: bool = False,
 ) -> str:
     """The report's text (and the plots copied beside ``out``); ``out`` None: links relative to the
@@ -601,50 +494,30 @@ def build_report(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m detr_lightning.report RUN_DIR [RUN_DIR ...] [-o OUT.md]``."""
+    """``python -m detr_lightning.tools.report RUN_DIR [RUN_DIR ...] [-o OUT.md]``."""
     parser = argparse.ArgumentParser(
-        prog="python -m detr_lightning.report",
+        prog="python -m detr_lightning.tools.report",
         description="Write a markdown report of training runs (run folders and/or multirun sweep folders).",
     )
+    parser.add_argument("directories", nargs="+", type=Path, help="run folders (outputs/...), sweep folders")
+    parser.add_argument("-o", "--output", help=f"markdown file, '-': stdout (default: <DIR>/{REPORT_FILE})")
+    parser.add_argument("--title", help="the '# ' title (default: OUT's, else 'Training report: ...')")
+    parser.add_argument("--notes", type=Path, help="a markdown file: the introduction, above the report")
+    parser.add_argument("--metric", help="picks the best epoch (default: the run's optimized_metric)")
+    parser.add_argument("--mode", choices=("max", "min"), help="its direction (default: the run's)")
     parser.add_argument(
-        "directories", nargs="+", type=Path, help="run folders (outputs/...) or sweep folders"
-    )
-    parser.add_argument(
-        "-o",
-        "--output",
-        help=f"the markdown file ('-': standard output); default: <DIR>/{REPORT_FILE} for one folder",
-    )
-    parser.add_argument(
-        "--title", help="the '# ' title (default: kept from OUT, else 'Training report: ...')"
-    )
-    parser.add_argument(
-        "--notes", type=Path, help="a markdown file: the introduction, above the generated part"
-    )
-    parser.add_argument(
-        "--metric", help="the figure that picks the best epoch (default: the run's optimized_metric)"
-    )
-    parser.add_argument(
-        "--mode", choices=("max", "min"), help="its direction (default: optimized_metric_mode)"
-    )
-    parser.add_argument(
-        "--brief", action="store_true", help="only the comparison and sweep summaries: no section per run"
+        "--brief", action="store_true", help="no section per run: only comparisons, summaries"
     )
     args = parser.parse_args(argv)
     # The command that writes the report again, as the file says: --notes is a one-off (the introduction
     # stays in the file, outside the markers), so it is left out.
     arguments = _without_option(list(sys.argv[1:] if argv is None else argv), "--notes")
-    command = " ".join(["python -m detr_lightning.report", *(shlex.quote(a) for a in arguments)])
+    command = " ".join(["python -m detr_lightning.tools.report", *(shlex.quote(a) for a in arguments)])
     if args.output is None and len(args.directories) > 1:
         parser.error(
             "several folders: say where the report goes with -o OUT.md (or -o - for standard output)"
         )
-    out = (
-        None
-        if args.output == "-"
-        else Path(args.output)
-        if args.output
-        else args.directories[0] / REPORT_FILE
-    )
+    out = Path(args.output or args.directories[0] / REPORT_FILE) if args.output != "-" else None
     try:
         notes = args.notes.read_text() if args.notes is not None else None
         text = build_report(
@@ -687,17 +560,10 @@ def _cell(text: Any) -> str:
 
 def _summary_cell(column: str, value: str) -> str:
     if column.startswith("best ") or "/" in column:
-        number = _to_float(value)
+        number = to_float(value)
         if number is not None and value.strip():
             return format_figure(number)
     return _cell(value)
-
-
-def _differing_keys(values: Sequence[dict[str, str]]) -> list[str]:
-    keys: list[str] = []
-    for job_values in values:
-        keys.extend(key for key in job_values if key not in keys)
-    return [key for key in keys if len({job_values.get(key) for job_values in values}) > 1]
 
 
 def _shown_path(path: Path) -> str:
@@ -708,87 +574,21 @@ def _shown_path(path: Path) -> str:
         return path.as_posix()
 
 
-def _started(path: Path, job_name: str, status: dict[str, Any]) -> str | None:
-    if status.get("started"):
-        return str(status["started"]).replace("T", " ")
-    try:
-        with (path / f"{job_name}.log").open() as handle:
-            match = _LOG_TIME.match(handle.readline())
-        if match:
-            return match.group(1)
-    except OSError:
-        pass
-    for name in (".hydra/config.yaml", EPOCH_METRICS_FILE, METRICS_FILE):
-        if (path / name).is_file():
-            stamp = datetime.datetime.fromtimestamp((path / name).stat().st_mtime)
-            return stamp.strftime("%Y-%m-%d %H:%M:%S")
-    return None
-
-
-def _duration(path: Path, status: dict[str, Any]) -> tuple[float | None, bool]:
-    if _is_number(status.get("duration_s")):
-        return float(status["duration_s"]), True
-    try:
-        start = (path / ".hydra" / "config.yaml").stat().st_mtime
-        end = max((path / name).stat().st_mtime for name in (METRICS_FILE,) if (path / name).is_file())
-    except (OSError, ValueError):
-        return None, False
-    return max(end - start, 0.0), False
-
-
-def _format_duration(run: Run) -> str:
+def _duration_text(run: Run) -> str:
     if run.duration_s is None:
         return "–"
-    minutes, seconds = divmod(round(run.duration_s), 60)
-    hours, minutes = divmod(minutes, 60)
-    text = (
-        f"{hours} h {minutes:02d} min"
-        if hours
-        else f"{minutes} min {seconds:02d} s"
-        if minutes
-        else f"{seconds} s"
-    )
+    text = format_duration(run.duration_s)
     return text if run.duration_measured else f"about {text} (file times)"
 
 
+def _best_text(run: Run, metric: str, mode: str) -> str:
+    best = best_of_epochs(run.epochs, metric, mode)
+    return "–" if best is None else f"{format_figure(best[0])} (epoch {best[1]})"
+
+
 def _epoch_of(row: dict[str, str], default: int) -> int:
-    value = _to_float(row.get("epoch"))
+    value = to_float(row.get("epoch"))
     return int(value) if value is not None else default
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        content = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return {}
-    return content if isinstance(content, dict) else {}
-
-
-def _read_yaml_list(path: Path) -> list[Any] | None:
-    try:
-        content = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-    return content if isinstance(content, list) else None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        content = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return content if isinstance(content, dict) else {}
-
-
-def _to_float(value: Any) -> float | None:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Tools on top of the package: benchmarks, reports, sweep summaries. Nothing in the package imports them."""

@@ -1,0 +1,524 @@
+"""Benchmarks: ``python -m detr_lightning.tools.bench {train-step,inference,data,metric} [options]``.
+
+Each prints a few lines and, last, one JSON line of figures (``tail -n 1``); BENCHMARKS.md has them.
+
+- ``train-step``: forward, set criterion, backward, clipping (0.1) and AdamW step (backbone group) of
+  DETR-R50 (6+6 layers, 100 queries, 91 classes, aux loss, dropout 0.1) on images (3, 512, 512) and
+  (3, 512, 681) with 2 and 3 boxes.
+- ``inference``: an 800x1066 image at batch 1 (latency) and at ``--batch-size`` (images/s).
+- ``data``: images/s through the dataset, training transforms and collate on generated 416x416 JPEGs.
+- ``metric``: seconds of COCO mAP over 2,000 images x 100 detections, faster_coco_eval vs pycocotools.
+
+``--impl huggingface`` runs the Hugging Face ``DetrForObjectDetection`` on the same work as a baseline
+(``pip install -e '.[bench]'``). ``--no-fold-norm --attention-weights`` run our model the official
+code's way: frozen norms after their convolutions, attention weights materialized.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from detr_lightning.speed import COMPILE_MODES, apply_speed_options
+
+PRECISIONS = {"32": None, "32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+R50_MODEL = {"num_classes": 91, "backbone": "resnet50", "num_queries": 100, "aux_loss": True}
+TRAIN_SHAPES = [(3, 512, 512), (3, 512, 681)]
+TRAIN_NUM_BOXES = [2, 3]
+
+
+# ---------------------------------------------------------------------------- machine and timing
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """The figures' context: CPU model, cores, torch threads and version, GPU, glibc malloc settings."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        models = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line]
+        cpu = models[0].split(":", 1)[1].strip() if models else cpu
+    info = {
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"}
+    if malloc:  # the opt-in of BENCHMARKS.md, "glibc malloc"
+        info["malloc_env"] = malloc
+    return info
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], Any], steps: int, warmup: int, device: torch.device) -> list[float]:
+    """Seconds of each of ``steps`` calls of ``fn`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak CUDA memory allocated by tensors, or on CPU the process's peak resident set (MiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def resolve_device(name: str) -> torch.device:
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available here (use --device cpu)")
+    return device
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    dtype = PRECISIONS[precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+class PhaseTimer:
+    """Seconds per named phase of a step (synchronizing the device around each), when enabled."""
+
+    def __init__(self, device: torch.device, enabled: bool) -> None:
+        self.device, self.enabled = device, enabled
+        self.seconds: dict[str, list[float]] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        synchronize(self.device)
+        self.seconds.setdefault(name, []).append(time.perf_counter() - start)
+
+    def medians(self) -> dict[str, float]:
+        return {f"{name}_median_s": round(statistics.median(v), 5) for name, v in self.seconds.items()}
+
+
+# ---------------------------------------------------------------------------- models
+def prepare(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """``--channels-last`` and ``--compile``, as the training run's ``speed`` options, in place."""
+    return apply_speed_options(
+        model, channels_last=args.channels_last, compile=args.compile, compile_mode=args.compile_mode
+    )
+
+
+def prepare_ours(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """Our DETR with the official code's execution if asked, then channels_last / compile, in place."""
+    from detr_lightning.models.backbone import ResNetBackbone
+
+    if not args.fold_norm:  # the official layout: frozen norms run after their convolutions
+        model.backbone[0] = ResNetBackbone(R50_MODEL["backbone"], fold_frozen_norm=False)
+    if args.attention_weights:  # the official attention: weights materialized, no fused SDPA kernel
+        for layer in model.modules():
+            if hasattr(layer, "need_weights"):
+                layer.need_weights = True
+    return prepare(model, args)
+
+
+def huggingface_detr() -> nn.Module:
+    """The Hugging Face ``DetrForObjectDetection`` with the official R50 settings and random weights.
+
+    Dropout 0.1 also on the attention weights and FFN activation, as in the official model (Hugging
+    Face's defaults leave those at 0). Its ResNet-50 comes from ``transformers``; layer2-4 are made
+    trainable as officially (transformers freezes its whole backbone, skipping most of the backward).
+    """
+    try:
+        from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
+    except ImportError as error:
+        raise SystemExit("--impl huggingface needs transformers: pip install -e '.[bench]'") from error
+    config = DetrConfig(
+        backbone_config=ResNetConfig(out_features=["stage4"]),
+        num_labels=91,
+        num_queries=100,
+        auxiliary_loss=True,
+        attention_dropout=0.1,
+        activation_dropout=0.1,
+    )
+    model = DetrForObjectDetection(config)
+    for name, parameter in model.model.backbone.named_parameters():
+        if any(f"stages.{stage}." in name for stage in (1, 2, 3)):
+            parameter.requires_grad_(True)
+    return model
+
+
+def model_figures(args: argparse.Namespace) -> dict[str, Any]:
+    figures = {
+        "impl": args.impl,
+        "precision": args.precision,
+        "compile": args.compile and args.compile_mode,
+        "channels_last": args.channels_last,
+    }
+    if args.impl == "ours":
+        figures.update(fold_norm=args.fold_norm, attention_weights=args.attention_weights)
+    return figures
+
+
+# ---------------------------------------------------------------------------- train-step
+def train_batch(device: torch.device, channels_last: bool) -> tuple[Tensor, Tensor, list[dict]]:
+    """Padded images ``(2, 3, 512, 681)``, their ``(2, 512, 681)`` mask and the targets."""
+    from detr_lightning.batching import pad_images_to_batch
+
+    generator = torch.Generator().manual_seed(0)
+    batch, mask = pad_images_to_batch([torch.randn(shape, generator=generator) for shape in TRAIN_SHAPES])
+    targets = []
+    for num_boxes in TRAIN_NUM_BOXES:
+        centres = torch.rand(num_boxes, 2, generator=generator) * 0.5 + 0.25
+        sizes = torch.rand(num_boxes, 2, generator=generator) * 0.3 + 0.1
+        labels = torch.randint(1, 91, (num_boxes,), generator=generator)
+        targets.append({"labels": labels.to(device), "boxes": torch.cat([centres, sizes], 1).to(device)})
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return batch.to(device).contiguous(memory_format=memory_format), mask.to(device), targets
+
+
+def build_train_step(
+    args: argparse.Namespace, device: torch.device
+) -> tuple[Callable[[], Tensor], PhaseTimer]:
+    """One training step: ours exactly as the Lightning module trains, or the Hugging Face DETR's."""
+    images, mask, targets = train_batch(device, args.channels_last)
+    if args.impl == "ours":
+        from detr_lightning.lit_module import DETRLitModule
+
+        module = DETRLitModule(
+            model={**R50_MODEL, "dropout": 0.1},
+            optimizer={"lr": 1e-4, "lr_backbone": 1e-5, "weight_decay": 1e-4, "fused": args.fused or None},
+        )
+        model = prepare_ours(module.model, args)
+        module.to(device).train()
+        optimizer = module.configure_optimizers()["optimizer"]
+
+        def forward() -> Any:
+            return model(images, mask)
+
+        def loss_of(outputs: Any) -> Tensor:
+            return module.criterion.weighted_total(module.criterion(outputs, targets))
+
+    else:
+        model = prepare(huggingface_detr(), args).to(device).train()
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for n, p in named if "backbone" not in n]},
+            {"params": [p for n, p in named if "backbone" in n], "lr": 1e-5},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=1e-4, weight_decay=1e-4, fused=args.fused or None)
+        labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
+
+        def forward() -> Any:  # the Hugging Face model computes its loss in its forward
+            return model(pixel_values=images, pixel_mask=(~mask).long(), labels=labels)
+
+        def loss_of(outputs: Any) -> Tensor:
+            return outputs.loss
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "16-mixed")
+    phases = PhaseTimer(device, enabled=args.breakdown)
+
+    def step() -> Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with phases("forward"), autocast(device, args.precision):
+            outputs = forward()
+        with phases("loss"):
+            loss = loss_of(outputs)
+        with phases("backward"):
+            scaler.scale(loss).backward()
+        with phases("optimizer"):
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, 0.1)
+            scaler.step(optimizer)
+            scaler.update()
+        return loss.detach()
+
+    return step, phases
+
+
+def step_flops(step: Callable[[], Tensor]) -> int:
+    """Floating-point operations of one step (forward + backward), counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return counter.get_total_flops()
+
+
+def bench_train_step(args: argparse.Namespace) -> dict[str, Any]:
+    device = resolve_device(args.device)
+    flops = None
+    if args.flops:  # counted in eager mode (the FLOP counter does not see inside compiled graphs)
+        torch.manual_seed(0)
+        flops = step_flops(
+            build_train_step(argparse.Namespace(**{**vars(args), "compile": False}), device)[0]
+        )
+    torch.manual_seed(0)
+    step, phases = build_train_step(args, device)
+    reset_peak_memory(device)
+    times = time_calls(step, args.steps, args.warmup, device)
+    median = statistics.median(times)
+    figures = {
+        **model_figures(args),
+        "fused": args.fused,
+        "steps": args.steps,
+        "median_s": round(median, 5),
+        "min_s": round(min(times), 5),
+        "images_per_s": round(len(TRAIN_SHAPES) / median, 3),
+        "peak_memory_mib": round(peak_memory_mib(device), 1),
+        **phases.medians(),  # warm-up steps included; the medians ignore them
+    }
+    if flops:
+        figures.update(gflop_per_step=round(flops / 1e9, 1), achieved_tflop_s=round(flops / median / 1e12, 3))
+    print(f"train-step ({args.impl}, {args.precision}): median {median:.4f} s/step")
+    return {**figures, **machine_info(device)}
+
+
+# ---------------------------------------------------------------------------- inference
+def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
+    from detr_lightning.models import PostProcess, build_detr
+
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    if args.impl == "huggingface":
+        hf_model = prepare(huggingface_detr(), args).to(device).eval()
+
+        def forward(images: Tensor, mask: Tensor) -> dict[str, Tensor]:
+            outputs = hf_model(pixel_values=images, pixel_mask=(~mask).long())
+            return {"pred_logits": outputs.logits, "pred_boxes": outputs.pred_boxes}
+
+    else:
+        forward = prepare_ours(build_detr(**R50_MODEL), args).to(device).eval()
+    postprocess = PostProcess()  # the same for both: softmax, top class, boxes to pixels
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+
+    def runner(batch_size: int) -> Callable[[], Any]:
+        images = torch.randn(batch_size, 3, 800, 1066, device=device).contiguous(memory_format=memory_format)
+        mask = torch.zeros(batch_size, 800, 1066, dtype=torch.bool, device=device)
+        sizes = torch.tensor([[800, 1066]] * batch_size, device=device)
+
+        @torch.inference_mode()
+        def infer() -> Any:
+            with autocast(device, args.precision):
+                outputs = forward(images, mask)
+            return postprocess(outputs, sizes)
+
+        return infer
+
+    reset_peak_memory(device)
+    latency = time_calls(runner(1), args.steps, args.warmup, device)
+    batched = time_calls(runner(args.batch_size), max(1, args.steps // 2), min(args.warmup, 1), device)
+    figures = {
+        **model_figures(args),
+        "batch1_median_s": round(statistics.median(latency), 5),
+        "batch1_min_s": round(min(latency), 5),
+        f"batch{args.batch_size}_images_per_s": round(args.batch_size / statistics.median(batched), 3),
+        "peak_memory_mib": round(peak_memory_mib(device), 1),
+    }
+    print(f"inference: batch 1 median {figures['batch1_median_s']:.4f} s")
+    return {**figures, **machine_info(device)}
+
+
+# ---------------------------------------------------------------------------- data
+def write_jpeg_folder(root: Path, num_images: int, size: int = 416, boxes_per_image: int = 4) -> Path:
+    """A COCO-format split ``root/train`` (with ``_annotations.coco.json``) of random square JPEGs."""
+    from torchvision.io import encode_jpeg, write_file
+
+    split = root / "train"
+    split.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    images, annotations = [], []
+    for image_id in range(1, num_images + 1):
+        pixels = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=generator)
+        name = f"{image_id:05d}.jpg"
+        write_file(str(split / name), encode_jpeg(pixels, quality=90))
+        images.append({"id": image_id, "file_name": name, "width": size, "height": size})
+        for _ in range(boxes_per_image):
+            x, y = (torch.rand(2, generator=generator) * (size * 0.6)).tolist()
+            w, h = (torch.rand(2, generator=generator) * (size * 0.3) + 8).tolist()
+            box = {"bbox": [x, y, w, h], "area": w * h, "iscrowd": 0, "category_id": 1}
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, **box})
+    coco = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "thing"}]}
+    (split / "_annotations.coco.json").write_text(json.dumps(coco))
+    return split
+
+
+def bench_data(args: argparse.Namespace) -> dict[str, Any]:
+    """The training loader as ``train.py`` builds it (official augmentation, collate)."""
+    from detr_lightning.data import CocoDataModule
+
+    figures: dict[str, Any] = {"images": args.images, "batch_size": args.batch_size}
+    with tempfile.TemporaryDirectory() as tmp:
+        split_dir = write_jpeg_folder(Path(tmp), args.images)
+        split = {"ann_file": split_dir / "_annotations.coco.json", "img_dir": split_dir}
+        for workers in args.workers:
+            datamodule = CocoDataModule(
+                Path(tmp),
+                train=split,
+                val=split,
+                batch_size=args.batch_size,
+                num_workers=workers,
+                pin_memory=False,
+                check_images=False,
+            )
+            datamodule.setup("fit")
+            start = time.perf_counter()
+            count = sum(len(batch.targets) for batch in datamodule.train_dataloader())
+            images_per_s = count / (time.perf_counter() - start)
+            figures[f"workers{workers}_images_per_s"] = round(images_per_s, 2)
+            print(f"data: {workers} workers, {images_per_s:.1f} images/s")
+    return {**figures, **machine_info(torch.device("cpu"))}
+
+
+# ---------------------------------------------------------------------------- metric
+def synthetic_detections(
+    num_images: int, per_image: int, num_classes: int = 5, seed: int = 0
+) -> tuple[list[dict[str, Tensor]], list[dict[str, Tensor]]]:
+    """Ground truth (1-10 boxes per image) and ``per_image`` detections (jittered truth + false positives),
+    boxes in COCO ``xywh`` pixels as the project's metric takes them."""
+    from torchvision.ops import box_convert
+
+    generator = torch.Generator().manual_seed(seed)
+    predictions, targets = [], []
+    for _ in range(num_images):
+        count = int(torch.randint(1, 11, (1,), generator=generator))
+        xy = torch.rand(count, 2, generator=generator) * 500
+        wh = torch.rand(count, 2, generator=generator) * 200 + 4
+        truth = torch.cat([xy, xy + wh], dim=1)
+        labels = torch.randint(0, num_classes, (count,), generator=generator)
+        targets.append({"boxes": box_convert(truth, "xyxy", "xywh"), "labels": labels})
+        repeats = torch.randint(0, count, (per_image,), generator=generator)
+        boxes = truth[repeats] + torch.randn(per_image, 4, generator=generator) * 8
+        false = torch.rand(per_image, generator=generator) < 0.4
+        random_xy = torch.rand(per_image, 2, generator=generator) * 500
+        boxes[false] = torch.cat([random_xy, random_xy + 50], dim=1)[false]
+        boxes = torch.cat([boxes[:, :2], torch.maximum(boxes[:, 2:], boxes[:, :2] + 1)], dim=1)
+        random_labels = torch.randint(0, num_classes, (per_image,), generator=generator)
+        predictions.append(
+            {
+                "boxes": box_convert(boxes, "xyxy", "xywh"),
+                "scores": torch.rand(per_image, generator=generator),
+                "labels": torch.where(false, random_labels, labels[repeats]),
+            }
+        )
+    return predictions, targets
+
+
+def bench_metric(args: argparse.Namespace) -> dict[str, Any]:
+    from detr_lightning.metrics import build_map_metric
+
+    predictions, targets = synthetic_detections(args.images, args.detections)
+    figures: dict[str, Any] = {"images": args.images, "detections_per_image": args.detections}
+    results = {}
+    for backend in ("faster_coco_eval", "pycocotools"):
+        metric = build_map_metric(backend=backend, class_metrics=False, sync_on_compute=False)
+        start = time.perf_counter()
+        metric.update(predictions, targets)
+        results[backend] = {
+            k: float(v) for k, v in metric.compute().items() if v.numel() == 1 and k != "classes"
+        }
+        figures[f"{backend}_s"] = round(time.perf_counter() - start, 3)
+        print(f"metric: {backend} {figures[f'{backend}_s']:.2f} s, mAP {results[backend]['map']:.4f}")
+    fast, reference = results["faster_coco_eval"], results["pycocotools"]
+    figures["speedup"] = round(figures["pycocotools_s"] / figures["faster_coco_eval_s"], 2)
+    figures["max_abs_difference"] = max(abs(fast[k] - reference[k]) for k in reference)
+    figures["map"] = round(fast["map"], 6)
+    return {**figures, **machine_info(torch.device("cpu"))}
+
+
+# ---------------------------------------------------------------------------- CLI
+BENCHMARKS = {
+    "train-step": bench_train_step,
+    "inference": bench_inference,
+    "data": bench_data,
+    "metric": bench_metric,
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m detr_lightning.tools.bench", description=__doc__.split("\n")[0]
+    )
+    sub = parser.add_subparsers(dest="name", required=True)
+
+    def model_parser(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--impl", choices=["ours", "huggingface"], default="ours")
+        p.add_argument("--steps", type=int, default=10, help="timed steps")
+        p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+        p.add_argument("--precision", choices=sorted(PRECISIONS), default="32")
+        p.add_argument("--compile", action="store_true", help="torch.compile the model")
+        p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
+        p.add_argument("--channels-last", action="store_true", help="channels_last backbone and images")
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+        p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+        p.add_argument(
+            "--no-fold-norm",
+            dest="fold_norm",
+            action="store_false",
+            help="frozen norms after the convolutions",
+        )
+        p.add_argument(
+            "--attention-weights", action="store_true", help="materialize attention weights (official path)"
+        )
+        return p
+
+    train = model_parser("train-step", "one DETR-R50 training step on a batch of 2")
+    train.add_argument("--fused", action="store_true", help="fused AdamW kernel")
+    train.add_argument(
+        "--breakdown", action="store_true", help="also time forward/loss/backward/optimizer (adds syncs)"
+    )
+    train.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP count")
+    infer = model_parser("inference", "DETR-R50 on 800x1066: batch-1 latency, batch-8 images/s")
+    infer.add_argument("--batch-size", type=int, default=8)
+
+    data = sub.add_parser("data", help="images/s through dataset + train transforms + collate")
+    data.add_argument("--images", type=int, default=200)
+    data.add_argument("--batch-size", type=int, default=2)
+    data.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    metric = sub.add_parser("metric", help="COCO mAP: faster_coco_eval vs pycocotools")
+    metric.add_argument("--images", type=int, default=2000)
+    metric.add_argument("--detections", type=int, default=100)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    figures = BENCHMARKS[args.name](args)
+    print(json.dumps({"benchmark": args.name, **figures}), flush=True)  # always the last line
+
+
+if __name__ == "__main__":
+    main()
