@@ -3,8 +3,11 @@
 import hydra
 from omegaconf import DictConfig
 
+from detr_lightning.config import register_configs
 from detr_lightning.sweep import is_multirun, optimized_value, run_sweep_job
 from detr_lightning.training import USER_ERRORS, exit_on_user_error, train
+
+register_configs()  # the schemas conf/ composes with: every value is type-checked
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -7,9 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from detr_lightning.config import register_configs
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("DETR_LIGHTNING_SHARED", REPO_ROOT.parent / "shared"))
 OFFICIAL_FIXTURES = SHARED_DIR / "fixtures" / "official_detr"
+
+register_configs()  # as train.py and eval.py do: the schemas that conf/ composes with
 
 
 @pytest.fixture(autouse=True)

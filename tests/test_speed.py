@@ -10,13 +10,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import REPO_ROOT
+from detr_lightning.config import SpeedSchema
 from detr_lightning.models import build_detr
 from detr_lightning.speed import apply_speed_config, apply_speed_options
 from tiny_detr import tiny_detr_kwargs
 
 TINY = tiny_detr_kwargs(dec_layers=1, num_queries=5, dropout=0.0)
-SPEED_DEFAULTS = REPO_ROOT / "conf" / "speed" / "default.yaml"
 
 
 def conv_weights_channels_last(model: torch.nn.Module) -> bool:
@@ -52,7 +51,7 @@ def test_unknown_compile_mode_is_refused():
 
 
 def test_speed_config_group_reaches_the_options():
-    defaults = OmegaConf.load(SPEED_DEFAULTS)
+    defaults = OmegaConf.structured(SpeedSchema)
     options = set(inspect.signature(apply_speed_options).parameters) - {"model"}
     assert set(defaults) == options  # the config group names every option, and nothing else
     assert not conv_weights_channels_last(apply_speed_config(build_detr(**TINY), None))
@@ -66,7 +65,7 @@ def test_default_speed_config_keeps_pytorchs_random_stream():
     the same outputs and gradients, with the default speed options applied or not; another seed differs."""
     torch.manual_seed(0)
     plain = build_detr(**tiny_detr_kwargs(dropout=0.1)).train()
-    configured = apply_speed_config(copy.deepcopy(plain), OmegaConf.load(SPEED_DEFAULTS))
+    configured = apply_speed_config(copy.deepcopy(plain), OmegaConf.structured(SpeedSchema))
     images = torch.randn(2, 3, 64, 80)
 
     def boxes_and_grads(model: torch.nn.Module, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -33,7 +33,7 @@ job() {
   local name=$1; shift
   local start; start=$(date +%s)
   timeout "$HARD" $PYTHON train.py "$@" trainer=gpu data.num_workers=1 callbacks.progress_bar=null \
-    callbacks.plots=null +trainer.max_time=$MAXT hydra.run.dir="$OUT_DIR/$name" > "$OUT_DIR/$name.log" 2>&1
+    callbacks.plots=null trainer.max_time=$MAXT hydra.run.dir="$OUT_DIR/$name" > "$OUT_DIR/$name.log" 2>&1
   echo "$name rc=$? wall=$(( $(date +%s) - start ))s" >> "$OUT_DIR/status.txt"
 }
 

@@ -1,29 +1,21 @@
 """Export DETR to ONNX or TorchScript, checked against PyTorch: what ``export.py`` runs.
 
-The exported graph takes a normalized, zero-padded image batch and its padding mask and returns the
-raw head outputs (post-processing stays with the caller, it is a few lines):
+The exported graph takes a normalized, zero-padded batch ``images (B, 3, H, W)`` float32 and, unless
+``mask_input=False``, its ``mask (B, H, W)`` bool, True on padded pixels. It returns the raw head outputs
+``pred_logits (B, Q, num_classes + 1)`` and ``pred_boxes (B, Q, 4)``, normalized cxcywh relative to each
+unpadded image; post-processing stays with the caller (``export.json`` says how).
 
-- inputs: ``images`` ``(B, 3, H, W)`` float32 (ImageNet-normalized, padding = 0 after normalization)
-  and, unless ``mask_input=False``, ``mask`` ``(B, H, W)`` bool, True on padded pixels;
-- outputs: ``pred_logits`` ``(B, Q, num_classes + 1)`` and ``pred_boxes`` ``(B, Q, 4)``, normalized
-  ``cxcywh`` relative to each image's unpadded size.
+The model is called with a ready batch and mask, so none of the official code's padding (whose traced
+copy gave NaN in ONNX) is in the graph. ONNX Runtime's nearest ``Resize`` computes source indices as
+``dst / (out / in)`` where PyTorch computes ``dst * (in / out)``; the two round differently when the
+result is a whole number, which would change the feature-level padding mask and with it every output.
+The ONNX graph therefore gets that mask from :func:`nearest_mask`, PyTorch's arithmetic as tensor ops.
 
-The model is called with a ready batch and mask, so none of the official code's padding
-(``nested_tensor_from_tensor_list``, whose traced copy gave NaN in ONNX) is in the graph. One more
-trap: ONNX Runtime's nearest ``Resize`` computes source indices as ``dst / (out / in)`` where PyTorch
-computes ``dst * (in / out)``; the two round differently when the result is a whole number (90 -> 3
-columns: PyTorch samples column 60, ONNX Runtime column 59), so the feature-level padding mask, and
-with it every output, could differ. The ONNX graph therefore gets the mask from :func:`nearest_mask`,
-PyTorch's own arithmetic written as tensor ops (equal to ``F.interpolate``). Every export
-is run again, in onnxruntime or after ``torch.jit.load``, on a padded batch and compared with PyTorch
-(outputs finite, max abs difference within ``atol``); a dynamic export is also checked at a second size
-and batch.
-
-ONNX goes through ``torch.onnx.export(dynamo=True)`` (``torch.export``), the default exporter of
-torch 2.14, which handles DETR with dynamic batch, height and width; ``onnx_exporter=legacy`` selects
-the TorchScript-based exporter (``dynamo=False``) and ``auto`` falls back to it if the first fails.
-TorchScript is a ``torch.jit.trace``: sizes are read from tensors at run time, so one trace serves any
-batch and image size.
+ONNX goes through ``torch.onnx.export(dynamo=True)`` (``torch.export``), with dynamic batch, height and
+width; ``onnx_exporter=legacy`` selects the TorchScript-based exporter and ``auto`` falls back to it.
+TorchScript is a ``torch.jit.trace``, which reads sizes from tensors at run time. Every export is run
+again (onnxruntime, ``torch.jit.load``) on a padded batch, and a dynamic one at a second size and
+batch, and compared with PyTorch: outputs finite, max abs difference within ``atol``.
 """
 
 from __future__ import annotations
@@ -31,9 +23,9 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +123,8 @@ class ExportSettings:
         mask_input: take the ``(B, H, W)`` padding mask as a second input (else images only).
         atol: the largest accepted ``|exported - PyTorch|`` on the check inputs.
         verify: run the exported model on the check inputs and compare it with PyTorch.
+
+    Raises `InferenceSettingError` on an example input too small to export.
     """
 
     height: int = 800
@@ -141,65 +135,47 @@ class ExportSettings:
     atol: float = 1e-4
     verify: bool = True
 
+    def __post_init__(self) -> None:
+        if min(self.height, self.width) < 32 or self.batch_size < 1:
+            raise InferenceSettingError(
+                f"height={self.height}, width={self.width}, batch_size={self.batch_size}: the example input "
+                "needs at least 32x32 pixels and one image (official size: height=800 width=1066)."
+            )
+
     @classmethod
     def from_config(cls, cfg: DictConfig) -> ExportSettings:
-        """The settings of ``conf/export.yaml``; raises `InferenceSettingError` on an unusable size."""
-        height, width, batch_size = int(cfg.height), int(cfg.width), int(cfg.batch_size)
-        if min(height, width) < 32 or batch_size < 1:
-            raise InferenceSettingError(
-                f"height={height}, width={width}, batch_size={batch_size}: the example input needs at "
-                "least 32x32 pixels and one image (official size: height=800 width=1066)."
-            )
-        return cls(
-            height=height,
-            width=width,
-            batch_size=batch_size,
-            dynamic=bool(cfg.dynamic),
-            mask_input=bool(cfg.get("mask_input", True)),
-            atol=float(cfg.get("atol", 1e-4)),
-            verify=bool(cfg.get("verify", True)),
-        )
+        """The settings of ``conf/export.yaml``."""
+        return cls(**{setting.name: cfg[setting.name] for setting in fields(cls)})
 
     @property
     def input_names(self) -> list[str]:
         return ["images", "mask"] if self.mask_input else ["images"]
 
-    def example_inputs(self, batch_size: int | None = None) -> tuple[Tensor, ...]:
-        """The example input to trace, of ``batch_size`` images (default: the settings' batch size)."""
-        batch_size = self.batch_size if batch_size is None else batch_size
-        return example_inputs(batch_size, self.height, self.width, self.mask_input)
-
     def check_inputs(self) -> dict[str, tuple[Tensor, ...]]:
         """The inputs an export is checked on: the export size, and for a dynamic export another size
         and batch (odd sizes, not multiples of the stride)."""
-        size = (self.batch_size, self.height, self.width)
-        checks = {"{}x{}x{}".format(*size): example_inputs(*size, mask_input=self.mask_input, seed=1)}
+        sizes = [(self.batch_size, self.height, self.width)]
         if self.dynamic:
-            other = (
-                self.batch_size + 1,
-                max(48, (3 * self.height) // 4 + 7),
-                max(48, (2 * self.width) // 3 + 5),
-            )
-            checks["{}x{}x{}".format(*other)] = example_inputs(*other, mask_input=self.mask_input, seed=2)
-        return checks
+            other_height, other_width = (3 * self.height) // 4 + 7, (2 * self.width) // 3 + 5
+            sizes.append((self.batch_size + 1, max(48, other_height), max(48, other_width)))
+        return {
+            "{}x{}x{}".format(*size): example_inputs(*size, mask_input=self.mask_input, seed=seed)
+            for seed, size in enumerate(sizes, start=1)
+        }
 
 
 def export(cfg: DictConfig) -> ExportResult:
     """Export the configured model (``ckpt_path`` or ``model.pretrained``) and check it."""
-    fmt = str(cfg.format)
+    fmt, exporter = str(cfg.format), str(cfg.onnx_exporter)
     if fmt not in FORMATS:
         raise InferenceSettingError(f"format={fmt}: choose onnx or torchscript.")
-    exporter = str(cfg.get("onnx_exporter", "auto"))
     if exporter not in ONNX_EXPORTERS:
         raise InferenceSettingError(f"onnx_exporter={exporter}: choose {', '.join(ONNX_EXPORTERS)}.")
     settings = ExportSettings.from_config(cfg)
-    detector = load_detector(ckpt_path=cfg.get("ckpt_path"), pretrained=cfg.model.get("pretrained"))
+    detector = load_detector(ckpt_path=cfg.ckpt_path, pretrained=cfg.model.pretrained)
     output_dir = Path(cfg.output_dir).expanduser()
-    output_dir.mkdir(parents=True, exist_ok=True)
     if fmt == "onnx":
-        result = export_onnx(
-            detector.model, output_dir / "model.onnx", settings, exporter=exporter, opset=cfg.get("opset")
-        )
+        result = export_onnx(detector.model, output_dir / "model.onnx", settings, exporter, cfg.opset)
     else:
         result = export_torchscript(detector.model, output_dir / "model.pt", settings)
     write_export_info(result, detector, settings, output_dir / "export.json")
@@ -248,25 +224,81 @@ def export_onnx(
     """
     settings = replace(settings or ExportSettings(), **overrides)
     module = _exportable(model, path)
-    input_names = settings.input_names
-    inputs = settings.example_inputs(max(settings.batch_size, 2) if settings.dynamic else None)
-    used = exporter
+    batch_size = max(settings.batch_size, 2) if settings.dynamic else settings.batch_size
+    inputs = example_inputs(batch_size, settings.height, settings.width, settings.mask_input)
+    dynamo = exporter != "legacy"
     with _portable_feature_mask(module.model):
-        if exporter in ("auto", "dynamo"):
+        if dynamo:
             try:
-                _export_onnx_dynamo(module, inputs, path, input_names, settings.dynamic, opset)
-                used = "dynamo"
+                _export_onnx(module, inputs, path, settings, opset, dynamo=True)
             except Exception as error:  # the exporter raises many types; any failure means "try legacy"
                 if exporter == "dynamo":
                     raise
                 log.warning("torch.onnx dynamo exporter failed (%s); using the legacy exporter.", error)
-                used = "legacy"
-        if used == "legacy":
-            _export_onnx_legacy(module, inputs, path, input_names, settings.dynamic, opset)
-    exporter_name = f"torch.onnx.export(dynamo={used == 'dynamo'})"
-    result = ExportResult(path, "onnx", exporter_name, input_names, settings.dynamic)
+                dynamo = False
+        if not dynamo:
+            _export_onnx(module, inputs, path, settings, opset or LEGACY_OPSET, dynamo=False)
+    exporter_name = f"torch.onnx.export(dynamo={dynamo})"
+    result = ExportResult(path, "onnx", exporter_name, settings.input_names, settings.dynamic)
     if settings.verify:
-        result.max_abs_diff = verify_onnx(path, module, settings.check_inputs(), settings.atol)
+        result.max_abs_diff = verify_export(
+            _onnx_runner(path), module, settings.check_inputs(), settings.atol
+        )
+    return result
+
+
+def _export_onnx(
+    module: nn.Module,
+    inputs: tuple[Tensor, ...],
+    path: Path,
+    settings: ExportSettings,
+    opset: int | None,
+    dynamo: bool,
+) -> None:
+    """``torch.onnx.export`` with ``dynamo`` or the legacy exporter, each with its own way of naming the
+    dynamic axes."""
+    axes = {"images": {0: "batch", 2: "height", 3: "width"}, "mask": {0: "batch", 1: "height", 2: "width"}}
+    axes = {name: axes[name] for name in settings.input_names}
+    options: dict[str, Any] = {}
+    if dynamo and settings.dynamic:
+        dims = {name: torch.export.Dim(name, min=1) for name in ("batch", "height", "width")}
+        shapes = {name: {axis: dims[dim] for axis, dim in axes[name].items()} for name in axes}
+        options.update(dynamic_shapes=shapes)
+    elif settings.dynamic:
+        options.update(dynamic_axes={**axes, **{name: {0: "batch"} for name in OUTPUT_NAMES}})
+    if dynamo:
+        options.update(external_data=False, verbose=False)
+    with _quiet_exporters():
+        torch.onnx.export(
+            module,
+            inputs,
+            str(path),
+            input_names=settings.input_names,
+            output_names=list(OUTPUT_NAMES),
+            opset_version=opset,
+            dynamo=dynamo,
+            **options,
+        )
+
+
+def export_torchscript(
+    model: DETR, path: Path, settings: ExportSettings | None = None, **overrides: Any
+) -> ExportResult:
+    """Trace to ``path`` (``torch.jit.save``) and, with ``verify``, reload it (``torch.jit.load``) and
+    check it. ``settings`` (default ``ExportSettings()``) with ``overrides`` of its fields."""
+    settings = replace(settings or ExportSettings(), **overrides)
+    module = _exportable(model, path)
+    inputs = example_inputs(settings.batch_size, settings.height, settings.width, settings.mask_input)
+    with _quiet_exporters(), torch.no_grad():
+        torch.jit.save(torch.jit.trace(module, inputs, check_trace=False), str(path))
+    result = ExportResult(path, "torchscript", "torch.jit.trace", settings.input_names, settings.dynamic)
+    if settings.verify:
+        with _quiet_exporters():
+            reloaded = torch.jit.load(str(path))
+            checks = settings.check_inputs()
+            result.max_abs_diff = verify_export(
+                lambda inputs: list(reloaded(*inputs)), module, checks, settings.atol
+            )
     return result
 
 
@@ -293,118 +325,49 @@ def _quiet_exporters() -> Iterator[None]:
             logging.getLogger(name).setLevel(level)
 
 
-def _export_onnx_dynamo(
-    module: nn.Module,
-    inputs: tuple[Tensor, ...],
-    path: Path,
-    input_names: list[str],
-    dynamic: bool,
-    opset: int | None,
-) -> None:
-    dynamic_shapes = None
-    if dynamic:
-        batch, height, width = (torch.export.Dim(name, min=1) for name in ("batch", "height", "width"))
-        dynamic_shapes = {"images": {0: batch, 2: height, 3: width}}
-        if "mask" in input_names:
-            dynamic_shapes["mask"] = {0: batch, 1: height, 2: width}
-    with _quiet_exporters():
-        torch.onnx.export(
-            module,
-            inputs,
-            str(path),
-            input_names=input_names,
-            output_names=list(OUTPUT_NAMES),
-            opset_version=opset,
-            dynamo=True,
-            dynamic_shapes=dynamic_shapes,
-            external_data=False,
-            verbose=False,
-        )
-
-
-def _export_onnx_legacy(
-    module: nn.Module,
-    inputs: tuple[Tensor, ...],
-    path: Path,
-    input_names: list[str],
-    dynamic: bool,
-    opset: int | None,
-) -> None:
-    dynamic_axes = None
-    if dynamic:
-        dynamic_axes = {"images": {0: "batch", 2: "height", 3: "width"}}
-        if "mask" in input_names:
-            dynamic_axes["mask"] = {0: "batch", 1: "height", 2: "width"}
-        dynamic_axes.update({name: {0: "batch"} for name in OUTPUT_NAMES})
-    with _quiet_exporters():
-        torch.onnx.export(
-            module,
-            inputs,
-            str(path),
-            input_names=input_names,
-            output_names=list(OUTPUT_NAMES),
-            opset_version=opset or LEGACY_OPSET,
-            dynamo=False,
-            dynamic_axes=dynamic_axes,
-        )
-
-
-def verify_onnx(
-    path: Path, module: nn.Module, checks: dict[str, tuple[Tensor, ...]], atol: float = 1e-4
-) -> dict[str, float]:
-    """Run ``path`` in onnxruntime (CPU) on each check input; returns the max abs difference to
-    ``module`` per check. Raises `ExportError` on a non-finite output or a difference above ``atol``."""
+def _onnx_runner(path: Path) -> Callable[[tuple[Tensor, ...]], list[Tensor]]:
+    """The ``.onnx`` file in an onnxruntime CPU session, as a function of the model's inputs."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [node.name for node in session.get_inputs()]
+
+    def run(inputs: tuple[Tensor, ...]) -> list[Tensor]:
+        feeds = {name: tensor.numpy() for name, tensor in zip(names, inputs, strict=True)}
+        return [torch.from_numpy(output) for output in session.run(list(OUTPUT_NAMES), feeds)]
+
+    return run
+
+
+def verify_export(
+    run: Callable[[tuple[Tensor, ...]], Sequence[Tensor]],
+    module: nn.Module,
+    checks: dict[str, tuple[Tensor, ...]],
+    atol: float = 1e-4,
+) -> dict[str, float]:
+    """The max abs difference between ``run`` (the exported model) and ``module`` on each check input.
+
+    Raises `ExportError` on a non-finite output, a shape that differs, or a difference above ``atol``.
+    """
     differences = {}
     for label, inputs in checks.items():
-        outputs = session.run(list(OUTPUT_NAMES), {n: t.numpy() for n, t in zip(names, inputs, strict=True)})
-        differences[label] = _compare(label, module, inputs, [torch.from_numpy(o) for o in outputs], atol)
-    return differences
-
-
-def export_torchscript(
-    model: DETR, path: Path, settings: ExportSettings | None = None, **overrides: Any
-) -> ExportResult:
-    """Trace to ``path`` (``torch.jit.save``) and, with ``verify``, reload it (``torch.jit.load``) and
-    check it. ``settings`` (default ``ExportSettings()``) with ``overrides`` of its fields."""
-    settings = replace(settings or ExportSettings(), **overrides)
-    module = _exportable(model, path)
-    inputs = settings.example_inputs()
-    with _quiet_exporters(), torch.no_grad():
-        torch.jit.save(torch.jit.trace(module, inputs, check_trace=False), str(path))
-    result = ExportResult(path, "torchscript", "torch.jit.trace", settings.input_names, settings.dynamic)
-    if settings.verify:
-        with _quiet_exporters(), torch.no_grad():
-            reloaded = torch.jit.load(str(path))
-            result.max_abs_diff = {
-                label: _compare(label, module, inputs, list(reloaded(*inputs)), settings.atol)
-                for label, inputs in settings.check_inputs().items()
-            }
-    return result
-
-
-def _compare(
-    label: str, module: nn.Module, inputs: tuple[Tensor, ...], exported: Sequence[Tensor], atol: float
-) -> float:
-    with torch.no_grad():
-        expected = module(*inputs)
-    worst = 0.0
-    for name, ours, theirs in zip(OUTPUT_NAMES, expected, exported, strict=True):
-        if not torch.isfinite(theirs).all():
-            raise ExportError(f"the exported model gives non-finite {name} on input {label}")
-        if ours.shape != theirs.shape:
+        with torch.no_grad():
+            expected, exported = module(*inputs), run(inputs)
+        worst = 0.0
+        for name, ours, theirs in zip(OUTPUT_NAMES, expected, exported, strict=True):
+            if not torch.isfinite(theirs).all():
+                raise ExportError(f"the exported model gives non-finite {name} on input {label}")
+            if ours.shape != theirs.shape:
+                raise ExportError(
+                    f"{name} on input {label}: shape {tuple(theirs.shape)}, PyTorch {tuple(ours.shape)}"
+                )
+            worst = max(worst, float((ours - theirs).abs().max()))
+        if worst > atol:
             raise ExportError(
-                f"{name} on input {label}: shape {tuple(theirs.shape)}, PyTorch {tuple(ours.shape)}"
+                f"the exported model differs from PyTorch by {worst:.2e} (> atol={atol}) on input {label}"
             )
-        worst = max(worst, float((ours - theirs).abs().max()))
-    if worst > atol:
-        raise ExportError(
-            f"the exported model differs from PyTorch by {worst:.2e} (> atol={atol}) on input {label}"
-        )
-    return worst
+        differences[label] = worst
+    return differences
 
 
 #: How to read the exported outputs, by the model's class scoring (its training loss).
@@ -422,20 +385,16 @@ def write_export_info(result: ExportResult, detector: Detector, settings: Export
     model = detector.model
     fixed_size = [settings.batch_size, 3, settings.height, settings.width]
     size = ["batch", 3, "height", "width"] if result.dynamic else fixed_size
+    inputs = {"images": {"shape": size, "dtype": "float32"}}
+    if "mask" in result.input_names:
+        inputs["mask"] = {"shape": [size[0], *size[2:]], "dtype": "bool"}
     info: dict[str, Any] = {
         "model_file": result.path.name,
         "format": result.format,
         "exporter": result.exporter,
         "torch": torch.__version__,
         "source": detector.source,
-        "inputs": {
-            "images": {"shape": size, "dtype": "float32"},
-            **(
-                {"mask": {"shape": [size[0], *size[2:]], "dtype": "bool"}}
-                if "mask" in result.input_names
-                else {}
-            ),
-        },
+        "inputs": inputs,
         "outputs": {
             "pred_logits": {"shape": [size[0], model.num_queries, model.num_classes + 1], "dtype": "float32"},
             "pred_boxes": {"shape": [size[0], model.num_queries, 4], "dtype": "float32"},

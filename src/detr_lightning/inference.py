@@ -64,9 +64,6 @@ COCO_CLASS_NAMES: dict[int, str] = {
     category_id: name for category_id, name in enumerate(_COCO_NAMES_BY_ID) if name != "N/A"
 }
 
-#: Checkpoint entries where class names may be saved (a label -> name dict or a list indexed by label).
-SAVED_CLASS_NAME_KEYS = ("class_names", "detr_class_names")
-
 
 class InferenceSettingError(CheckpointError):
     """A prediction/export setting that cannot be used (reported without traceback, as weight errors are)."""
@@ -188,20 +185,9 @@ def _load_project_checkpoint(path: Path) -> Detector:
             detector.scale,
             detector.max_size,
         )
-    detector.class_names = saved_class_names(file.contents) or _run_class_names(run_data, path)
+    saved_names = file.contents.get("class_names")  # label -> name, saved by DETRLitModule.on_save_checkpoint
+    detector.class_names = _as_name_dict(saved_names) if saved_names else _run_class_names(run_data, path)
     return detector
-
-
-def saved_class_names(checkpoint: Mapping[str, Any]) -> dict[int, str]:
-    """Class names stored in the checkpoint itself (top level, hyper-parameters or datamodule's), if any."""
-    places = [checkpoint, checkpoint.get("hyper_parameters"), checkpoint.get("datamodule_hyper_parameters")]
-    for place in places:
-        if not isinstance(place, Mapping):
-            continue
-        for key in SAVED_CLASS_NAME_KEYS:
-            if place.get(key):
-                return _as_name_dict(place[key])
-    return {}
 
 
 def _run_class_names(run_data: Mapping[str, Any] | None, ckpt_path: Path) -> dict[int, str]:
@@ -241,15 +227,3 @@ def preprocess_image(image: Tensor, scale: int, max_size: int | None) -> Tensor:
     resized = F.resize(image, list(short_side_resize_shape(height, width, scale, max_size)), antialias=True)
     pixels = F.to_dtype(resized, torch.float32, scale=True)
     return F.normalize(pixels, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
-
-
-def select_device(device: str) -> torch.device:
-    """``auto`` (CUDA when available), ``cpu`` or ``cuda`` (``cuda:N``)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InferenceSettingError(f"device={device} but no CUDA GPU is available. Fix: device=auto or cpu.")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise InferenceSettingError(f"device={device!r} is not a device. Fix: auto, cpu or cuda.") from None

@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import lightning
 import torch
@@ -23,6 +24,65 @@ from detr_lightning.models.weight_files import OFFICIAL_DETR_URLS, CheckpointErr
 log = logging.getLogger(__name__)
 
 
+# --------------------------------------------------------------------- settings (the config groups)
+@dataclass
+class LossConfig:
+    """Set criterion weights (official: CE 1, L1 5, GIoU 2, no-object class 0.1, aux losses on)."""
+
+    ce_loss_coef: float = 1.0  # weight of the classification loss (loss_ce), whichever class_loss
+    bbox_loss_coef: float = 5.0
+    giou_loss_coef: float = 2.0
+    eos_coef: float = 0.1  # class_loss=ce only: weight of the "no object" class
+    aux_loss: bool = True
+    # ce (official softmax cross-entropy) | focal (sigmoid focal loss, Deformable DETR) | varifocal
+    # (IoU-aware sigmoid loss, RT-DETR). The matcher's class cost and the post-processing follow it.
+    class_loss: Literal["ce", "focal", "varifocal"] = "ce"
+    focal_alpha: float = 0.25  # focal loss and focal matching cost: weight of the positives
+    focal_gamma: float = 2.0  # focal / varifocal loss and focal matching cost: focusing exponent
+    varifocal_alpha: float = 0.75  # varifocal: weight of the negatives (RT-DETR)
+    prior_prob: float | None = 0.01  # sigmoid losses: class scores start at this probability (null: off)
+
+
+@dataclass
+class MatcherConfig:
+    """Hungarian matcher cost weights (official: class 1, L1 5, GIoU 2)."""
+
+    cost_class: float = 1.0
+    cost_bbox: float = 5.0
+    cost_giou: float = 2.0
+    # softmax (official) | focal (Deformable DETR); null follows loss.class_loss (focal for the sigmoid
+    # losses, with loss.focal_alpha / focal_gamma).
+    class_cost: Literal["softmax", "focal"] | None = None
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with the backbone as its own parameter group (official recipe)."""
+
+    lr: float = 1e-4
+    lr_backbone: float = 1e-5  # <= 0 freezes the whole backbone
+    weight_decay: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    fused: bool | None = None  # null: PyTorch's default implementation choice
+
+
+@dataclass
+class SchedulerConfig:
+    """StepLR stepped once per epoch: lr x gamma after lr_drop epochs (official: 200 of 300)."""
+
+    lr_drop: int = 200
+    gamma: float = 0.1
+
+
+@dataclass
+class PostprocessConfig:
+    """Detections per image with a sigmoid class loss: the top_k best (query, class) scores
+    (null: model.num_queries); the official softmax gives one per query."""
+
+    top_k: int | None = None
+
+
 class NonFiniteTrainingError(RuntimeError):
     """Too many consecutive training steps with a NaN/inf loss or gradients: the run cannot recover."""
 
@@ -30,21 +90,14 @@ class NonFiniteTrainingError(RuntimeError):
 class DETRLitModule(lightning.LightningModule):
     """Train and evaluate DETR.
 
-    Every argument is a plain mapping (what Hydra composes), so checkpoints hold no pickled objects.
+    Every argument is a plain mapping (what Hydra composes), so checkpoints hold no pickled objects;
+    the settings are read into the dataclasses above, which give their defaults and names.
 
     Args:
         model: :func:`~detr_lightning.models.build_detr` arguments (``num_classes`` required; ``pretrained``
-            optional: an official name, URL or file whose weights :meth:`load_pretrained` loads).
-        matcher: ``cost_class``, ``cost_bbox``, ``cost_giou``; ``class_cost`` (``softmax`` | ``focal``)
-            follows ``loss.class_loss`` when absent or null, with the loss's ``focal_alpha``/``focal_gamma``.
-        loss: ``eos_coef``, ``ce_loss_coef``, ``bbox_loss_coef``, ``giou_loss_coef``; ``class_loss``
-            (``ce`` official | ``focal`` | ``varifocal``), ``focal_alpha``, ``focal_gamma``,
-            ``varifocal_alpha`` and ``prior_prob`` (sigmoid losses: the class head's bias starts every
-            score at this probability; null keeps the default init). See
-            :class:`~detr_lightning.models.SetCriterion`.
-        postprocess: ``top_k``: detections per image with a sigmoid class loss (null: ``num_queries``).
-        optimizer: ``lr``, ``lr_backbone``, ``weight_decay`` (AdamW; ``betas``, ``eps``, ``fused`` optional).
-        scheduler: ``lr_drop`` (epochs) and ``gamma`` of a StepLR.
+            optional: a name, URL or file whose weights :meth:`load_pretrained` loads).
+        matcher, loss, optimizer, scheduler, postprocess: :class:`MatcherConfig`, :class:`LossConfig`,
+            :class:`OptimizerConfig`, :class:`SchedulerConfig`, :class:`PostprocessConfig` fields.
         max_consecutive_nonfinite: a step whose loss or gradients are NaN/inf is skipped (no weight or
             optimizer-state change; counted as ``train/skipped_steps``); this many in a row stop the run
             with a :class:`NonFiniteTrainingError` naming the batch's image ids.
@@ -62,51 +115,58 @@ class DETRLitModule(lightning.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.max_consecutive_nonfinite = int(max_consecutive_nonfinite)
+        self.max_consecutive_nonfinite = max_consecutive_nonfinite
         self.skipped_steps = 0  # steps skipped for NaN/inf, over the whole run (kept in checkpoints)
         self._consecutive_skips = 0
         # Since the last optimizer step (gradient accumulation included): the losses waiting to be logged
         # once the step is known to be finite, and the batches' image ids (named if the step is skipped).
         self._pending_losses: list[tuple[dict[str, Tensor], Tensor, int]] = []
         self._step_image_ids: list[Tensor] = []
+        self.loss_config = LossConfig(**(loss or {}))
+        self.optimizer_config = OptimizerConfig(**(optimizer or {}))
+        self.scheduler_config = SchedulerConfig(**(scheduler or {}))
         model_args = dict(model)
         self.pretrained = model_args.pop("pretrained", None)
         if model_args.get("num_classes") is None:
             raise ValueError(
                 "model.num_classes must be set (train.py takes it from the data when left empty)"
             )
-        self.optimizer_args = dict(optimizer or {})
-        self.scheduler_args = dict(scheduler or {})
         if self.pretrained:
             model_args["pretrained_backbone"] = False  # DETR weights replace the ImageNet ones anyway
-        if self.optimizer_args.get("lr_backbone", 1e-5) <= 0:
+        if self.optimizer_config.lr_backbone <= 0:
             model_args["train_backbone"] = False
         self.model = build_detr(**model_args)
-        loss_args = dict(loss or {})
+        loss = self.loss_config
         weight_dict = build_weight_dict(
             num_decoder_layers=len(self.model.transformer.decoder.layers),
             aux_loss=self.model.aux_loss,
-            ce_loss_coef=loss_args.get("ce_loss_coef", 1.0),
-            bbox_loss_coef=loss_args.get("bbox_loss_coef", 5.0),
-            giou_loss_coef=loss_args.get("giou_loss_coef", 2.0),
+            ce_loss_coef=loss.ce_loss_coef,
+            bbox_loss_coef=loss.bbox_loss_coef,
+            giou_loss_coef=loss.giou_loss_coef,
         )
-        class_loss = loss_args.get("class_loss") or "ce"
-        self.class_score = class_score(class_loss)  # softmax | sigmoid: matcher and post-processing follow
-        focal = {k: loss_args[k] for k in ("focal_alpha", "focal_gamma") if loss_args.get(k) is not None}
-        matcher_args = {**focal, **{k: v for k, v in dict(matcher or {}).items() if v is not None}}
-        matcher_args.setdefault("class_cost", "focal" if self.class_score == "sigmoid" else "softmax")
+        self.class_score = class_score(loss.class_loss)  # softmax | sigmoid: matcher, post-processing follow
+        matcher_config = MatcherConfig(**(matcher or {}))
+        default_cost = "focal" if self.class_score == "sigmoid" else "softmax"
         self.criterion = SetCriterion(
             self.model.num_classes,
-            HungarianMatcher(**matcher_args),
+            HungarianMatcher(
+                cost_class=matcher_config.cost_class,
+                cost_bbox=matcher_config.cost_bbox,
+                cost_giou=matcher_config.cost_giou,
+                class_cost=matcher_config.class_cost or default_cost,
+                focal_alpha=loss.focal_alpha,
+                focal_gamma=loss.focal_gamma,
+            ),
             weight_dict,
-            eos_coef=loss_args.get("eos_coef", 0.1),
-            class_loss=class_loss,
-            **focal,
-            **{k: loss_args[k] for k in ("varifocal_alpha",) if loss_args.get(k) is not None},
+            eos_coef=loss.eos_coef,
+            class_loss=loss.class_loss,
+            focal_alpha=loss.focal_alpha,
+            focal_gamma=loss.focal_gamma,
+            varifocal_alpha=loss.varifocal_alpha,
         )
-        self.prior_prob = loss_args.get("prior_prob", 0.01) if self.class_score == "sigmoid" else None
+        self.prior_prob = loss.prior_prob if self.class_score == "sigmoid" else None
         self.init_class_prior()
-        self.postprocess = PostProcess(self.class_score, top_k=dict(postprocess or {}).get("top_k"))
+        self.postprocess = PostProcess(self.class_score, top_k=PostprocessConfig(**(postprocess or {})).top_k)
 
     def init_class_prior(self) -> None:
         """Sigmoid class losses: every class score starts at ``prior_prob`` (Deformable DETR's init)."""
@@ -289,23 +349,21 @@ class DETRLitModule(lightning.LightningModule):
     # ------------------------------------------------------------------ optimization
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW with the backbone as its own group (official recipe), StepLR stepped every epoch."""
-        args = self.optimizer_args
+        settings = self.optimizer_config
         backbone = [p for n, p in self.model.named_parameters() if "backbone" in n and p.requires_grad]
         rest = [p for n, p in self.model.named_parameters() if "backbone" not in n and p.requires_grad]
         groups = [{"params": rest, "name": "transformer"}]
         if backbone:
-            groups.append({"params": backbone, "lr": args.get("lr_backbone", 1e-5), "name": "backbone"})
+            groups.append({"params": backbone, "lr": settings.lr_backbone, "name": "backbone"})
         optimizer = torch.optim.AdamW(
             groups,
-            lr=args.get("lr", 1e-4),
-            weight_decay=args.get("weight_decay", 1e-4),
-            betas=tuple(args.get("betas", (0.9, 0.999))),
-            eps=args.get("eps", 1e-8),
-            fused=args.get("fused"),
+            lr=settings.lr,
+            weight_decay=settings.weight_decay,
+            betas=tuple(settings.betas),
+            eps=settings.eps,
+            fused=settings.fused,
         )
         scheduler = torch.optim.lr_scheduler.StepLR(
-            optimizer,
-            step_size=self.scheduler_args.get("lr_drop", 200),
-            gamma=self.scheduler_args.get("gamma", 0.1),
+            optimizer, step_size=self.scheduler_config.lr_drop, gamma=self.scheduler_config.gamma
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

@@ -9,13 +9,13 @@
   few seconds, else offline.
 
 An offline run is written to ``<save_dir>/wandb/offline-run-<time>-<id>/`` and one log line says how to
-upload it (``wandb sync <that folder>``). In a Hydra multirun the jobs of one sweep share a W&B group (the
-sweep folder's name); each job is its own run because `detr_lightning.sweep.run_sweep_job` finishes the
-run when the job ends (a new `WandbLogger` would otherwise log into the run still open).
+upload it. The jobs of a Hydra multirun share a W&B group (the sweep folder's name); each job is its own
+run because `detr_lightning.sweep.run_sweep_job` finishes the run when the job ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import netrc
 import os
@@ -32,8 +32,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 log = logging.getLogger(__name__)
 
 WANDB_DEFAULT_BASE_URL = "https://api.wandb.ai"
-#: How long the W&B server may take to accept a connection before the run goes offline.
-SERVER_PROBE_TIMEOUT_S = 3.0
+SERVER_PROBE_TIMEOUT_S = 3.0  # for the W&B server to accept a connection before the run goes offline
 #: ``WANDB_MODE`` values and the mode each one means.
 _ENV_MODES = {
     "online": "online",
@@ -45,12 +44,8 @@ _ENV_MODES = {
 
 
 class WandbLoggerWithSyncHint(WandbLogger):
-    """A `WandbLogger` that, when it starts an offline run, logs the one command that uploads it.
-
-    Args:
-        offline_reason: why the run is offline (shown in the line), e.g. ``"no W&B credentials found"``.
-        *args, **kwargs: those of `WandbLogger` (and, through it, of ``wandb.init``).
-    """
+    """A `WandbLogger` that, when it starts an offline run, logs the one command that uploads it, with
+    ``offline_reason`` (e.g. ``"no W&B credentials found"``)."""
 
     def __init__(self, *args: Any, offline_reason: str = "offline mode", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -82,23 +77,12 @@ def wandb_logger(
     log_model: bool | Literal["all"] = False,
     **wandb_init_kwargs: Any,
 ) -> WandbLoggerWithSyncHint:
-    """A `WandbLogger` in a mode that needs no prompt (see the module docstring), named after the Hydra job.
+    """A `WandbLogger` in a mode that needs no prompt (``offline``: see the module docstring).
 
-    Args:
-        project, entity, tags, job_type: as in ``wandb.init``.
-        save_dir: the run folder; the W&B files go to ``<save_dir>/wandb``.
-        name: the run's display name; ``None``/empty: the job's overrides (Hydra's ``override_dirname``), or
-            a W&B-chosen name when there are none or no Hydra job is running.
-        group: the W&B group; ``None``: the sweep folder's name for the jobs of a Hydra multirun (so one
-            sweep is one group), no group for single runs.
-        offline: ``None`` decides by credentials and network, ``True`` forces offline, ``False`` requires
-            credentials and goes online.
-        log_model: upload checkpoints as artifacts (online only; offline it is switched off with a warning,
-            the checkpoints stay in the run folder).
-        **wandb_init_kwargs: anything else for ``wandb.init`` (e.g. ``notes``, ``settings``).
-
-    Raises:
-        ValueError: ``offline=False`` (or ``WANDB_MODE=online``) with no credentials: wandb would prompt.
+    ``name`` defaults to the Hydra job's ``override_dirname`` and ``group`` to the sweep folder's name in
+    a multirun; ``log_model`` is switched off with a warning when offline; the W&B files go to
+    ``<save_dir>/wandb``; the rest goes to ``wandb.init``. Raises `ValueError` when asked to go online
+    without credentials, where wandb would prompt.
     """
     mode, offline_reason = resolve_wandb_mode(offline)
     if mode == "offline" and log_model:
@@ -113,12 +97,13 @@ def wandb_logger(
 
         # The sync hint is our one line; wandb's own end-of-run summary and sync advice are left out.
         init_kwargs["settings"] = wandb.Settings(quiet=True)
+    job_overrides, sweep_name = _hydra_names()
     return WandbLoggerWithSyncHint(
-        name=name or _hydra_job_overrides(),
+        name=name or job_overrides,
         save_dir=os.fspath(save_dir),
         project=project,
         entity=entity,
-        group=group or _hydra_sweep_name(),
+        group=group or sweep_name,
         job_type=job_type,
         tags=list(tags),
         log_model=log_model,
@@ -186,11 +171,8 @@ def wandb_server_reachable(base_url: str, timeout_s: float = SERVER_PROBE_TIMEOU
     connected = threading.Event()
 
     def connect() -> None:
-        try:
-            with socket.create_connection(address, timeout=timeout_s):
-                connected.set()
-        except OSError:
-            pass
+        with contextlib.suppress(OSError), socket.create_connection(address, timeout=timeout_s):
+            connected.set()
 
     # A daemon thread, because a name lookup ignores socket timeouts and may hang on a broken resolver.
     probe = threading.Thread(target=connect, name="wandb-server-probe", daemon=True)
@@ -199,24 +181,13 @@ def wandb_server_reachable(base_url: str, timeout_s: float = SERVER_PROBE_TIMEOU
     return connected.is_set()
 
 
-def _hydra_job_overrides() -> str | None:
-    """The Hydra job's overrides as ``key=value,...`` (``override_dirname``); ``None`` outside Hydra."""
-    hydra_config = _hydra_config()
-    overrides = hydra_config.job.override_dirname if hydra_config is not None else ""
-    return overrides or None
-
-
-def _hydra_sweep_name() -> str | None:
-    """The sweep folder's name in a Hydra multirun job; ``None`` in a single run or outside Hydra."""
+def _hydra_names() -> tuple[str | None, str | None]:
+    """The Hydra job's overrides as ``key=value,...`` and, in a multirun, the sweep folder's name."""
+    from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    hydra_config = _hydra_config()
-    if hydra_config is None or hydra_config.mode != RunMode.MULTIRUN:
-        return None
-    return Path(hydra_config.sweep.dir).name
-
-
-def _hydra_config() -> Any:
-    from hydra.core.hydra_config import HydraConfig
-
-    return HydraConfig.get() if HydraConfig.initialized() else None
+    if not HydraConfig.initialized():
+        return None, None
+    config = HydraConfig.get()
+    sweep_name = Path(config.sweep.dir).name if config.mode == RunMode.MULTIRUN else None
+    return config.job.override_dirname or None, sweep_name

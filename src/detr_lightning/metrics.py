@@ -1,13 +1,11 @@
-"""COCO box mAP with the numbers pycocotools prints: evaluation, summary lines, tables, results files.
+"""COCO box mAP with the numbers pycocotools prints: plain functions around torchmetrics'
+:class:`~torchmetrics.detection.MeanAveragePrecision`, driven by the ``CocoEvaluator`` callback.
 
-Plain functions around torchmetrics' :class:`~torchmetrics.detection.MeanAveragePrecision`; no Lightning
-here (the :class:`~detr_lightning.callbacks.CocoEvaluator` callback drives them during fit and test).
-
-Exact parity with ``pycocotools.cocoeval.COCOeval`` run on the annotation file and a results file rests on
+Exact parity with ``pycocotools.cocoeval.COCOeval`` on the annotation file and a results file rests on
 these choices, each tested:
 
 - IoU and recall thresholds are float64 ``np.linspace`` values, as pycocotools builds them (torchmetrics'
-  own defaults are float32 and shift ~3 of the 12 stats by ~2e-5).
+  float32 defaults shift some of the 12 stats).
 - Ground truth is read from the annotation file as it is: ``bbox`` xywh (float64, never converted to
   xyxy and back), ``iscrowd`` and ``area`` (not recomputed; 0 stays "small"), original category ids.
 - Images are evaluated in ascending image id, as pycocotools orders them, so score ties across images
@@ -28,9 +26,10 @@ from rich.markup import escape
 from rich.table import Table
 from torch import Tensor
 from torchmetrics.detection import MeanAveragePrecision
+from torchvision.ops import box_convert
 
-from detr_lightning.coco_summary import COCO_MAX_DETECTIONS, max_detections
-from detr_lightning.coco_summary import coco_summary_lines as coco_summary_lines  # for the callbacks
+from detr_lightning.coco_summary import COCO_MAX_DETECTIONS, COCO_SUMMARY_KEYS
+from detr_lightning.coco_summary import coco_summary_lines as coco_summary_lines  # re-exported
 
 COCO_IOU_THRESHOLDS: list[float] = np.linspace(0.5, 0.95, 10).tolist()
 COCO_RECALL_THRESHOLDS: list[float] = np.linspace(0.0, 1.0, 101).tolist()
@@ -38,26 +37,19 @@ COCO_RECALL_THRESHOLDS: list[float] = np.linspace(0.0, 1.0, 101).tolist()
 # tiny positive area falls in the same buckets.
 _ZERO_AREA = 1e-12
 
-_PER_CLASS_KEYS = ("map_per_class", "classes")
-
 
 def build_map_metric(
     backend: Literal["faster_coco_eval", "pycocotools"] = "faster_coco_eval",
     class_metrics: bool = True,
     sync_on_compute: bool = True,
 ) -> MeanAveragePrecision:
-    """A box mAP metric that reproduces ``COCOeval`` exactly.
-
-    Feed it boxes in COCO's xywh (absolute pixels): ``update(preds, target)`` with the outputs of
-    :func:`coco_detections` and :func:`coco_ground_truth`, in ascending image id (see
-    :func:`evaluate_coco_detections`, which does all of that).
+    """A box mAP metric that reproduces ``COCOeval`` exactly, fed as :func:`evaluate_coco_detections` does.
 
     Args:
-        backend: COCOeval implementation; ``faster_coco_eval`` (C++, ~3x faster) gives the same numbers.
-        class_metrics: also compute ``map_per_class`` and ``mar_100_per_class`` (one more COCOeval run per
-            class at compute time).
-        sync_on_compute: gather the states of all ranks in ``compute()`` (torchmetrics' default); turn off
-            when the metric is fed the whole split on one rank, or ``compute()`` waits for the others.
+        backend: COCOeval implementation; ``faster_coco_eval`` (C++) gives the same numbers.
+        class_metrics: also compute ``map_per_class`` and ``mar_100_per_class`` (a COCOeval run per class).
+        sync_on_compute: gather the states of all ranks in ``compute()``; off when one rank has the whole
+            split, or ``compute()`` waits for the others.
     """
     return MeanAveragePrecision(
         box_format="xywh",
@@ -74,46 +66,26 @@ def build_map_metric(
 def coco_detections(
     detections: Sequence[Mapping[str, Tensor]], label_to_category_id: Mapping[int, int]
 ) -> list[dict[str, Tensor]]:
-    """Model detections of a batch in COCO terms: xywh boxes and category ids, on the CPU.
+    """Model detections in COCO terms, on the CPU.
 
-    A label without a category id (e.g. the unused slot 0 of a raw COCO mapping) is dropped: COCOeval
-    ignores a category the annotation file does not list, so the numbers are the same either way, and the
-    results file stays valid.
-
-    Boxes (converted to xywh in float32, as the official DETR evaluation does) and scores come back as
-    float64 holding the shortest decimal that reads back as the same float32 (``452.22375``, not
-    ``452.2237548828125``): results files stay short, and the metric sees exactly what the file holds.
-
-    Args:
-        detections: per image ``boxes (Q, 4)`` absolute xyxy, ``scores (Q,)``, ``labels (Q,)`` int64
-            model labels.
-        label_to_category_id: model label -> COCO category id.
-
-    Returns:
-        Per image ``boxes (N, 4)`` float64 xywh, ``scores (N,)`` float64, ``labels (N,)`` int64 category ids,
-        ``N <= Q``, in the input's order.
+    Takes per image ``boxes (Q, 4)`` absolute xyxy, ``scores (Q,)`` and ``labels (Q,)`` model labels;
+    returns per image ``boxes (N, 4)`` xywh, ``scores (N,)`` and ``labels (N,)`` int64 category ids. Labels
+    without a category id (e.g. the unused slot 0 of a raw COCO mapping) are dropped: COCOeval ignores
+    them anyway, and the results file stays valid. Boxes (made xywh in float32, as the official DETR
+    evaluation does) and scores are float64 holding the shortest decimal that reads back as the same
+    float32 (``452.22375``, not ``452.2237548828125``): short results files, the same numbers as the metric.
     """
-    if not detections:
-        return []
-    lookup_size = max(label_to_category_id, default=-1) + 1
-    category_lookup = torch.full((lookup_size,), -1, dtype=torch.int64)
-    for label, category_id in label_to_category_id.items():
-        category_lookup[int(label)] = int(category_id)
-    category_lookup = category_lookup.to(detections[0]["labels"].device)
-
     converted = []
     for detection in detections:
-        labels = detection["labels"].long()
-        in_lookup = (labels >= 0) & (labels < lookup_size)
-        category_ids = torch.full_like(labels, -1)
-        category_ids[in_lookup] = category_lookup[labels[in_lookup]]
-        keep = category_ids >= 0
-        x0, y0, x1, y1 = detection["boxes"][keep].detach().float().unbind(-1)
+        labels = detection["labels"].tolist()
+        keep = torch.tensor([label in label_to_category_id for label in labels], dtype=torch.bool)
+        category_ids = [label_to_category_id[label] for label in labels if label in label_to_category_id]
+        boxes = detection["boxes"].detach().cpu()[keep].float()
         converted.append(
             {
-                "boxes": _shortest_decimal(torch.stack([x0, y0, x1 - x0, y1 - y0], dim=-1)),
-                "scores": _shortest_decimal(detection["scores"][keep].detach()),
-                "labels": category_ids[keep].cpu(),
+                "boxes": _shortest_decimal(box_convert(boxes, "xyxy", "xywh")),
+                "scores": _shortest_decimal(detection["scores"].detach().cpu()[keep]),
+                "labels": torch.tensor(category_ids, dtype=torch.int64),
             }
         )
     return converted
@@ -126,17 +98,11 @@ def _shortest_decimal(values: Tensor) -> Tensor:
 
 
 def coco_ground_truth(coco_gt: Any, image_ids: Sequence[int]) -> list[dict[str, Tensor]]:
-    """Ground truth of some images, read from the annotation file as COCOeval reads it.
+    """Ground truth of ``image_ids`` from the annotation file's ``COCO`` index, as COCOeval reads it.
 
-    Args:
-        coco_gt: a ``pycocotools.coco.COCO`` (or faster_coco_eval ``COCO``) of the annotation file.
-        image_ids: ids of the images, in the order wanted.
-
-    Returns:
-        Per image ``boxes (M, 4)`` float64 xywh as in the file, ``labels (M,)`` int64 category ids,
-        ``iscrowd (M,)`` int64, ``area (M,)`` float64 from the file (not the box area; 0 stays in the
-        "small" bucket as in COCOeval); crowd boxes included (COCOeval matches detections to them without
-        counting them as misses).
+    Returns per image ``boxes (M, 4)`` float64 xywh as in the file, ``labels (M,)`` int64 category ids,
+    ``iscrowd (M,)`` int64 and ``area (M,)`` float64 from the file (not the box area); crowd boxes
+    included (COCOeval matches detections to them without counting them as misses).
     """
     ground_truth = []
     for image_id in image_ids:
@@ -166,13 +132,11 @@ def unique_images(
     Distributed samplers repeat images to give every rank as many; COCO counts every image once, and
     COCOeval goes through images in ascending id.
     """
-    if len(image_ids) != len(detections):
-        raise ValueError(f"{len(image_ids)} image ids but {len(detections)} detection entries")
-    first_index_of_image: dict[int, int] = {}
-    for index, image_id in enumerate(image_ids):
-        first_index_of_image.setdefault(int(image_id), index)
-    sorted_ids = sorted(first_index_of_image)
-    return sorted_ids, [detections[first_index_of_image[image_id]] for image_id in sorted_ids]
+    first_of_image: dict[int, Mapping[str, Tensor]] = {}
+    for image_id, detection in zip(image_ids, detections, strict=True):
+        first_of_image.setdefault(int(image_id), detection)
+    sorted_ids = sorted(first_of_image)
+    return sorted_ids, [first_of_image[image_id] for image_id in sorted_ids]
 
 
 def evaluate_coco_detections(
@@ -182,58 +146,33 @@ def evaluate_coco_detections(
     backend: Literal["faster_coco_eval", "pycocotools"] = "faster_coco_eval",
     class_metrics: bool = True,
 ) -> dict[str, Tensor]:
-    """COCO box mAP of detections in COCO terms against the annotation file, computed here alone.
+    """COCO box mAP of :func:`coco_detections` outputs (one per image id; a repeated id counts once)
+    against the annotation file's ``COCO`` index, all computed in this process.
 
-    The whole set is evaluated in this process: nothing is gathered from other ranks.
-
-    Args:
-        image_ids: one id per entry of ``detections``; repeats count once (the first is kept).
-        detections: outputs of :func:`coco_detections` (xywh boxes, category-id labels).
-        coco_gt: the ``COCO`` object of the annotation file.
-        backend, class_metrics: as in :func:`build_map_metric`.
-
-    Returns:
-        torchmetrics' result: 0-dim float32 ``map``, ``map_50``, ``map_75``, ``map_small|medium|large``,
-        ``mar_1|10|100``, ``mar_small|medium|large`` (-1 where nothing qualifies, as COCOeval), and
-        ``map_per_class (K,)``, ``mar_100_per_class (K,)``, ``classes (K,)`` category ids.
+    Returns torchmetrics' result: 0-dim float32 ``map``, ``map_50``, ..., ``mar_large`` (the 12 COCO stats,
+    -1 where nothing qualifies), and ``map_per_class (K,)``, ``mar_100_per_class (K,)``, ``classes (K,)``.
     """
     sorted_ids, sorted_detections = unique_images(image_ids, detections)
     metric = build_map_metric(backend=backend, class_metrics=class_metrics, sync_on_compute=False)
-    metric.update(
-        [
-            {key: detection[key].cpu() for key in ("boxes", "scores", "labels")}
-            for detection in sorted_detections
-        ],
-        coco_ground_truth(coco_gt, sorted_ids),
-    )
+    predictions = [{key: d[key].cpu() for key in ("boxes", "scores", "labels")} for d in sorted_detections]
+    metric.update(predictions, coco_ground_truth(coco_gt, sorted_ids))
     return metric.compute()
 
 
 def coco_results(
     image_ids: Sequence[int], detections: Sequence[Mapping[str, Tensor]]
 ) -> list[dict[str, Any]]:
-    """Detections in COCO terms as rows of a COCO results file (``loadRes`` input).
+    """Outputs of :func:`coco_detections`, one per image id, as rows of a COCO results file.
 
-    Numbers are exactly those the metric sees (see :func:`coco_detections`), so re-scoring the file gives
-    the logged figures; rounding them further would move boxes across IoU thresholds and tie scores.
-
-    Args:
-        image_ids: one id per entry of ``detections``.
-        detections: outputs of :func:`coco_detections`.
-
-    Returns:
-        ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}`` per detection, image by image.
+    Rows hold exactly the numbers the metric sees, so re-scoring the file gives the logged figures;
+    rounding them further would move boxes across IoU thresholds and tie scores.
     """
-    if len(image_ids) != len(detections):
-        raise ValueError(f"{len(image_ids)} image ids but {len(detections)} detection entries")
     rows = []
     for image_id, detection in zip(image_ids, detections, strict=True):
-        boxes = detection["boxes"].cpu().tolist()
-        scores = detection["scores"].cpu().tolist()
-        category_ids = detection["labels"].cpu().tolist()
+        boxes, scores = detection["boxes"].tolist(), detection["scores"].tolist()
         rows.extend(
             {"image_id": int(image_id), "category_id": category_id, "bbox": box, "score": score}
-            for box, score, category_id in zip(boxes, scores, category_ids, strict=True)
+            for box, score, category_id in zip(boxes, scores, detection["labels"].tolist(), strict=True)
         )
     return rows
 
@@ -243,52 +182,33 @@ def detections_to_coco_results(
     detections: Sequence[Mapping[str, Tensor]],
     label_to_category_id: Mapping[int, int],
 ) -> list[dict[str, Any]]:
-    """Model detections (xyxy, model labels) as rows of a COCO results file.
-
-    Args:
-        image_ids: one COCO image id per entry of ``detections``.
-        detections: per image ``boxes (Q, 4)`` absolute xyxy, ``scores (Q,)``, ``labels (Q,)`` model labels.
-        label_to_category_id: model label -> COCO category id; other labels are dropped.
-    """
+    """Model detections (xyxy, model labels; see :func:`coco_detections`) as rows of a COCO results file."""
     return coco_results(image_ids, coco_detections(detections, label_to_category_id))
 
 
-def _per_class_values(result: Mapping[str, Tensor]) -> list[tuple[int, float, float]]:
-    """``(category id, AP, AR@maxDets)`` per class; empty without ``class_metrics``."""
-    classes = result.get("classes")
-    average_precisions = result.get("map_per_class")
-    if classes is None or average_precisions is None:
-        return []
-    average_precisions = average_precisions.reshape(-1)
-    recall_key = f"mar_{max_detections(result)[-1]}_per_class"
-    average_recalls = result[recall_key].reshape(-1)
-    classes = classes.reshape(-1)
+def category_names(coco_gt: Any) -> dict[int, str]:
+    """Category id -> name of an annotation file's ``COCO`` index."""
+    return {category_id: str(category["name"]) for category_id, category in coco_gt.cats.items()}
+
+
+def per_class_values(result: Mapping[str, Tensor]) -> list[tuple[int, float, float]]:
+    """``(category id, AP, AR@100)`` per class of a result; empty without ``class_metrics``."""
+    classes = result["classes"].reshape(-1).tolist()
+    average_precisions = result["map_per_class"].reshape(-1).tolist()
+    average_recalls = result[f"mar_{COCO_MAX_DETECTIONS[-1]}_per_class"].reshape(-1).tolist()
     if len(average_precisions) != len(classes):  # class_metrics=False gives a single -1
         return []
-    return [
-        (int(c), float(ap), float(ar))
-        for c, ap, ar in zip(
-            classes.tolist(), average_precisions.tolist(), average_recalls.tolist(), strict=True
-        )
-    ]
+    return list(zip(classes, average_precisions, average_recalls, strict=True))
 
 
 def per_class_table(result: Mapping[str, Tensor], class_names: Mapping[int, str]) -> Table:
-    """A rich table of AP and AR per class, one row per category of the result.
-
-    Args:
-        result: a metric result computed with ``class_metrics=True``.
-        class_names: category id -> name; ids without a name show the id.
-
-    A class with no ground truth in the evaluated images has no AP (COCOeval's -1) and shows ``-``.
-    """
-    recall_at = max_detections(result)[-1]
+    """A rich table of AP and AR per category of the result (category id -> name in ``class_names``); a
+    class without ground truth in the evaluated images has no AP (COCOeval's -1) and shows ``-``."""
     table = Table(title="AP per class")
     table.add_column("class")
-    table.add_column("id", justify="right")
-    table.add_column("AP@[.50:.95]", justify="right")
-    table.add_column(f"AR@{recall_at}", justify="right")
-    for category_id, average_precision, average_recall in _per_class_values(result):
+    for column in ("id", "AP@[.50:.95]", f"AR@{COCO_MAX_DETECTIONS[-1]}"):
+        table.add_column(column, justify="right")
+    for category_id, average_precision, average_recall in per_class_values(result):
         table.add_row(
             escape(str(class_names.get(category_id, category_id))),
             str(category_id),
@@ -301,29 +221,15 @@ def per_class_table(result: Mapping[str, Tensor], class_names: Mapping[int, str]
 def flatten_map_result(
     result: Mapping[str, Tensor], prefix: str, class_names: Mapping[int, str] | None = None
 ) -> dict[str, float]:
-    """Loggable scalars of a metric result.
-
-    Args:
-        result: a metric result.
-        prefix: the split, e.g. ``"val"``.
-        class_names: category id -> name for the per-class keys (the id when absent).
-
-    Returns:
-        ``{prefix}/map``, ``{prefix}/map_50``, ..., ``{prefix}/mar_large`` (the 12 COCO stats) and
-        ``{prefix}/ap/<class name>`` per class that has ground truth (classes without are COCOeval's -1 and
-        left out); a name used by two categories gets ``_<id>`` appended.
-    """
+    """Loggable scalars of a metric result: ``{prefix}/map``, ..., ``{prefix}/mar_large`` (the 12 COCO stats)
+    and ``{prefix}/ap/<class name>`` per class that has ground truth (``class_names``: category id -> name,
+    else the id; a name used by two categories gets ``_<id>`` appended)."""
     class_names = class_names or {}
-    scalars = {
-        f"{prefix}/{key}": float(value)
-        for key, value in result.items()
-        if key not in _PER_CLASS_KEYS and not key.endswith("_per_class") and value.numel() == 1
-    }
-    per_class = _per_class_values(result)
+    scalars = {f"{prefix}/{key}": float(result[key]) for key in COCO_SUMMARY_KEYS}
+    per_class = per_class_values(result)
     names = [str(class_names.get(category_id, category_id)) for category_id, _, _ in per_class]
     for (category_id, average_precision, _), name in zip(per_class, names, strict=True):
-        if average_precision < 0:
-            continue
-        unique_name = name if names.count(name) == 1 else f"{name}_{category_id}"
-        scalars[f"{prefix}/ap/{unique_name}"] = average_precision
+        if average_precision >= 0:
+            unique_name = name if names.count(name) == 1 else f"{name}_{category_id}"
+            scalars[f"{prefix}/ap/{unique_name}"] = average_precision
     return scalars

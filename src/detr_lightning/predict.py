@@ -10,6 +10,10 @@ For an image or a folder of images it writes, into the output folder:
   detection and the encoder self-attention at one pixel (see `detr_lightning.attention`).
 
 DETR's output is shown as it is: no NMS, only the score threshold.
+
+Data flow: files -> :class:`ImageFiles` (decode, resize) -> :func:`collate_images` (pad) ->
+``Trainer.predict`` with :class:`DetectorModule` (forward, post-process) -> :class:`PredictionWriter`
+(threshold, files). Lightning chooses the device and shows the progress bar.
 """
 
 from __future__ import annotations
@@ -20,12 +24,13 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import lightning
 import torch
+from lightning.pytorch.callbacks import BasePredictionWriter, RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 from PIL import UnidentifiedImageError
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -38,14 +43,7 @@ from detr_lightning.attention import (
 from detr_lightning.batching import pad_images_to_batch
 from detr_lightning.data.errors import DataError
 from detr_lightning.data.images import DECODABLE_FORMATS, read_image_header, read_image_rgb
-from detr_lightning.inference import (
-    Detector,
-    InferenceSettingError,
-    load_detector,
-    preprocess_image,
-    select_device,
-)
-from detr_lightning.models.postprocess import PostProcess
+from detr_lightning.inference import Detector, InferenceSettingError, load_detector, preprocess_image
 from detr_lightning.viz import draw_detections, save_attention_figure, save_image
 
 log = logging.getLogger(__name__)
@@ -57,7 +55,6 @@ ATTENTION_DIR = "attention"
 
 def predict(cfg: DictConfig) -> Path:
     """Run the configured model on ``cfg.input`` and write the outputs; returns ``predictions.json``."""
-    output_dir = Path(cfg.output_dir).expanduser()
     threshold = float(cfg.threshold)
     if not 0.0 <= threshold <= 1.0:
         raise InferenceSettingError(f"threshold={threshold} must be between 0 and 1 (a class probability).")
@@ -69,6 +66,7 @@ def predict(cfg: DictConfig) -> Path:
     if OmegaConf.is_missing(cfg, "input") or cfg.input is None:
         raise DataError("input is not set. Fix: input=IMAGE_FILE or input=FOLDER_OF_IMAGES.")
     files = list_images(cfg.input)  # before loading the model: a wrong path is reported at once
+    device = trainer_device(str(cfg.device))
     class_names = cfg.get("class_names")
     detector = load_detector(
         ckpt_path=cfg.get("ckpt_path"),
@@ -77,19 +75,51 @@ def predict(cfg: DictConfig) -> Path:
         scale=cfg.get("scale"),
         max_size=cfg.get("max_size"),
     )
-    results = predict_files(
-        detector,
-        files,
-        output_dir,
-        threshold=threshold,
+    pixel = tuple(float(v) for v in pixel) if pixel is not None else None
+    writer = PredictionWriter(detector, Path(cfg.output_dir).expanduser(), threshold, pixel)
+    loader = DataLoader(
+        ImageFiles(files, detector.scale, detector.max_size),
         batch_size=int(cfg.batch_size),
-        device=select_device(str(cfg.device)),
-        num_workers=int(cfg.get("num_workers", 0)),
-        attention=bool(cfg.get("attention", False)),
-        attention_pixel=tuple(float(v) for v in pixel) if pixel is not None else None,
-        progress=bool(cfg.get("progress", True)),
+        num_workers=int(cfg.num_workers),
+        collate_fn=collate_images,
     )
-    return write_predictions(results, detector, threshold, output_dir)
+    lightning_log = logging.getLogger("lightning.pytorch")
+    level = lightning_log.level
+    lightning_log.setLevel(logging.WARNING)  # no device report or logger tip on every run
+    try:
+        trainer = lightning.Trainer(
+            **device,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=bool(cfg.progress),
+            callbacks=[writer, RichProgressBar()] if cfg.progress else [writer],
+        )
+        module = DetectorModule(detector, attention=bool(cfg.attention))
+        # Not returned: Lightning would keep every batch's outputs, attention maps included, until the end.
+        trainer.predict(module, loader, return_predictions=False)
+    finally:
+        lightning_log.setLevel(level)
+    return writer.output_dir / PREDICTIONS_FILE
+
+
+def trainer_device(device: str) -> dict[str, Any]:
+    """The Trainer's ``accelerator`` and ``devices`` for ``device=auto|cpu|cuda|cuda:N``: one device in
+    every case (``auto``: Lightning's choice, CUDA when available; ``cuda``: the first GPU).
+
+    Raises:
+        InferenceSettingError: an unknown device, or a GPU that is not there.
+    """
+    if device in ("auto", "cpu"):
+        return {"accelerator": device, "devices": 1}
+    kind, colon, index = device.partition(":")
+    if kind != "cuda" or (colon and not index.isdigit()):
+        raise InferenceSettingError(f"device={device!r} is not a device. Fix: auto, cpu or cuda.")
+    if not torch.cuda.is_available() or int(index or 0) >= torch.cuda.device_count():
+        raise InferenceSettingError(
+            f"device={device} but no such CUDA GPU is available. Fix: device=auto or cpu."
+        )
+    return {"accelerator": "gpu", "devices": [int(index or 0)]}
 
 
 def list_images(input_path: str | Path) -> list[Path]:
@@ -164,86 +194,118 @@ class ImageFiles(Dataset):
         return LoadedImage(path, image, preprocess_image(image, self.scale, self.max_size))
 
 
-def _as_list(batch: list[LoadedImage]) -> list[LoadedImage]:
-    return batch
+class ImageBatch(NamedTuple):
+    """A batch of :class:`ImageFiles`: ``B`` decoded files and the ones that failed to decode.
 
-
-def predict_files(
-    detector: Detector,
-    paths: Sequence[Path],
-    output_dir: Path,
-    threshold: float = 0.7,
-    batch_size: int = 4,
-    device: torch.device | str = "cpu",
-    num_workers: int = 0,
-    attention: bool = False,
-    attention_pixel: Sequence[float] | None = None,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Detect objects in ``paths`` in batches; write the drawn images (and attention figures).
-
-    Returns one record per image that could be decoded (see the module docstring); files that fail to
-    decode are skipped with a warning.
+    ``images`` ``(B, 3, H_max, W_max)`` float32 padded model inputs, ``mask`` ``(B, H_max, W_max)`` bool
+    True on padding, ``sizes`` ``(B, 2)`` int64 original (height, width); all three None when ``B = 0``.
     """
-    device = torch.device(device)
-    model = detector.model.to(device).eval()
-    postprocess = detector.postprocess()
-    (output_dir / DRAWN_DIR).mkdir(parents=True, exist_ok=True)
-    if attention:
-        (output_dir / ATTENTION_DIR).mkdir(parents=True, exist_ok=True)
-    loader = DataLoader(
-        ImageFiles(paths, detector.scale, detector.max_size),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=_as_list,
-    )
-    columns = (TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    results = []
-    with Progress(*columns, disable=not progress) as bar:
-        task = bar.add_task("predict", total=len(paths))
-        for batch in loader:
-            for failed in (item for item in batch if item.error is not None):
-                log.warning("Skipping %s: cannot decode it (%s).", failed.path, failed.error)
-            items = [item for item in batch if item.error is None]
-            if items:
-                results.extend(
-                    _predict_batch(
-                        model, postprocess, items, detector, output_dir, threshold, attention, attention_pixel
-                    )
-                )
-            bar.advance(task, len(batch))
-    return results
+
+    images: Tensor | None
+    mask: Tensor | None
+    sizes: Tensor | None
+    loaded: list[LoadedImage]
+    failed: list[LoadedImage]
 
 
-@torch.inference_mode()
-def _predict_batch(
-    model: torch.nn.Module,
-    postprocess: PostProcess,
-    items: list[LoadedImage],
-    detector: Detector,
-    output_dir: Path,
-    threshold: float,
-    attention: bool,
-    attention_pixel: Sequence[float] | None,
-) -> list[dict[str, Any]]:
-    device = next(model.parameters()).device
-    images, mask = pad_images_to_batch([item.pixels for item in items])
-    with capture_attention(model) if attention else nullcontext() as capture:
-        outputs = model(images.to(device), mask.to(device))
-    sizes = torch.tensor([item.image.shape[-2:] for item in items], device=device)  # (B, 2) h, w
-    records = []
-    for index, (item, detections) in enumerate(zip(items, postprocess(outputs, sizes), strict=True)):
+def collate_images(items: list[LoadedImage]) -> ImageBatch:
+    loaded = [item for item in items if item.error is None]
+    failed = [item for item in items if item.error is not None]
+    if not loaded:
+        return ImageBatch(None, None, None, loaded, failed)
+    images, mask = pad_images_to_batch([item.pixels for item in loaded])
+    sizes = torch.tensor([item.image.shape[-2:] for item in loaded])
+    return ImageBatch(images, mask, sizes, loaded, failed)
+
+
+class DetectorModule(lightning.LightningModule):
+    """A :class:`~detr_lightning.inference.Detector`'s model and post-processing, for ``Trainer.predict``
+    (official weights have no :class:`~detr_lightning.lit_module.DETRLitModule` settings)."""
+
+    def __init__(self, detector: Detector, attention: bool = False) -> None:
+        super().__init__()
+        self.model = detector.model
+        self.postprocess = detector.postprocess()
+        self.attention = attention
+
+    def transfer_batch_to_device(
+        self, batch: ImageBatch, device: torch.device, dataloader_idx: int
+    ) -> ImageBatch:
+        """Only the model inputs go to the device: the decoded images stay on the host for drawing."""
+        if batch.images is None:
+            return batch
+        return batch._replace(
+            images=batch.images.to(device), mask=batch.mask.to(device), sizes=batch.sizes.to(device)
+        )
+
+    def predict_step(self, batch: ImageBatch) -> tuple[list[dict[str, Tensor]], AttentionCapture | None]:
+        """Per decoded image, every detection (:class:`~detr_lightning.models.PostProcess`: ``scores``
+        ``(N,)``, ``labels`` ``(N,)``, ``boxes`` ``(N, 4)`` xyxy original pixels, ``queries`` ``(N,)``);
+        and the batch's attention with ``attention``, else None."""
+        if batch.images is None:
+            return [], None
+        with capture_attention(self.model) if self.attention else nullcontext() as capture:
+            outputs = self.model(batch.images, batch.mask)
+        return self.postprocess(outputs, batch.sizes), capture
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Keeps the detections scoring at least ``threshold`` and writes the outputs of the module docstring:
+    drawn images (and attention figures) batch by batch, ``predictions.json`` at the end.
+
+    ``attention_pixel`` ``(x, y)``: where the encoder attention is shown (None: centre of the top box).
+    """
+
+    def __init__(
+        self,
+        detector: Detector,
+        output_dir: Path,
+        threshold: float,
+        attention_pixel: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__(write_interval="batch")
+        self.detector = detector
+        self.output_dir = output_dir
+        self.threshold = threshold
+        self.attention_pixel = attention_pixel
+        self.records: list[dict[str, Any]] = []
+
+    def on_predict_start(self, trainer: lightning.Trainer, pl_module: DetectorModule) -> None:
+        (self.output_dir / DRAWN_DIR).mkdir(parents=True, exist_ok=True)
+        if pl_module.attention:
+            (self.output_dir / ATTENTION_DIR).mkdir(parents=True, exist_ok=True)
+
+    def write_on_batch_end(
+        self,
+        trainer: lightning.Trainer,
+        pl_module: DetectorModule,
+        prediction: tuple[list[dict[str, Tensor]], AttentionCapture | None],
+        batch_indices: Sequence[int] | None,
+        batch: ImageBatch,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        for failed in batch.failed:
+            log.warning("Skipping %s: cannot decode it (%s).", failed.path, failed.error)
+        detections, capture = prediction
+        for index, (item, found) in enumerate(zip(batch.loaded, detections, strict=True)):
+            self.records.append(self._write_image(item, found, capture, index))
+
+    def _write_image(
+        self, item: LoadedImage, found: dict[str, Tensor], capture: AttentionCapture | None, index: int
+    ) -> dict[str, Any]:
+        """Draw image ``index`` of the batch (and its attention figure); its record in predictions.json."""
         height, width = (int(v) for v in item.image.shape[-2:])
-        keep = (detections["scores"] >= threshold).nonzero().flatten()
-        keep = keep[detections["scores"][keep].argsort(descending=True)]  # detection indices, best first
-        scores = detections["scores"][keep].cpu()
-        labels = detections["labels"][keep].cpu().tolist()
-        boxes = detections["boxes"][keep].cpu()
+        keep = (found["scores"] >= self.threshold).nonzero().flatten()
+        keep = keep[found["scores"][keep].argsort(descending=True)]  # detection indices, best first
+        scores = found["scores"][keep].cpu()
+        labels = found["labels"][keep].cpu().tolist()
+        boxes = found["boxes"][keep].cpu()
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
-        names = [detector.class_name(label) for label in labels]
+        names = [self.detector.class_name(label) for label in labels]
         captions = [f"{name} {score:.2f}" for name, score in zip(names, scores.tolist(), strict=True)]
-        drawn_path = output_dir / DRAWN_DIR / _drawn_name(item.path)
+        drawn_path = self.output_dir / DRAWN_DIR / _drawn_name(item.path)
         save_image(draw_detections(item.image, boxes, labels, captions), drawn_path)
         record = {
             "file": str(item.path),
@@ -253,17 +315,45 @@ def _predict_batch(
             "scores": scores.tolist(),
             "labels": labels,
             "names": names,
-            "drawn": str(drawn_path.relative_to(output_dir)),
+            "drawn": str(drawn_path.relative_to(self.output_dir)),
         }
-        if attention:
-            figure_path = output_dir / ATTENTION_DIR / f"{item.path.name}.png"
-            pixel = attention_pixel if attention_pixel is not None else _top_box_centre(boxes, width, height)
-            queries = detections["queries"][keep].tolist()  # the decoder query behind each detection
-            _save_attention(capture, index, item, queries, boxes, captions, labels, pixel, figure_path)
-            record["attention"] = str(figure_path.relative_to(output_dir))
+        if capture is not None:
+            figure_path = self.output_dir / ATTENTION_DIR / f"{item.path.name}.png"
+            pixel = self.attention_pixel or _top_box_centre(boxes, width, height)
+            input_size, image_size = tuple(item.pixels.shape[-2:]), (height, width)
+            # One map at a time: K full-resolution maps of a large image would take K * H * W * 4 bytes.
+            decoder_maps = [
+                decoder_attention_maps(capture, index, [query], input_size, image_size)[0].cpu()
+                for query in found["queries"][keep].tolist()  # the decoder query behind each detection
+            ]
+            encoder_map = encoder_attention_map(capture, index, pixel, input_size, image_size).cpu()
+            save_attention_figure(
+                item.image, figure_path, decoder_maps, boxes, captions, labels, encoder_map, pixel
+            )
+            record["attention"] = str(figure_path.relative_to(self.output_dir))
             record["attention_pixel"] = [float(v) for v in pixel]
-        records.append(record)
-    return records
+        return record
+
+    def on_predict_end(self, trainer: lightning.Trainer, pl_module: DetectorModule) -> None:
+        """``predictions.json``: the run's settings and every image's record."""
+        detector = self.detector
+        content = {
+            "model": detector.source,
+            "threshold": self.threshold,
+            "resize": {"scale": detector.scale, "max_size": detector.max_size},
+            "box_format": "xyxy in original-image pixels",
+            "class_names": {str(label): name for label, name in sorted(detector.class_names.items())},
+            "images": self.records,
+        }
+        path = self.output_dir / PREDICTIONS_FILE
+        path.write_text(json.dumps(content, indent=1))
+        log.info(
+            "%d detection(s) in %d image(s): %s (drawn images in %s)",
+            sum(len(record["scores"]) for record in self.records),
+            len(self.records),
+            path,
+            self.output_dir / DRAWN_DIR,
+        )
 
 
 def _drawn_name(path: Path) -> str:
@@ -277,49 +367,3 @@ def _top_box_centre(boxes: Tensor, width: int, height: int) -> tuple[float, floa
         return width / 2, height / 2
     x0, y0, x1, y1 = boxes[0].tolist()
     return (x0 + x1) / 2, (y0 + y1) / 2
-
-
-def _save_attention(
-    capture: AttentionCapture,
-    index: int,
-    item: LoadedImage,
-    queries: list[int],
-    boxes: Tensor,
-    captions: list[str],
-    labels: list[int],
-    pixel: Sequence[float],
-    path: Path,
-) -> None:
-    input_size = tuple(item.pixels.shape[-2:])
-    image_size = tuple(item.image.shape[-2:])
-    # One map at a time: K full-resolution maps of a large image would take K * H * W * 4 bytes at once.
-    decoder_maps = [
-        decoder_attention_maps(capture, index, [query], input_size, image_size)[0].cpu() for query in queries
-    ]
-    encoder_map = encoder_attention_map(capture, index, pixel, input_size, image_size).cpu()
-    save_attention_figure(item.image, path, decoder_maps, boxes, captions, labels, encoder_map, pixel)
-
-
-def write_predictions(
-    results: list[dict[str, Any]], detector: Detector, threshold: float, output_dir: Path
-) -> Path:
-    """``predictions.json`` with the run's settings and every image's detections."""
-    path = output_dir / PREDICTIONS_FILE
-    content = {
-        "model": detector.source,
-        "threshold": threshold,
-        "resize": {"scale": detector.scale, "max_size": detector.max_size},
-        "box_format": "xyxy in original-image pixels",
-        "class_names": {str(label): name for label, name in sorted(detector.class_names.items())},
-        "images": results,
-    }
-    path.write_text(json.dumps(content, indent=1))
-    detections = sum(len(record["scores"]) for record in results)
-    log.info(
-        "%d detection(s) in %d image(s): %s (drawn images in %s)",
-        detections,
-        len(results),
-        path,
-        path.parent / DRAWN_DIR,
-    )
-    return path

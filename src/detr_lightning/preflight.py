@@ -1,7 +1,5 @@
 """Checks that run before anything is built, so a bad setting fails in seconds with one clear message.
 
-- :func:`check_config_types`: config values of the wrong type (``data.batch_size=abc``), which would
-  otherwise fail deep inside a library with a stack trace.
 - :func:`check_output_dirs`: every output folder can be created and written, and the checkpoint folder
   has room for the checkpoints (not discovered after the first epoch).
 - :class:`RunDirCheck`: the Hydra callback that does the same for ``hydra.run.dir`` before Hydra
@@ -23,127 +21,11 @@ import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from detr_lightning.models.spatial_prior import SPATIAL_PRIORS
-
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A config value the run cannot use: the message names the key, the value and the fix."""
 
 
 class OutputDirError(OSError):
     """An output folder that cannot be written or has no room for the checkpoints."""
-
-
-_INT = (int,)
-_NUMBER = (int, float)
-_BOOL = (bool,)
-_OPTIONAL = (type(None),)
-
-#: Keys checked by :func:`check_config_types` and the types they accept.
-CONFIG_TYPES: dict[str, tuple[type, ...]] = {
-    "seed": _INT + _OPTIONAL,
-    "max_consecutive_nonfinite": _INT,
-    "model.num_classes": _INT + _OPTIONAL,
-    "model.num_queries": _INT,
-    "model.num_groups": _INT,
-    "model.hidden_dim": _INT,
-    "model.nheads": _INT,
-    "model.enc_layers": _INT,
-    "model.dec_layers": _INT,
-    "model.dim_feedforward": _INT,
-    "model.dropout": _NUMBER,
-    "model.pre_norm": _BOOL,
-    "model.aux_loss": _BOOL,
-    "model.spatial_prior_sigma": _NUMBER,
-    "optimizer.lr": _NUMBER,
-    "optimizer.lr_backbone": _NUMBER,
-    "optimizer.weight_decay": _NUMBER,
-    "scheduler.lr_drop": _INT,
-    "scheduler.gamma": _NUMBER,
-    "loss.ce_loss_coef": _NUMBER,
-    "loss.bbox_loss_coef": _NUMBER,
-    "loss.giou_loss_coef": _NUMBER,
-    "loss.eos_coef": _NUMBER,
-    "loss.focal_alpha": _NUMBER,
-    "loss.focal_gamma": _NUMBER,
-    "loss.varifocal_alpha": _NUMBER,
-    "loss.prior_prob": _NUMBER + _OPTIONAL,
-    "postprocess.top_k": _INT + _OPTIONAL,
-    "matcher.cost_class": _NUMBER,
-    "matcher.cost_bbox": _NUMBER,
-    "matcher.cost_giou": _NUMBER,
-    "data.batch_size": _INT,
-    "data.val_batch_size": _INT + _OPTIONAL,
-    "data.num_workers": _INT,
-    "data.drop_last": _BOOL,
-    "data.check_images": _BOOL,
-    "data.val_scale": _INT,
-    "trainer.max_epochs": _INT + _OPTIONAL,
-    "trainer.gradient_clip_val": _NUMBER + _OPTIONAL,
-    "trainer.log_every_n_steps": _INT,
-    "trainer.check_val_every_n_epoch": _INT + _OPTIONAL,
-}
-
-#: Keys that must be positive when set.
-POSITIVE = {
-    "model.num_classes",
-    "model.num_queries",
-    "model.num_groups",
-    "max_consecutive_nonfinite",
-    "data.batch_size",
-    "data.val_batch_size",
-    "postprocess.top_k",
-    "model.spatial_prior_sigma",
-}
-
-#: Keys that take one of a few words, and those words.
-CHOICES: dict[str, tuple[Any, ...]] = {
-    "loss.class_loss": ("ce", "focal", "varifocal"),
-    "model.spatial_prior": SPATIAL_PRIORS,
-    "matcher.class_cost": (None, "softmax", "focal"),
-}
-
-_MISSING = object()
-
-
-def _describe(types: tuple[type, ...]) -> str:
-    names = {int: "an integer", float: "a number", bool: "true or false", type(None): "null"}
-    if float in types:
-        types = tuple(t for t in types if t is not int)
-    return " or ".join(names[t] for t in types)
-
-
-def _accepts(value: Any, types: tuple[type, ...]) -> bool:
-    if isinstance(value, bool):
-        return bool in types
-    return isinstance(value, types)
-
-
-def check_config_types(cfg: DictConfig) -> None:
-    """Raise a :class:`ConfigError` for the first key of :data:`CONFIG_TYPES` holding a wrong type."""
-    for key, types in CONFIG_TYPES.items():
-        value = OmegaConf.select(cfg, key, default=_MISSING)
-        if value is _MISSING:
-            continue
-        if not _accepts(value, types):
-            raise ConfigError(
-                f"config: {key}={value!r} is {type(value).__name__}, expected {_describe(types)}. "
-                f"Fix: give {key} {_describe(types)} on the command line or in the experiment file."
-            )
-        if key in POSITIVE and value is not None and value <= 0:
-            raise ConfigError(f"config: {key}={value!r} must be positive. Fix: give {key} a value above 0.")
-    for key, choices in CHOICES.items():
-        value = OmegaConf.select(cfg, key, default=_MISSING)
-        if value is not _MISSING and value not in choices:
-            words = " | ".join("null" if c is None else str(c) for c in choices)
-            raise ConfigError(
-                f"config: {key}={value!r} is not one of {words}. Fix: give {key} one of {words}."
-            )
-    prior = OmegaConf.select(cfg, "loss.prior_prob", default=None)
-    if isinstance(prior, int | float) and not isinstance(prior, bool) and not 0 < prior < 1:
-        raise ConfigError(f"config: loss.prior_prob={prior!r} must be between 0 and 1 (or null).")
 
 
 # ----------------------------------------------------------------------------------------- output folders

@@ -61,7 +61,7 @@ class Run:
 
     @property
     def command(self) -> str:
-        return " ".join(["python", f"{self.job_name}.py", *(shlex.quote(o) for o in self.overrides)])
+        return command_line(self.job_name, self.overrides)
 
     def override_values(self) -> dict[str, str]:
         return override_values(self.overrides)
@@ -104,6 +104,12 @@ def read_run(path: Path, label: str | None = None, metric: str | None = None, mo
         metric=metric or str(config.get("optimized_metric") or "val/map"),
         mode=mode or str(config.get("optimized_metric_mode") or "max"),
     )
+
+
+def command_line(job_name: str, overrides: Iterable[str], multirun: bool = False) -> str:
+    """The command that ran a job: ``python train.py [-m] OVERRIDES`` (quoted for a shell)."""
+    options = ["-m"] if multirun else []
+    return " ".join(["python", f"{job_name}.py", *options, *(shlex.quote(o) for o in overrides)])
 
 
 def override_values(overrides: Iterable[str]) -> dict[str, str]:
@@ -191,17 +197,16 @@ def read_epoch_rows(run_dir: Path) -> list[dict[str, str]]:
     return read_csv_rows(run_dir / EPOCH_METRICS_FILE)
 
 
+def epoch_number(row: dict[str, str], index: int) -> int:
+    """The epoch of a ``metrics.csv`` row: its ``epoch`` column, else its position ``index``."""
+    epoch = to_float(row.get("epoch"))
+    return int(epoch) if epoch is not None else index
+
+
 def epoch_series(rows: list[dict[str, str]], metric: str) -> list[tuple[int, float]]:
-    """``(epoch, value)`` of ``metric`` over epoch rows, blanks and NaN left out (a row without an
-    ``epoch`` column counts by its position)."""
-    series = []
-    for index, row in enumerate(rows):
-        value = to_float(row.get(metric))
-        if value is None or math.isnan(value):
-            continue
-        epoch = to_float(row.get("epoch"))
-        series.append((int(epoch) if epoch is not None else index, value))
-    return series
+    """``(epoch, value)`` of ``metric`` over epoch rows, blanks and NaN left out."""
+    values = [(epoch_number(row, index), to_float(row.get(metric))) for index, row in enumerate(rows)]
+    return [(epoch, value) for epoch, value in values if value is not None and not math.isnan(value)]
 
 
 def best_of_epochs(rows: list[dict[str, str]], metric: str, mode: str) -> tuple[float, int] | None:
@@ -217,10 +222,8 @@ def best_of_epochs(rows: list[dict[str, str]], metric: str, mode: str) -> tuple[
 def first_reaching(series: Iterable[tuple[int, float]], target: float, mode: str) -> int | None:
     """The first epoch of ``(epoch, value)`` pairs whose value is as good as ``target`` or better
     (``mode``: max|min), or None."""
-    for epoch, value in series:
-        if value >= target if mode == "max" else value <= target:
-            return epoch
-    return None
+    reached = (epoch for epoch, value in series if (value >= target if mode == "max" else value <= target))
+    return next(reached, None)
 
 
 def first_epoch_reaching(rows: list[dict[str, str]], metric: str, target: float, mode: str) -> int | None:

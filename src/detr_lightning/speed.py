@@ -7,6 +7,8 @@ load into an uncompiled model. BENCHMARKS.md has what each bought, and the opt-i
 from __future__ import annotations
 
 import logging
+import typing
+from typing import Literal
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -14,14 +16,15 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+COMPILE_MODES = typing.get_args(CompileMode)
 
 
 def apply_speed_options(
     model: nn.Module,
     channels_last: bool = False,
     compile: bool = False,
-    compile_mode: str = "default",
+    compile_mode: CompileMode = "default",
     compile_dynamic: bool | None = None,
 ) -> nn.Module:
     """Apply the speed options to ``model`` in place and return it.
@@ -50,5 +53,6 @@ def apply_speed_options(
 
 
 def apply_speed_config(model: nn.Module, speed: DictConfig | None) -> nn.Module:
-    """:func:`apply_speed_options` with a run's ``speed`` config group (``conf/speed``); None: defaults."""
-    return apply_speed_options(model, **OmegaConf.to_container(speed or OmegaConf.create(), resolve=True))
+    """:func:`apply_speed_options` with a run's ``speed`` config group; None: the defaults."""
+    options = OmegaConf.to_container(speed, resolve=True, enum_to_str=True) if speed is not None else {}
+    return apply_speed_options(model, **options)

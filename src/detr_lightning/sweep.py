@@ -2,11 +2,10 @@
 
 ``python train.py -m ...`` runs each job through `run_sweep_job`, which records it in
 ``<job dir>/job_status.json`` (``running``, then ``ok``, ``failed`` or ``interrupted``) and keeps a failing
-job from stopping the sweep. The Hydra callback `SweepSummary` (``conf/hydra/callbacks``) reads every job
-folder after each job and writes ``summary.csv`` into the sweep folder: the swept values, the best epoch
-of the optimized metric and final figures per job, best job first, unfinished jobs last; it prints the
-table when the sweep ends. ``python -m detr_lightning.tools.sweep_summary SWEEP_DIR`` does it for a
-stopped sweep.
+job from stopping the sweep. After each job the Hydra callback `SweepSummary` writes ``summary.csv`` into
+the sweep folder (swept values, best epoch of the optimized metric, final figures; best job first,
+unfinished jobs last) and prints it when the sweep ends; ``python -m detr_lightning.tools.sweep_summary
+SWEEP_DIR`` does it for a stopped sweep.
 """
 
 from __future__ import annotations
@@ -139,11 +138,11 @@ def write_job_status(job_dir: Path, record: dict[str, Any]) -> None:
 
 
 def one_line(error: BaseException, with_type: bool) -> str:
-    """The error's message on one line (``Type: message`` with ``with_type``)."""
+    """The error's message on one line (``Type: message`` with ``with_type``; the type when it has none)."""
     message = " ".join(str(error).split())
-    if not with_type:
-        return message or type(error).__name__
-    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+    if not message:
+        return type(error).__name__
+    return f"{type(error).__name__}: {message}" if with_type else message
 
 
 def check_mode(mode: str, key: str) -> str:
@@ -229,14 +228,10 @@ def summary_rows(
         values = override_values(job.overrides)
         row: dict[str, Any] = {"rank": rank, "job": job.job, "status": job.status}
         row.update({key: values.get(key, "") for key in keys})
-        row[f"best {metric}"] = _blank_if_none(job.best)
-        row["best_epoch"] = _blank_if_none(job.best_epoch)
-        row["epochs"] = job.epochs
-        row.update({name: job.final.get(name, "") for name in finals})
-        row["duration_s"] = _blank_if_none(job.duration_s)
-        row["error"] = job.error
-        row["overrides"] = " ".join(job.overrides)
-        rows.append(row)
+        row.update({f"best {metric}": job.best, "best_epoch": job.best_epoch, "epochs": job.epochs})
+        row.update({name: job.final.get(name) for name in finals})
+        row.update(duration_s=job.duration_s, error=job.error, overrides=" ".join(job.overrides))
+        rows.append({column: "" if value is None else value for column, value in row.items()})
     return rows
 
 
@@ -280,7 +275,7 @@ def summary_table(
         values = override_values(job.overrides)
         cells: list[Any] = [rank, job.job]
         cells += [values.get(key, "") for key in keys] if keys else [" ".join(job.overrides)]
-        cells += [_format_figure(job.best), _blank_if_none(job.best_epoch)]
+        cells += [_format_figure(job.best), "" if job.best_epoch is None else job.best_epoch]
         cells += [_format_figure(job.final.get(name)) for name in finals]
         cells.append("" if job.duration_s is None else format_duration(job.duration_s))
         if show_errors:
@@ -356,10 +351,6 @@ class SweepSummary(Callback):
 # ---------------------------------------------------------------------------------------------- helpers
 def _shown_finals(jobs: Sequence[JobResult], final_metrics: Sequence[str]) -> list[str]:
     return [name for name in final_metrics if any(name in job.final for job in jobs)]
-
-
-def _blank_if_none(value: Any) -> Any:
-    return "" if value is None else value
 
 
 def _format_figure(value: float | None) -> str:

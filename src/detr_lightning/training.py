@@ -10,8 +10,9 @@ from typing import Any
 import lightning
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from detr_lightning.config import ConfigError, check_values, group_values
 from detr_lightning.data.errors import DataError
 from detr_lightning.distributed import close_process_group
 from detr_lightning.fault_tolerance import (
@@ -22,9 +23,7 @@ from detr_lightning.fault_tolerance import (
 from detr_lightning.lit_module import DETRLitModule, NonFiniteTrainingError
 from detr_lightning.models.weight_files import CheckpointError
 from detr_lightning.preflight import (
-    ConfigError,
     OutputDirError,
-    check_config_types,
     check_run_outputs,
     warn_more_boxes_than_queries,
 )
@@ -48,16 +47,14 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
 
 def build_module(cfg: DictConfig, num_classes: int) -> DETRLitModule:
     """The LightningModule of ``cfg`` with ``num_classes`` filled in."""
-    model_args = OmegaConf.to_container(cfg.model, resolve=True)
-    model_args["num_classes"] = num_classes
     return DETRLitModule(
-        model=model_args,
-        matcher=OmegaConf.to_container(cfg.matcher, resolve=True),
-        loss={k: v for k, v in OmegaConf.to_container(cfg.loss, resolve=True).items() if k != "aux_loss"},
-        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
-        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
-        max_consecutive_nonfinite=cfg.get("max_consecutive_nonfinite", 5),
-        postprocess=OmegaConf.to_container(cfg.postprocess, resolve=True) if cfg.get("postprocess") else None,
+        model={**group_values(cfg.model), "num_classes": num_classes},
+        matcher=group_values(cfg.matcher),
+        loss=group_values(cfg.loss),
+        optimizer=group_values(cfg.optimizer),
+        scheduler=group_values(cfg.scheduler),
+        max_consecutive_nonfinite=cfg.max_consecutive_nonfinite,
+        postprocess=group_values(cfg.postprocess),
     )
 
 
@@ -69,7 +66,7 @@ def quiet_third_party_logs() -> None:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the model of ``cfg`` on its data, then test the best checkpoint; return the final figures."""
     quiet_third_party_logs()
-    check_config_types(cfg)
+    check_values(cfg)
     data = cfg.data
     if data.root is None and not data.train.ann_file and not data.get("generate_demo"):
         raise ConfigError(
@@ -99,7 +96,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
     trainer: lightning.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    hyperparameters = OmegaConf.to_container(cfg, resolve=True)
+    hyperparameters = group_values(cfg)
     for logger in trainer.loggers:
         logger.log_hyperparams(hyperparameters)
 

@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from detr_lightning.data.errors import DataError
-from detr_lightning.inference import COCO_CLASS_NAMES, load_detector
+from detr_lightning.inference import COCO_CLASS_NAMES, InferenceSettingError, load_detector
 from detr_lightning.models import build_detr
 from detr_lightning.models.weight_files import CheckpointError, WeightsUnavailableError
-from detr_lightning.predict import predict
+from detr_lightning.predict import DetectorModule, ImageFiles, collate_images, predict, trainer_device
 
 from .conftest import IMAGES, TINY_MODEL, compose_config, run_cli
 
@@ -96,6 +96,43 @@ def test_threshold_filters_and_single_file_input(training_run, image_dir, tmp_pa
     assert (tmp_path / "cut" / "images" / "tall.jpg").is_file()
 
 
+def test_files_that_fail_to_decode_are_skipped(training_run, image_dir, tmp_path, caplog):
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    shutil.copy(image_dir / "wide.png", folder / "a_wide.png")
+    data = (image_dir / "wide.png").read_bytes()
+    (folder / "b_truncated.png").write_bytes(data[: len(data) // 2])  # a valid header, no pixels
+    cfg = predict_config(
+        [f"ckpt_path={training_run}", f"input={folder}", "batch_size=1", f"output_dir={tmp_path}/out"]
+    )
+    with caplog.at_level(logging.WARNING):
+        path = predict(cfg)  # the second batch holds no decodable image
+    assert any("b_truncated.png: cannot decode it" in message for message in caplog.messages)
+    [record] = json.loads(path.read_text())["images"]
+    assert Path(record["file"]).name == "a_wide.png"
+
+
+def test_device_is_one_trainer_device(monkeypatch):
+    assert trainer_device("auto") == {"accelerator": "auto", "devices": 1}
+    assert trainer_device("cpu") == {"accelerator": "cpu", "devices": 1}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert trainer_device("cuda") == {"accelerator": "gpu", "devices": [0]}
+    assert trainer_device("cuda:1") == {"accelerator": "gpu", "devices": [1]}
+    with pytest.raises(InferenceSettingError, match="device=cuda:2 but no such CUDA GPU"):
+        trainer_device("cuda:2")
+
+
+def test_only_the_model_inputs_go_to_the_device(training_run, image_dir):
+    files = ImageFiles([image_dir / "wide.png", image_dir / "tall.jpg"], scale=64, max_size=100)
+    batch = collate_images([files[0], files[1]])
+    assert batch.images.shape[0] == 2 and batch.sizes.tolist() == [[90, 150], [130, 80]]
+    module = DetectorModule(load_detector(ckpt_path=training_run))
+    moved = module.transfer_batch_to_device(batch, torch.device("meta"), 0)
+    assert moved.images.is_meta and moved.mask.is_meta and moved.sizes.is_meta
+    assert moved.loaded[0].image.device.type == "cpu"  # drawn on the host
+
+
 def test_predict_cli_on_a_folder(training_run, image_dir, tmp_path):
     result = run_cli(
         "predict.py",
@@ -130,6 +167,14 @@ def test_cli_errors_are_one_message_and_a_non_zero_exit(tmp_path, image_dir):
         (["input=IMAGES", "threshold=1.5"], CheckpointError, "threshold=1.5 must be between 0 and 1"),
         (["input=IMAGES", "attention_pixel=5"], CheckpointError, r"attention_pixel=5 must be \[x, y\]"),
         (["input=IMAGES", "ckpt_path=null"], CheckpointError, "Give exactly one model"),
+        (["input=IMAGES", "device=tpu"], InferenceSettingError, "device='tpu' is not a device"),
+        (["input=IMAGES", "device=cuda:x"], InferenceSettingError, "device='cuda:x' is not a device"),
+        pytest.param(
+            ["input=IMAGES", "device=cuda"],
+            InferenceSettingError,
+            "device=cuda but no such CUDA GPU is available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is available"),
+        ),
         (
             ["input=IMAGES", "ckpt_path=null", "model.pretrained=detr_r50"],
             WeightsUnavailableError,
@@ -168,6 +213,9 @@ def test_class_names_without_the_run_config_and_overridden(training_run, tmp_pat
     assert (detector.scale, detector.max_size) == (800, 1333) and "scale=" in caplog.text
     named = load_detector(ckpt_path=alone, class_names=["a", "b"], scale=128, max_size=200)
     assert named.class_name(1) == "b" and named.class_name(4) == "class 4" and named.scale == 128
+    saved = torch.load(alone, map_location="cpu", weights_only=True)
+    torch.save({**saved, "class_names": {2: "disc"}}, alone)  # as DETRLitModule.on_save_checkpoint does
+    assert load_detector(ckpt_path=alone).class_names == {2: "disc"}
 
 
 def test_official_weights_file_gets_coco_names(tmp_path):

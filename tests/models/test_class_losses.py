@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 
 from detr_lightning.checkpoints import saved_scoring
+from detr_lightning.config import group_values
 from detr_lightning.lit_module import DETRLitModule
 from detr_lightning.models import HungarianMatcher, PostProcess, SetCriterion, build_detr, build_weight_dict
 from detr_lightning.models.criterion import paired_iou, prior_class_bias
-from detr_lightning.preflight import ConfigError, check_config_types
 from tiny_detr import tiny_detr_kwargs
 
 TINY_MODEL = tiny_detr_kwargs(num_queries=4, dropout=0.0)
@@ -246,11 +248,13 @@ def test_sigmoid_loss_keeps_its_fresh_class_head_over_pretrained_weights(tmp_pat
 
 
 def test_config_choices_are_checked():
-    with pytest.raises(ConfigError, match="loss.class_loss"):
-        check_config_types(OmegaConf.create({"loss": {"class_loss": "bce"}}))
-    check_config_types(
-        OmegaConf.create({"loss": {"class_loss": "varifocal"}, "matcher": {"class_cost": None}})
-    )
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        with pytest.raises(ConfigCompositionException, match="loss.class_loss=bce") as refused:
+            compose("train", overrides=["loss.class_loss=bce"])
+        assert "expected one of [ce, focal, varifocal]" in str(refused.value.__cause__)
+        cfg = compose("train", overrides=["loss.class_loss=varifocal", "matcher.class_cost=null"])
+    assert group_values(cfg.loss)["class_loss"] == "varifocal" and cfg.matcher.class_cost is None
     assert saved_scoring(
         {"hyper_parameters": {"loss": {"class_loss": "varifocal"}, "postprocess": {"top_k": 7}}}
     ) == (

@@ -122,22 +122,6 @@ MORE_CASES = {
         lambda root: ["data.batch_size=8"],
         r"the train split has 3 images \(3 per process\), fewer than data\.batch_size=8.*drop_last=false",
     ),
-    "wrong type: data.batch_size=abc": (
-        lambda root: ["data.batch_size=abc"],
-        r"config: data\.batch_size='abc' is str, expected an integer",
-    ),
-    "wrong type: optimizer.lr=fast": (
-        lambda root: ["optimizer.lr=fast"],
-        r"config: optimizer\.lr='fast' is str, expected a number",
-    ),
-    "wrong type: trainer.max_epochs=1.5": (
-        lambda root: ["trainer.max_epochs=1.5"],
-        r"config: trainer\.max_epochs=1\.5 is float, expected an integer or null",
-    ),
-    "wrong type: loss.aux_loss=maybe": (
-        lambda root: ["loss.aux_loss=maybe"],
-        r"config: model\.aux_loss='maybe' is str, expected true or false",
-    ),
     "not positive: model.num_queries=0": (
         lambda root: ["model.num_queries=0"],
         r"config: model\.num_queries=0 must be positive",
@@ -149,6 +133,38 @@ MORE_CASES = {
 def test_config_and_size_errors_stop_train_before_the_first_step(dataset, train_in_process, case):
     setup, expected = MORE_CASES[case]
     _one_message(train_in_process(dataset, setup(dataset)), expected)
+
+
+#: Wrong types and unknown choices: refused by the config schemas while Hydra composes (conf/ + config.py).
+WRONG_VALUES = {
+    "data.batch_size=abc": "Value 'abc' of type 'str' could not be converted to Integer",
+    "optimizer.lr=fast": "Value 'fast' of type 'str' could not be converted to Float",
+    "trainer.max_epochs=1.5": "Value '1.5' of type 'float' could not be converted to Integer",
+    "loss.aux_loss=maybe": "Value 'maybe' is not a valid bool",
+    "model.backbone=resnet99": (
+        "Invalid value 'resnet99', expected one of [resnet18, resnet34, resnet50, resnet101]"
+    ),
+    "loss.class_loss=bce": "Invalid value 'bce', expected one of [ce, focal, varifocal]",
+}
+
+
+@pytest.mark.parametrize("override", list(WRONG_VALUES))
+def test_wrong_types_and_choices_are_refused_when_composing(compose_config, override):
+    with pytest.raises(
+        ConfigCompositionException, match=f"Error merging override {re.escape(override)}"
+    ) as error:
+        compose_config(["experiment=demo", override])
+    reason = str(error.value.__cause__)
+    assert WRONG_VALUES[override] in reason and f"full_key: {override.split('=')[0]}" in reason
+
+
+def test_a_wrong_type_through_train_py_names_the_key_without_traceback(small_demo, tmp_path):
+    result = run_cli(
+        demo_args(small_demo, tmp_path / "run", "data.batch_size=abc"), cwd=tmp_path, timeout=120
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
+    assert result.stderr.splitlines()[0] == "Error merging override data.batch_size=abc", result.stderr
+    assert "could not be converted to Integer" in result.stderr.splitlines()[1]
 
 
 def test_unknown_config_key_is_refused_when_composing(compose_config):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -15,10 +16,26 @@ CONF = Path(__file__).resolve().parents[2] / "conf"
 
 @pytest.mark.parametrize(
     "group",
-    ["backbone", "transformer", "matcher", "loss", "optimizer", "scheduler", "data", "trainer", "logger"],
+    [
+        "backbone",
+        "transformer",
+        "matcher",
+        "loss",
+        "optimizer",
+        "scheduler",
+        "data",
+        "trainer",
+        "logger",
+        "speed",
+    ],
 )
 def test_every_option_of_every_group_composes(compose_config, group):
-    for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
+    stored = ConfigStore.instance().repo.get(group, {})  # the schema groups of detr_lightning.config
+    options = {p.stem for p in (CONF / group).glob("*.yaml")} | {
+        name.removesuffix(".yaml") for name in stored
+    }
+    assert options, group
+    for option in sorted(options):
         cfg = compose_config([f"{group}={option}", "data.root=/some/data"])
         OmegaConf.to_container(cfg.model, resolve=True)
 

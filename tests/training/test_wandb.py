@@ -19,14 +19,13 @@ from lightning.pytorch.loggers import CSVLogger
 from pycocotools.coco import COCO
 
 from detr_lightning import loggers
+from detr_lightning.callbacks.val_samples import class_labels as wandb_class_labels
+from detr_lightning.callbacks.val_samples import confident_detections, ground_truth_boxes
 from detr_lightning.callbacks.wandb_media import (
     WandbPredictionImages,
     coco_per_class_rows,
     coco_summary_rows,
-    confident_detections,
-    ground_truth_boxes,
     wandb_box_layers,
-    wandb_class_labels,
 )
 from detr_lightning.loggers import resolve_wandb_mode, wandb_credentials_found, wandb_server_reachable
 

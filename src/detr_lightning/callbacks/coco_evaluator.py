@@ -3,14 +3,12 @@
 The LightningModule stays metric-free: its ``validation_step``/``test_step`` return
 ``{"image_ids": list[int], "detections": list[dict]}`` with, per image, ``boxes (Q, 4)`` absolute xyxy in
 original-image pixels, ``scores (Q,)`` and ``labels (Q,)`` int64 model labels (all queries, no threshold).
-Ground truth comes from the datamodule's annotation file, ``trainer.datamodule.coco_gt(split)``, never from
-the batch (batch targets drop crowd boxes and are resized); ``trainer.datamodule.label_to_category_id`` maps
-model labels to category ids and ``trainer.datamodule.class_names`` names the classes.
+Ground truth and class names come from the datamodule's annotation file,
+``trainer.datamodule.coco_gt(split)``, never from the batch (batch targets drop crowd boxes and are resized).
 
-Distributed runs: every rank keeps its images' detections on the CPU (converted to COCO terms as each batch
-ends), at epoch end one ``all_gather_object`` brings them together, rank 0 drops the images the
-distributed sampler repeated, runs COCOeval once and broadcasts the figures, and every rank logs the same
-values. So no collective ever sees a CPU tensor on NCCL, COCOeval runs on one rank instead of all, and
+Distributed runs: each rank keeps its images' detections in COCO terms on the CPU; at epoch end one
+``all_gather_object`` brings them together, rank 0 drops the images the sampler repeated, runs COCOeval
+once and broadcasts the figures, and every rank logs them. So no NCCL collective sees a CPU tensor, and
 the numbers are those of the whole split counted once.
 """
 
@@ -28,11 +26,12 @@ from rich.console import Console
 from rich.text import Text
 from torch import Tensor
 
+from detr_lightning.coco_summary import coco_summary_lines
 from detr_lightning.files import atomic_writer
 from detr_lightning.metrics import (
+    category_names,
     coco_detections,
     coco_results,
-    coco_summary_lines,
     evaluate_coco_detections,
     flatten_map_result,
     per_class_table,
@@ -64,6 +63,11 @@ class CocoEvaluator(lightning.Callback):
         write_metrics: write ``metrics.json``.
         write_predictions: write the predictions files.
         output_dir: where the files go; ``trainer.default_root_dir`` when ``None``.
+
+    Attributes:
+        figures: the last figures per split, as logged (every rank).
+        results: the last metric result per split behind them (global rank 0 only, where COCOeval runs):
+            0-dim ``map``..., ``map_per_class (K,)``, ``mar_100_per_class (K,)``, ``classes (K,)``.
     """
 
     def __init__(
@@ -84,24 +88,11 @@ class CocoEvaluator(lightning.Callback):
         self.write_metrics = write_metrics
         self.write_predictions = write_predictions
         self.output_dir = output_dir
-        # This rank's images of the running epoch: (image id, detections in COCO terms on the CPU).
-        self._epoch_records: dict[str, list[tuple[int, dict[str, Tensor]]]] = {"val": [], "test": []}
-        # The last figures per split, as logged (every rank); the results and detections behind them (rank 0).
         self.figures: dict[str, dict[str, float]] = {}
-        self._results: dict[str, dict[str, Tensor]] = {}
-        self._detections: dict[str, tuple[list[int], list[dict[str, Tensor]]]] = {}
-
-    @property
-    def results(self) -> dict[str, dict[str, Tensor]]:
-        """The last metric result per split, behind ``figures`` (0-dim ``map``..., ``map_per_class (K,)``,
-        ``mar_100_per_class (K,)``, ``classes (K,)``); on global rank 0 only, where COCOeval runs."""
-        return self._results
-
-    # ------------------------------------------------------------------ validation
-    def on_validation_epoch_start(
-        self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
-    ) -> None:
-        self._epoch_records["val"] = []
+        self.results: dict[str, dict[str, Tensor]] = {}
+        # This rank's (image id, detections in COCO terms) of the running epoch, per split.
+        self._epoch_records: dict[str, list[tuple[int, dict[str, Tensor]]]] = {"val": [], "test": []}
+        self._detections: dict[str, tuple[list[int], list[dict[str, Tensor]]]] = {}  # behind `results`
 
     def on_validation_batch_end(
         self,
@@ -129,10 +120,6 @@ class CocoEvaluator(lightning.Callback):
     def on_fit_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
         self._finish("val", trainer)
 
-    # ------------------------------------------------------------------ test
-    def on_test_epoch_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
-        self._epoch_records["test"] = []
-
     def on_test_batch_end(
         self,
         trainer: lightning.Trainer,
@@ -150,7 +137,6 @@ class CocoEvaluator(lightning.Callback):
     def on_test_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
         self._finish("test", trainer)
 
-    # ------------------------------------------------------------------ steps
     def _collect(self, split: Split, trainer: lightning.Trainer, outputs: Any) -> None:
         """Keep a batch's detections, in COCO terms, on the CPU."""
         if not isinstance(outputs, dict) or "image_ids" not in outputs or "detections" not in outputs:
@@ -160,33 +146,26 @@ class CocoEvaluator(lightning.Callback):
                 + (f" with keys {sorted(outputs)}" if isinstance(outputs, dict) else "")
             )
         image_ids, detections = outputs["image_ids"], outputs["detections"]
-        if len(image_ids) != len(detections):
-            raise ValueError(
-                f"{split} step returned {len(image_ids)} image ids but {len(detections)} detections"
-            )
-        label_to_category_id = _datamodule(trainer).label_to_category_id
-        converted = coco_detections(detections, label_to_category_id)
-        self._epoch_records[split].extend(
-            (int(image_id), {key: value.detach().cpu() for key, value in detection.items()})
-            for image_id, detection in zip(image_ids, converted, strict=True)
-        )
+        converted = coco_detections(detections, _datamodule(trainer).label_to_category_id)
+        self._epoch_records[split].extend(zip(map(int, image_ids), converted, strict=True))
 
     def _evaluate(
         self, split: Split, trainer: lightning.Trainer, pl_module: lightning.LightningModule
     ) -> None:
         """Gather, score on rank 0, share and log the figures of one epoch."""
-        records = _gather_to_all_ranks(trainer, self._epoch_records[split])
+        records = [
+            record for rank in gather_from_ranks(trainer, self._epoch_records[split]) for record in rank
+        ]
         self._epoch_records[split] = []
         figures: dict[str, float] = {}
         if trainer.is_global_zero and records:
             image_ids, detections = unique_images([i for i, _ in records], [d for _, d in records])
-            datamodule = _datamodule(trainer)
-            coco_gt = datamodule.coco_gt(split)
+            coco_gt = _datamodule(trainer).coco_gt(split)
             result = evaluate_coco_detections(
                 image_ids, detections, coco_gt, backend=self.backend, class_metrics=self.class_metrics
             )
-            figures = flatten_map_result(result, split, _category_names(datamodule, coco_gt))
-            self._results[split] = result
+            figures = flatten_map_result(result, split, category_names(coco_gt))
+            self.results[split] = result
             self._detections[split] = (image_ids, detections)
         figures = trainer.strategy.broadcast(figures, src=0)
         if not figures:
@@ -204,63 +183,42 @@ class CocoEvaluator(lightning.Callback):
             title = f"COCO box evaluation, {split}" + (
                 f" (epoch {trainer.current_epoch})" if trainer.state.fn == TrainerFn.FITTING else ""
             )
-            summary = Text("\n".join([title, *coco_summary_lines(self._results[split])]))
+            summary = Text("\n".join([title, *coco_summary_lines(self.results[split])]))
             Console().print(summary, soft_wrap=True)
 
     def _finish(self, split: Split, trainer: lightning.Trainer) -> None:
         """After fit, test or validate: print the per-class table and write the files (rank 0)."""
-        if not trainer.is_global_zero or split not in self._results:
+        if not trainer.is_global_zero or split not in self.results:
             return
-        result = self._results[split]
-        datamodule = _datamodule(trainer)
         if self.print_per_class and self.class_metrics:
-            coco_gt = datamodule.coco_gt(split)
-            Console().print(per_class_table(result, _category_names(datamodule, coco_gt)))
+            coco_gt = _datamodule(trainer).coco_gt(split)
+            Console().print(per_class_table(self.results[split], category_names(coco_gt)))
         output_dir = Path(self.output_dir if self.output_dir is not None else trainer.default_root_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
         if self.write_metrics:
             all_figures = {key: value for figures in self.figures.values() for key, value in figures.items()}
             with atomic_writer(output_dir / METRICS_FILE) as file:
                 file.write(json.dumps(all_figures, indent=2) + "\n")
         if self.write_predictions:
-            image_ids, detections = self._detections[split]
             with atomic_writer(output_dir / PREDICTIONS_FILES[split]) as file:
-                json.dump(coco_results(image_ids, detections), file)
+                json.dump(coco_results(*self._detections[split]), file)
+
+
+def gather_from_ranks(trainer: lightning.Trainer, value: Any) -> list[Any]:
+    """``value`` of every rank, in rank order (pickled, so CPU tensors cross any backend); a collective."""
+    if trainer.world_size == 1:
+        return [value]
+    per_rank: list[Any] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(per_rank, value)
+    return per_rank
 
 
 def _datamodule(trainer: lightning.Trainer) -> Any:
     """The trainer's datamodule, checked for what the evaluator reads."""
     datamodule = trainer.datamodule
-    missing = [name for name in ("coco_gt", "label_to_category_id") if not hasattr(datamodule, name)]
-    if datamodule is None or missing:
+    if not (hasattr(datamodule, "coco_gt") and hasattr(datamodule, "label_to_category_id")):
         raise TypeError(
             "CocoEvaluator reads ground truth from the datamodule: pass `datamodule=` to "
-            "trainer.fit/validate/test, with `coco_gt(split)` and `label_to_category_id`"
-            + (
-                f" (missing: {', '.join(missing)} on {type(datamodule).__name__})"
-                if datamodule is not None
-                else ""
-            )
+            "trainer.fit/validate/test, with `coco_gt(split)` and `label_to_category_id` "
+            f"(got {type(datamodule).__name__})"
         )
     return datamodule
-
-
-def _category_names(datamodule: Any, coco_gt: Any) -> dict[int, str]:
-    """Category id -> name: the datamodule's class names, else the annotation file's."""
-    names = {category_id: str(category["name"]) for category_id, category in coco_gt.cats.items()}
-    label_to_category_id = datamodule.label_to_category_id
-    for label, name in (getattr(datamodule, "class_names", None) or {}).items():
-        if label in label_to_category_id:
-            names[int(label_to_category_id[label])] = str(name)
-    return names
-
-
-def _gather_to_all_ranks(trainer: lightning.Trainer, records: list[Any]) -> list[Any]:
-    """Every rank's records, rank by rank (pickled, so any backend carries CPU tensors)."""
-    if trainer.world_size == 1 or not (
-        torch.distributed.is_available() and torch.distributed.is_initialized()
-    ):
-        return records
-    per_rank: list[list[Any] | None] = [None] * trainer.world_size
-    torch.distributed.all_gather_object(per_rank, records)
-    return [record for rank_records in per_rank for record in rank_records or []]

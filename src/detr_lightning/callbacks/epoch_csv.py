@@ -15,12 +15,25 @@ from detr_lightning.files import atomic_writer, to_float
 from detr_lightning.runs import EPOCH_METRICS_FILE
 
 
-class EpochMetricsCSV(lightning.Callback):
-    """Write one row per epoch to ``<output_dir>/metrics.csv``, rewritten whole as columns appear.
+def epoch_row(trainer: lightning.Trainer) -> dict[str, Any]:
+    """``epoch``, ``step``, ``lr/<param group>`` and the epoch figures of ``trainer.callback_metrics``.
 
-    Train figures are the epoch means (Lightning's ``*_epoch`` values, written without the suffix);
-    per-step values are left out. Validation figures are whatever was logged under ``val/`` that epoch,
-    including the callbacks' mAP/AR. The file is rewritten atomically, so it is always complete.
+    Train figures are the epoch means (Lightning's ``*_epoch`` values, without the suffix), per-step values
+    are left out; validation figures are whatever was logged under ``val/``, the callbacks' mAP/AR included.
+    """
+    row: dict[str, Any] = {"epoch": int(trainer.current_epoch), "step": int(trainer.global_step)}
+    for index, group in enumerate(trainer.optimizers[0].param_groups if trainer.optimizers else []):
+        row[f"lr/{group.get('name', index)}"] = group["lr"]
+    for key, value in trainer.callback_metrics.items():
+        number = to_float(value)
+        if number is not None and not key.endswith("_step"):
+            row[key.removesuffix("_epoch")] = number
+    return row
+
+
+class EpochMetricsCSV(lightning.Callback):
+    """Write an `epoch_row` per epoch to ``<output_dir>/metrics.csv``, rewritten whole and atomically as
+    columns appear, so the file is always complete.
 
     Args:
         output_dir: folder of ``metrics.csv``; defaults to the trainer's ``default_root_dir``.
@@ -34,36 +47,19 @@ class EpochMetricsCSV(lightning.Callback):
         self.filename = filename
         self.rows: list[dict[str, Any]] = []
 
-    def _path(self, trainer: lightning.Trainer) -> Path:
-        return (self.output_dir or Path(trainer.default_root_dir)) / self.filename
-
-    @staticmethod
-    def epoch_figures(metrics: dict[str, Any]) -> dict[str, float]:
-        """Scalar epoch-level figures of ``trainer.callback_metrics`` (``_epoch`` suffix dropped)."""
-        numbers = ((key, to_float(value)) for key, value in metrics.items() if not key.endswith("_step"))
-        return {key.removesuffix("_epoch"): number for key, number in numbers if number is not None}
-
     @rank_zero_only
     def on_train_epoch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        row: dict[str, Any] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
-        for index, group in enumerate(trainer.optimizers[0].param_groups if trainer.optimizers else []):
-            row[f"lr/{group.get('name', index)}"] = group["lr"]
-        row.update(self.epoch_figures(trainer.callback_metrics))
-        self.rows.append(row)
-        self._write(self._path(trainer))
-
-    def _write(self, path: Path) -> None:
-        columns: list[str] = []
-        for row in self.rows:
-            columns.extend(key for key in row if key not in columns)
+        self.rows.append(epoch_row(trainer))
+        columns = list(dict.fromkeys(key for row in self.rows for key in row))
+        path = (self.output_dir or Path(trainer.default_root_dir)) / self.filename
         with atomic_writer(path, newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=columns)
             writer.writeheader()
             for row in self.rows:
                 writer.writerow(
-                    {k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+                    {k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
                 )
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,11 +1,10 @@
 """Opt-in (``callbacks=exact_resume``): reseed PyTorch's global RNG at the start of every training epoch.
 
-The data order and each sample's augmentation already depend only on ``(seed, epoch)``
-(:class:`~detr_lightning.data.samplers.EpochShuffleSampler`, ``EpochSeededDataset``). The model's own
-randomness (dropout) draws from the global RNG, whose state a checkpoint does not hold: with dropout > 0
-a run resumed from an end-of-epoch checkpoint repeats the uninterrupted one only when that RNG restarts
-every epoch from ``(seed, epoch, rank)`` too. Without this callback training draws from PyTorch's plain
-random stream, seeded once by ``seed_everything``.
+The data order and each sample's augmentation already depend only on ``(seed, epoch)`` (see
+`detr_lightning.data.samplers`). Dropout draws from the global RNG, whose state a checkpoint does not
+hold: with dropout > 0, a run resumed from an end-of-epoch checkpoint repeats the uninterrupted one only
+when that RNG restarts every epoch from ``(seed, epoch, rank)`` too. Without this callback training
+draws from PyTorch's plain random stream, seeded once by ``seed_everything``.
 """
 
 from __future__ import annotations
@@ -22,12 +21,8 @@ class EpochSeed(lightning.Callback):
     """``torch.manual_seed(f(seed, epoch, rank))`` before the first training batch of every epoch.
 
     The first batch, not ``on_train_epoch_start``: creating the epoch's data loader iterator may draw from
-    the global RNG (a loader without a generator), and a resumed run creates it before
-    ``on_train_epoch_start``, an uninterrupted one after. A run resumed mid-epoch is reseeded from the
-    next epoch on.
-
-    Args:
-        seed: the run's seed (``${seed}`` in the config).
+    the global RNG, and a resumed run creates it before ``on_train_epoch_start``, an uninterrupted one
+    after. A run resumed mid-epoch is reseeded from the next epoch on.
     """
 
     def __init__(self, seed: int) -> None:

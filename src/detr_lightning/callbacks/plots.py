@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +18,12 @@ import numpy as np
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor
 
-from detr_lightning.callbacks.epoch_csv import EpochMetricsCSV
-from detr_lightning.callbacks.val_samples import ValidationSample, ValidationSamples, labels_of
-from detr_lightning.callbacks.wandb_media import wandb_class_labels
+from detr_lightning.callbacks.epoch_csv import EpochMetricsCSV, epoch_row
+from detr_lightning.callbacks.val_samples import ValidationImagesCallback, ValidationSample
 from detr_lightning.files import atomic_writer, to_float
-from detr_lightning.runs import METRICS_PLOT, PLOTS_DIR, PREDICTIONS_PLOT
+from detr_lightning.runs import METRICS_PLOT, PLOTS_DIR, PREDICTIONS_PLOT, epoch_series
 
-#: W&B keys of the two figures.
 WANDB_KEYS = {METRICS_PLOT: "plots/metrics", PREDICTIONS_PLOT: "plots/val_predictions"}
 #: Loss panels of ``metrics.png``: (name after ``train/``/``val/``, panel title).
 LOSS_PANELS = [
@@ -44,29 +41,25 @@ COCO_CURVES = [
 ]
 GROUND_TRUTH_COLOR = "#2ca02c"
 PREDICTION_COLOR = "#d62728"
-#: At most this many predictions are drawn per image (the highest scores), so a low threshold stays legible.
-MAX_DRAWN_PREDICTIONS = 30
+MAX_DRAWN_PREDICTIONS = 30  # per image, the highest scores: a low threshold stays legible
 CELL_INCHES = 3.4  # the size of an image's cell in the grid
 
+#: One image of `plot_predictions`: its pixels, predictions (already thresholded) and ground truth.
+PredictionPanel = ValidationSample
 
-class TrainingPlots(lightning.Callback):
+
+class TrainingPlots(ValidationImagesCallback):
     """Keep ``plots/metrics.png`` and ``plots/val_predictions.png`` up to date in the run directory.
 
-    ``metrics.png`` is drawn at the end of every training epoch (after that epoch's validation) from the
-    epoch figures of ``trainer.callback_metrics``, the same numbers as ``metrics.csv``. The history is part
-    of the checkpoint, so a resumed run plots its earlier epochs too (for a checkpoint written without this
-    callback, the `EpochMetricsCSV` rows it restored fill them in). ``val_predictions.png`` is drawn after
-    every validation epoch (sanity check excluded), also in a stand-alone ``trainer.validate``.
-
-    With a `WandbLogger`, both figures are also logged as ``wandb.Image`` under ``plots/metrics`` and
-    ``plots/val_predictions``. Global rank 0 draws and logs; the other ranks only send it their detections
-    of the chosen images. A figure that cannot be drawn or logged is a warning, never a failed run.
+    ``metrics.png`` is redrawn after every training epoch from the figures of ``metrics.csv``; the history
+    is part of the checkpoint, so a resumed run plots its earlier epochs too. ``val_predictions.png`` is
+    drawn after every validation epoch. With a `WandbLogger`, both are also logged under `WANDB_KEYS`.
+    Global rank 0 draws and logs; a figure that cannot be drawn or logged is a warning, never a failure.
 
     Args:
         output_dir: folder of the PNG files; ``<trainer.default_root_dir>/plots`` when ``None``.
         metrics: draw ``metrics.png``.
-        predictions: draw ``val_predictions.png`` (needs the project's datamodule: ``coco_gt``,
-            ``dataset``, ``class_names``, ``label_to_category_id``).
+        predictions: draw ``val_predictions.png`` (needs the project's datamodule).
         num_images: validation images in the grid.
         score_threshold: predictions scoring below it are not drawn.
         log_to_wandb: also log the figures to W&B when a `WandbLogger` is in use.
@@ -83,59 +76,26 @@ class TrainingPlots(lightning.Callback):
         log_to_wandb: bool = True,
         dpi: int = 100,
     ) -> None:
-        super().__init__()
-        if num_images < 0 or not 0.0 <= score_threshold <= 1.0:
-            raise ValueError(
-                f"TrainingPlots(num_images={num_images}, score_threshold={score_threshold}): "
-                "num_images must be >= 0 and score_threshold in [0, 1]"
-            )
+        super().__init__(num_images, score_threshold)
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.metrics = metrics
         self.predictions = predictions
-        self.num_images = num_images
-        self.score_threshold = score_threshold
         self.log_to_wandb = log_to_wandb
         self.dpi = dpi
-        #: One dict per finished training epoch (``epoch``, ``step``, ``lr/<group>`` and the epoch figures).
-        self.rows: list[dict[str, Any]] = []
-        self._samples = ValidationSamples(num_images, score_threshold)  # the images of the grid
+        self.rows: list[dict[str, Any]] = []  # an `epoch_row` per finished training epoch
 
-    @property
-    def _image_ids(self) -> list[int] | None:
-        """The images of the grid (None until the first validation)."""
-        return self._samples.image_ids
-
-    @property
-    def _epoch_detections(self) -> dict[int, dict[str, Tensor]]:
-        """This rank's detections of those images in the running validation epoch."""
-        return self._samples.detections
-
-    def plots_dir(self, trainer: lightning.Trainer) -> Path:
-        """Where the PNG files go."""
-        return self.output_dir or Path(trainer.default_root_dir) / PLOTS_DIR
-
-    # ------------------------------------------------------------------ metrics.png
     def on_train_epoch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
         if not self.metrics or trainer.sanity_checking or not trainer.is_global_zero:
             return
-        epoch = int(trainer.current_epoch)
-        row: dict[str, Any] = {"epoch": epoch, "step": int(trainer.global_step)}
-        for index, group in enumerate(trainer.optimizers[0].param_groups if trainer.optimizers else []):
-            row[f"lr/{group.get('name', index)}"] = group["lr"]
-        row.update(EpochMetricsCSV.epoch_figures(trainer.callback_metrics))
-        self._fill_in_earlier_epochs(trainer, epoch)
-        self.rows = [r for r in self.rows if _epoch_of(r) != epoch] + [row]
+        row = epoch_row(trainer)
+        epoch = row["epoch"]
+        # Resumed from a checkpoint without this callback's rows: those EpochMetricsCSV restored fill them in.
+        csv_rows = next((c.rows for c in trainer.callbacks if isinstance(c, EpochMetricsCSV)), [])
+        known = {_epoch_of(r) for r in self.rows}
+        earlier = [r for r in csv_rows if _epoch_of(r) < epoch and _epoch_of(r) not in known]
+        kept = [r for r in self.rows if _epoch_of(r) != epoch]
+        self.rows = sorted([*kept, *earlier, row], key=_epoch_of)
         self._draw(trainer, METRICS_PLOT, lambda path: plot_metrics(self.rows, path, dpi=self.dpi))
-
-    def _fill_in_earlier_epochs(self, trainer: lightning.Trainer, epoch: int) -> None:
-        """Epochs before ``epoch`` that this history lacks, from an `EpochMetricsCSV` of the trainer."""
-        known = {_epoch_of(row) for row in self.rows}
-        for callback in trainer.callbacks:
-            if isinstance(callback, EpochMetricsCSV):
-                earlier = [r for r in callback.rows if _epoch_of(r) not in known and _epoch_of(r) < epoch]
-                if earlier:
-                    self.rows = sorted([*self.rows, *earlier], key=_epoch_of)
-                return
 
     def state_dict(self) -> dict[str, Any]:
         return {"rows": self.rows}
@@ -143,144 +103,90 @@ class TrainingPlots(lightning.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rows = list(state_dict.get("rows", []))
 
-    # ------------------------------------------------------------------ val_predictions.png
-    def on_validation_epoch_start(
-        self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
-    ) -> None:
-        self._samples.start_epoch()
-        if self._samples.image_ids is None and self.predictions and not trainer.sanity_checking:
-            try:
-                self._samples.choose(trainer.datamodule)
-            except Exception as error:
-                self._samples.image_ids = []
-                rank_zero_warn(
-                    f"TrainingPlots: no {PREDICTIONS_PLOT}: the validation images are unknown "
-                    f"({_describe(error)}). It needs the project's datamodule (coco_gt)."
-                )
-
-    def on_validation_batch_end(
-        self,
-        trainer: lightning.Trainer,
-        pl_module: lightning.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if not trainer.sanity_checking:
-            self._samples.collect(outputs)
-
-    def on_validation_epoch_end(
-        self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
-    ) -> None:
-        if trainer.sanity_checking or not self._samples.image_ids:
-            return
-        detections = self._samples.gather(trainer)  # a collective: every rank
-        if trainer.is_global_zero and detections:
-            self._draw(
-                trainer, PREDICTIONS_PLOT, lambda path: self._plot_predictions(trainer, detections, path)
+    def choose_images(self, trainer: lightning.Trainer) -> list[int]:
+        if not self.predictions:
+            return []
+        try:
+            return super().choose_images(trainer)
+        except Exception as error:
+            rank_zero_warn(
+                f"TrainingPlots: no {PREDICTIONS_PLOT}: the validation images are unknown "
+                f"({_describe(error)}). It needs the project's datamodule (coco_gt)."
             )
+            return []
 
-    def _plot_predictions(
-        self, trainer: lightning.Trainer, detections: Mapping[int, Mapping[str, Tensor]], path: Path
-    ) -> Path:
-        samples = self._samples.samples(trainer.datamodule, detections)
-        when = (
-            f"epoch {trainer.current_epoch}"
-            if trainer.state.fn == TrainerFn.FITTING
-            else str(trainer.state.fn)
-        )
-        return plot_predictions(
-            samples,
-            path,
-            class_names=wandb_class_labels(trainer.datamodule.class_names, labels_of(samples)),
-            score_threshold=self.score_threshold,
-            title=f"Validation images, {when}",
-            dpi=self.dpi,
+    def show(
+        self, trainer: lightning.Trainer, samples: list[ValidationSample], names: dict[int, str]
+    ) -> None:
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        title = f"Validation images, {f'epoch {trainer.current_epoch}' if fitting else str(trainer.state.fn)}"
+        self._draw(
+            trainer,
+            PREDICTIONS_PLOT,
+            lambda path: plot_predictions(
+                samples, path, names, self.score_threshold, title=title, dpi=self.dpi
+            ),
         )
 
-    # ------------------------------------------------------------------ drawing and logging (rank 0)
-    def _draw(self, trainer: lightning.Trainer, name: str, plot: Any) -> None:
+    def _draw(self, trainer: lightning.Trainer, name: str, plot: Callable[[Path], Path]) -> None:
         """Draw one figure into the plots folder and log it to W&B; any error becomes a warning."""
         try:
-            path = plot(self.plots_dir(trainer) / name)
+            path = plot((self.output_dir or Path(trainer.default_root_dir) / PLOTS_DIR) / name)
         except Exception as error:
             rank_zero_warn(f"TrainingPlots: {name} was not drawn ({_describe(error)}); training goes on.")
             return
-        if not self.log_to_wandb:
-            return
         wandb_loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
-        if not wandb_loggers:
+        if not self.log_to_wandb or not wandb_loggers:
             return
         try:
             import wandb
 
-            caption = f"epoch {trainer.current_epoch}"
+            image = wandb.Image(str(path), caption=f"epoch {trainer.current_epoch}")
             for logger in wandb_loggers:
-                logger.log_metrics(
-                    {WANDB_KEYS[name]: wandb.Image(str(path), caption=caption)}, step=trainer.global_step
-                )
+                logger.log_metrics({WANDB_KEYS[name]: image}, step=trainer.global_step)
         except Exception as error:
             rank_zero_warn(f"TrainingPlots: {name} was not logged to W&B ({_describe(error)}).")
 
 
-# ---------------------------------------------------------------------- plotting (plain functions)
 def plot_metrics(
     rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str | None = None, dpi: int = 100
 ) -> Path:
-    """Draw the per-epoch curves of ``rows`` into the PNG file ``path`` (written atomically).
+    """Draw the per-epoch curves of ``rows`` into the PNG file ``path`` (written atomically); returns it.
 
-    Args:
-        rows: one mapping per epoch with ``epoch`` and any of ``train/<loss>``, ``val/<loss>`` (see
-            `LOSS_PANELS`), ``val/map``, ``val/map_50``, ``val/map_75``, ``val/mar_100`` and ``lr/<group>``;
-            numbers or their text (``metrics.csv``); blanks, NaN and COCOeval's -1 are left out.
-        path: the PNG file.
-        title: the figure's title; says the number of epochs when ``None``.
-
-    Returns:
-        ``path``. Panels without any value say so rather than stay blank.
+    ``rows``: one mapping per epoch with ``epoch`` and any of ``train/<loss>``, ``val/<loss>`` (see
+    `LOSS_PANELS`), the `COCO_CURVES` and ``lr/<group>``, as numbers or text (``metrics.csv``). Blanks, NaN
+    and COCOeval's -1 are left out; panels without any value say so. ``title`` defaults to the epochs.
     """
     from matplotlib.figure import Figure
 
-    epochs = [_number(row.get("epoch")) for row in rows]
-    epochs = [index if epoch is None else epoch for index, epoch in enumerate(epochs)]
-
-    def series(key: str, undefined_below_zero: bool = False) -> tuple[list[float], list[float]]:
-        points = [(epoch, _number(row.get(key))) for epoch, row in zip(epochs, rows, strict=True)]
-        kept = [(x, y) for x, y in points if y is not None and not (undefined_below_zero and y < 0)]
-        return [x for x, _ in kept], [y for _, y in kept]
+    def plot(axis: Any, key: str, undefined_below_zero: bool = False, **style: Any) -> None:
+        points = [
+            (epoch, value)
+            for epoch, value in epoch_series(rows, key)
+            if math.isfinite(value) and not (undefined_below_zero and value < 0)
+        ]
+        if points:
+            axis.plot(*zip(*points, strict=True), marker="o", markersize=3, **style)
 
     figure = Figure(figsize=(15, 8.5), layout="constrained")
     axes = figure.subplots(2, 3).reshape(-1)
     for axis, (name, panel_title) in zip(axes, LOSS_PANELS, strict=False):
         for split, color in (("train", "tab:blue"), ("val", "tab:orange")):
-            xs, ys = series(f"{split}/{name}")
-            if xs:
-                axis.plot(xs, ys, marker="o", markersize=3, color=color, label=split)
+            plot(axis, f"{split}/{name}", color=color, label=split)
         _finish_axis(axis, panel_title, "loss")
-    coco_axis = axes[len(LOSS_PANELS)]
+    coco_axis, lr_axis = axes[len(LOSS_PANELS)], axes[len(LOSS_PANELS) + 1]
     for key, label in COCO_CURVES:
-        xs, ys = series(key, undefined_below_zero=True)
-        if xs:
-            coco_axis.plot(xs, ys, marker="o", markersize=3, label=label)
+        plot(coco_axis, key, undefined_below_zero=True, label=label)
     _finish_axis(coco_axis, "validation COCO box figures", "value")
     if coco_axis.lines:
         coco_axis.set_ylim(bottom=0)
-    lr_axis = axes[len(LOSS_PANELS) + 1]
-    lr_keys = [key for key in _columns(rows) if key.startswith("lr/")]
-    for key in lr_keys:
-        xs, ys = series(key)
-        if xs:
-            lr_axis.plot(xs, ys, marker="o", markersize=3, label=key.removeprefix("lr/"))
+    for key in dict.fromkeys(key for row in rows for key in row if key.startswith("lr/")):
+        plot(lr_axis, key, label=key.removeprefix("lr/"))
     if lr_axis.lines and all(y > 0 for line in lr_axis.lines for y in line.get_ydata()):
         lr_axis.set_yscale("log")
     _finish_axis(lr_axis, "learning rate", "lr")
     figure.suptitle(title or f"Training curves, {len(rows)} epoch{'s' * (len(rows) != 1)}")
     return _save(figure, path, dpi)
-
-
-#: One image of `plot_predictions`: its pixels, predictions (already thresholded) and ground truth.
-PredictionPanel = ValidationSample
 
 
 def plot_predictions(
@@ -302,70 +208,54 @@ def plot_predictions(
 
     from detr_lightning.viz import draw_boxes
 
-    count = max(len(panels), 1)
-    columns = max(1, min(columns, count))
-    rows = math.ceil(count / columns)
+    def name(label: int) -> str:
+        return class_names.get(int(label), f"label {label}")
+
+    columns = max(1, min(columns, len(panels)))
+    rows = max(1, math.ceil(len(panels) / columns))
     figure = Figure(figsize=(CELL_INCHES * columns, CELL_INCHES * rows + 0.9), layout="constrained")
     axes = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).reshape(-1)
     for axis in axes:
         axis.set_axis_off()
-    names = {int(label): str(name) for label, name in class_names.items()}
     for axis, panel in zip(axes, panels, strict=False):
         # Enlarged small images keep their pixels (smoother is blurrier and a bigger file); reduced large
         # ones are antialiased.
         enlarged = max(panel.pixels.shape[:2]) <= CELL_INCHES * dpi
         axis.imshow(panel.pixels, interpolation="nearest" if enlarged else "antialiased")
-        truth_labels = panel.ground_truth["labels"].tolist()
-        crowd = panel.ground_truth.get("iscrowd")
-        crowd = crowd.tolist() if crowd is not None else [0] * len(truth_labels)
+        truth = panel.ground_truth
+        crowd = truth["iscrowd"].tolist() if "iscrowd" in truth else [0] * len(truth["labels"])
         truth_captions = [
-            names.get(int(label), f"label {label}") + (" (crowd)" if is_crowd else "")
-            for label, is_crowd in zip(truth_labels, crowd, strict=True)
+            name(label) + (" (crowd)" if is_crowd else "")
+            for label, is_crowd in zip(truth["labels"].tolist(), crowd, strict=True)
         ]
         draw_boxes(
-            axis,
-            panel.ground_truth["boxes"],
-            GROUND_TRUTH_COLOR,
-            truth_captions,
-            linewidth=1.6,
-            caption_at="below",
+            axis, truth["boxes"], GROUND_TRUTH_COLOR, truth_captions, linewidth=1.6, caption_at="below"
         )
-        scores = panel.predictions["scores"].tolist()
-        order = sorted(range(len(scores)), key=lambda index: -scores[index])[:MAX_DRAWN_PREDICTIONS]
-        boxes, labels = panel.predictions["boxes"].tolist(), panel.predictions["labels"].tolist()
+        scores = panel.predictions["scores"]
+        order = scores.argsort(descending=True, stable=True)[:MAX_DRAWN_PREDICTIONS]
+        captions = [
+            f"{name(label)} {score:.2f}"
+            for label, score in zip(
+                panel.predictions["labels"][order].tolist(), scores[order].tolist(), strict=True
+            )
+        ]
         draw_boxes(
-            axis,
-            [boxes[index] for index in order],
-            PREDICTION_COLOR,
-            [
-                f"{names.get(int(labels[index]), f'label {labels[index]}')} {scores[index]:.2f}"
-                for index in order
-            ],
-            linewidth=1.2,
-            linestyle="--",
-            caption_at="above",
+            axis, panel.predictions["boxes"][order], PREDICTION_COLOR, captions, linewidth=1.2, linestyle="--"
         )
         drawn = f"{len(order)} of {len(scores)}" if len(order) < len(scores) else str(len(scores))
-        axis.set_title(f"image {panel.image_id}: {drawn} predicted, {len(truth_labels)} true", fontsize=8)
+        axis.set_title(f"image {panel.image_id}: {drawn} predicted, {len(truth['labels'])} true", fontsize=8)
     if not panels:
         axes[0].text(0.5, 0.5, "no validation images", ha="center", va="center")
+    prediction = f"prediction (score ≥ {score_threshold:g}), with class and score"
     handles = [
         Line2D([], [], color=GROUND_TRUTH_COLOR, linewidth=1.6, label="ground truth"),
-        Line2D(
-            [],
-            [],
-            color=PREDICTION_COLOR,
-            linewidth=1.2,
-            linestyle="--",
-            label=f"prediction (score ≥ {score_threshold:g}), with class and score",
-        ),
+        Line2D([], [], color=PREDICTION_COLOR, linewidth=1.2, linestyle="--", label=prediction),
     ]
     figure.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=9, frameon=False)
     figure.suptitle(title)
     return _save(figure, path, dpi)
 
 
-# ---------------------------------------------------------------------- helpers
 def _finish_axis(axis: Any, title: str, ylabel: str) -> None:
     axis.set_title(title, fontsize=10)
     axis.set_xlabel("epoch")
@@ -390,22 +280,9 @@ def _save(figure: Any, path: str | os.PathLike, dpi: int) -> Path:
     return Path(path)
 
 
-def _columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    columns: list[str] = []
-    for row in rows:
-        columns.extend(key for key in row if key not in columns)
-    return columns
-
-
-def _number(value: Any) -> float | None:
-    """A finite float of a figure or its text; None for blanks, NaN and what is not a number."""
-    number = to_float(value)
-    return number if number is not None and math.isfinite(number) else None
-
-
 def _epoch_of(row: Mapping[str, Any]) -> int:
-    number = _number(row.get("epoch"))
-    return int(number) if number is not None else -1
+    epoch = to_float(row.get("epoch"))
+    return int(epoch) if epoch is not None and math.isfinite(epoch) else -1
 
 
 def _describe(error: BaseException) -> str:

@@ -1,11 +1,7 @@
 """COCO-format detection data: layouts, checks, datasets, DETR transforms, the DataModule and a demo set.
 
-Modules: ``layout`` (where the files are), ``annotations`` (reading and repairing COCO json), ``images``
-(decoding and header checks), ``categories`` (labels and ``num_classes``), ``check`` (the data check and
-its command), ``coco`` (the dataset), ``transforms``, ``collate``, ``samplers``, ``datamodule`` and
-``demo`` (the built-in synthetic dataset and its command).
-
-The names below are imported lazily, so ``python -m detr_lightning.data.check`` / ``.demo`` run cleanly.
+The names below are imported lazily, so that ``python -m detr_lightning.data.check`` / ``.demo`` run
+without the package having imported them first.
 """
 
 from __future__ import annotations

@@ -19,6 +19,14 @@ from detr_lightning.data.errors import DataError
 LABEL_MAPPINGS = ("raw", "contiguous")
 
 
+def check_label_mapping(mode: str) -> None:
+    """A `DataError` unless ``mode`` is one of `LABEL_MAPPINGS`."""
+    if mode not in LABEL_MAPPINGS:
+        raise DataError(
+            f"data.label_mapping={mode!r} is not supported. Fix: use one of {', '.join(LABEL_MAPPINGS)}."
+        )
+
+
 @dataclass(frozen=True)
 class LabelMap:
     """How category ids become labels, the class names per label, and ``num_classes``."""
@@ -33,11 +41,8 @@ class LabelMap:
         return {label: category_id for category_id, label in self.category_to_label.items()}
 
     def check_num_classes(self, num_classes: int) -> None:
-        """Raise a `DataError` if a model with ``num_classes`` cannot hold every label of the data.
-
-        A larger value is fine (e.g. 91 for a COCO head on a subset); a smaller one would put real
-        classes on the no-object logit or out of range.
-        """
+        """Raise a `DataError` if a model with ``num_classes`` cannot hold every label of the data: a
+        larger value is fine (91 for a COCO head on a subset), a smaller one puts classes out of range."""
         if num_classes >= self.num_classes:
             return
         largest = max(self.class_names)
@@ -51,20 +56,17 @@ class LabelMap:
 
 
 def _merged_categories(sources: Sequence[tuple[Path, dict[str, Any]]]) -> dict[int, str]:
-    names: dict[int, str] = {}
-    first_file: dict[int, Path] = {}
+    seen: dict[int, tuple[str, Path]] = {}  # category id -> (name, first file naming it)
     for ann_file, data in sources:
         for category in data["categories"]:
             category_id, name = category["id"], category["name"]
-            if category_id in names and names[category_id] != name:
+            first_name, first_file = seen.setdefault(category_id, (name, ann_file))
+            if name != first_name:
                 raise DataError(
-                    f"{ann_file}: category id {category_id} is named {name!r} but "
-                    f"{first_file[category_id]} names it {names[category_id]!r}. "
-                    "Fix: use the same categories list in every split."
+                    f"{ann_file}: category id {category_id} is named {name!r} but {first_file} names it "
+                    f"{first_name!r}. Fix: use the same categories list in every split."
                 )
-            names.setdefault(category_id, name)
-            first_file.setdefault(category_id, ann_file)
-    return names
+    return {category_id: name for category_id, (name, _) in seen.items()}
 
 
 def build_label_map(sources: Sequence[tuple[Path, dict[str, Any]]], mode: str = "raw") -> LabelMap:
@@ -73,28 +75,22 @@ def build_label_map(sources: Sequence[tuple[Path, dict[str, Any]]], mode: str = 
     Categories are merged over the splits (same id must mean the same name); in ``contiguous`` mode a
     category is kept when any split has an annotation of it.
     """
-    if mode not in LABEL_MAPPINGS:
-        raise DataError(
-            f"data.label_mapping={mode!r} is not supported. Fix: use one of {', '.join(LABEL_MAPPINGS)}."
-        )
+    check_label_mapping(mode)
     names = _merged_categories(sources)
     if mode == "raw":
-        return LabelMap(
-            mode=mode,
-            category_to_label={category_id: category_id for category_id in sorted(names)},
-            class_names={category_id: names[category_id] for category_id in sorted(names)},
-            num_classes=max(names) + 1,
-        )
-    used_ids = sorted({ann["category_id"] for _, data in sources for ann in data["annotations"]})
-    if not used_ids:
-        files = ", ".join(str(ann_file) for ann_file, _ in sources)
-        raise DataError(
-            f"{files}: no annotations at all, so label_mapping=contiguous keeps no class. "
-            "Fix: annotate the images or use data.label_mapping=raw."
-        )
+        category_to_label = {category_id: category_id for category_id in sorted(names)}
+    else:
+        used_ids = sorted({ann["category_id"] for _, data in sources for ann in data["annotations"]})
+        if not used_ids:
+            files = ", ".join(str(ann_file) for ann_file, _ in sources)
+            raise DataError(
+                f"{files}: no annotations at all, so label_mapping=contiguous keeps no class. "
+                "Fix: annotate the images or use data.label_mapping=raw."
+            )
+        category_to_label = {category_id: label for label, category_id in enumerate(used_ids)}
     return LabelMap(
         mode=mode,
-        category_to_label={category_id: label for label, category_id in enumerate(used_ids)},
-        class_names={label: names[category_id] for label, category_id in enumerate(used_ids)},
-        num_classes=len(used_ids),
+        category_to_label=category_to_label,
+        class_names={label: names[category_id] for category_id, label in category_to_label.items()},
+        num_classes=max(category_to_label.values()) + 1,
     )

@@ -16,7 +16,8 @@ import logging
 import sys
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -48,14 +49,11 @@ class CheckedSplit:
     repairs: RepairCounts
     images_verified: bool = False
     images_read_unrotated: frozenset[int] = frozenset()
-    _coco: COCO | None = field(default=None, repr=False)
 
-    @property
+    @cached_property
     def coco(self) -> COCO:
         """pycocotools index of the repaired file: original category ids, crowd boxes included."""
-        if self._coco is None:
-            self._coco = build_coco(self.data)
-        return self._coco
+        return build_coco(self.data)
 
     def verify_images(self) -> None:
         """Check every image file of the split (once): present, decodable, of the recorded size."""
@@ -88,32 +86,6 @@ def load_split(files: SplitFiles) -> CheckedSplit:
     return CheckedSplit(files=files, data=data, repairs=repairs)
 
 
-@dataclass(frozen=True)
-class SplitStatistics:
-    """Counts shown in the check report for one split."""
-
-    images: int
-    images_without_boxes: int
-    boxes: int
-    crowd_boxes: int
-    boxes_per_label: dict[int, int]
-
-
-def split_statistics(split: CheckedSplit, label_map: LabelMap) -> SplitStatistics:
-    """Images, boxes (crowd ones apart) and non-crowd boxes per label of one split."""
-    annotations = split.data["annotations"]
-    regular = [ann for ann in annotations if not ann["iscrowd"]]
-    per_label = Counter(label_map.category_to_label[ann["category_id"]] for ann in regular)
-    images_with_boxes = {ann["image_id"] for ann in regular}
-    return SplitStatistics(
-        images=len(split.data["images"]),
-        images_without_boxes=len(split.data["images"]) - len(images_with_boxes),
-        boxes=len(regular),
-        crowd_boxes=len(annotations) - len(regular),
-        boxes_per_label={label: per_label.get(label, 0) for label in label_map.class_names},
-    )
-
-
 def check_dataset(
     layout: DatasetLayout, label_mapping: str = "raw", check_images: bool = True
 ) -> tuple[dict[str, CheckedSplit], LabelMap]:
@@ -129,35 +101,37 @@ def check_dataset(
 
 
 def render_report(splits: dict[str, CheckedSplit], label_map: LabelMap, console: Console) -> None:
-    """Print the per-split summary and the boxes-per-class table."""
-    statistics = {name: split_statistics(split, label_map) for name, split in splits.items()}
+    """Print per split its images and boxes (crowd boxes apart), then the boxes per class and split."""
     summary = Table(title="Splits")
     for column in ("split", "annotation file", "images", "without boxes", "boxes", "crowd", "repaired"):
         summary.add_column(column, justify="left" if column in ("split", "annotation file") else "right")
-    for name, stats in statistics.items():
-        summary.add_row(
-            name,
-            escape(str(splits[name].files.ann_file)),
-            str(stats.images),
-            str(stats.images_without_boxes),
-            str(stats.boxes),
-            str(stats.crowd_boxes),
-            str(splits[name].repairs.total()),
-        )
-    console.print(summary)
-
     per_class = Table(
         title=f"Boxes per class (label_mapping={label_map.mode}, num_classes={label_map.num_classes})"
     )
-    per_class.add_column("label", justify="right")
-    per_class.add_column("category id", justify="right")
-    per_class.add_column("name")
-    for name in statistics:
-        per_class.add_column(name, justify="right")
+    for column in ("label", "category id", "name", *splits):
+        per_class.add_column(column, justify="left" if column == "name" else "right")
+    boxes_per_label = {}
+    for name, split in splits.items():
+        images, annotations = split.data["images"], split.data["annotations"]
+        regular = [ann for ann in annotations if not ann["iscrowd"]]
+        boxes_per_label[name] = Counter(label_map.category_to_label[ann["category_id"]] for ann in regular)
+        without_boxes = len(images) - len({ann["image_id"] for ann in regular})
+        crowd = len(annotations) - len(regular)
+        cells = (
+            name,
+            split.files.ann_file,
+            len(images),
+            without_boxes,
+            len(regular),
+            crowd,
+            split.repairs.total(),
+        )
+        summary.add_row(*(escape(str(cell)) for cell in cells))
     category_ids = label_map.label_to_category_id
     for label, class_name in label_map.class_names.items():
-        counts = [str(stats.boxes_per_label[label]) for stats in statistics.values()]
+        counts = [str(boxes_per_label[name][label]) for name in splits]
         per_class.add_row(str(label), str(category_ids[label]), escape(class_name), *counts)
+    console.print(summary)
     console.print(per_class)
 
 
@@ -174,10 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.add_argument(f"--{split}-img-dir", type=Path, help=f"explicit {split} image folder")
     args = parser.parse_args(argv)
 
-    console = Console(soft_wrap=True)
-    error_console = Console(stderr=True, soft_wrap=True)
-    log_format = "%(levelname)s: %(message)s"
-    logging.basicConfig(level=logging.INFO, format=log_format, stream=sys.stderr, force=True)
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr, force=True
+    )
     overrides = {
         split: {"ann_file": getattr(args, f"{split}_ann_file"), "img_dir": getattr(args, f"{split}_img_dir")}
         for split in SPLITS
@@ -186,8 +159,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         layout = resolve_layout(args.root, overrides)
         splits, label_map = check_dataset(layout, args.label_mapping, check_images=not args.skip_images)
     except DataError as err:
-        error_console.print(f"[bold red]data check failed:[/bold red] {escape(str(err))}")
+        Console(stderr=True, soft_wrap=True).print(
+            f"[bold red]data check failed:[/bold red] {escape(str(err))}"
+        )
         return 2
+    console = Console(soft_wrap=True)
     render_report(splits, label_map, console)
     console.print(f"[green]data check passed[/green] ({', '.join(splits)})")
     return 0

@@ -12,6 +12,7 @@ import torch
 from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import Dataset
+from torchvision.ops import box_convert, clip_boxes_to_image
 
 from detr_lightning.data.categories import LabelMap
 from detr_lightning.data.errors import DataError
@@ -24,20 +25,15 @@ Transform = Callable[[Tensor, dict[str, Tensor]], tuple[Tensor, dict[str, Tensor
 def convert_coco_annotations(
     annotations: Sequence[dict[str, Any]], height: int, width: int, category_to_label: dict[int, int]
 ) -> dict[str, Tensor]:
-    """Turn one image's COCO annotations into an absolute-``xyxy`` target, as the official code does.
+    """One image's COCO annotations as an absolute-``xyxy`` target, as the official code makes it: crowd
+    annotations left out, boxes clamped to the image, boxes without width or height dropped.
 
-    Crowd annotations are left out, ``xywh`` becomes ``xyxy``, boxes are clamped to the ``width`` x
-    ``height`` image and boxes without width or height are dropped.
-
-    Returns:
-        ``boxes`` ``(N, 4)`` float32 ``xyxy`` pixels, ``labels`` ``(N,)`` int64, ``area`` ``(N,)`` float32
-        (from the annotations), ``iscrowd`` ``(N,)`` int64 (all 0).
+    Returns ``boxes (N, 4)`` float32 xyxy pixels, ``labels (N,)`` int64, ``area (N,)`` float32 (from the
+    annotations) and ``iscrowd (N,)`` int64 (all 0).
     """
     kept = [ann for ann in annotations if not ann.get("iscrowd", 0)]
-    boxes = torch.tensor([ann["bbox"] for ann in kept], dtype=torch.float32).reshape(-1, 4)
-    boxes[:, 2:] += boxes[:, :2]
-    boxes[:, 0::2].clamp_(min=0, max=width)
-    boxes[:, 1::2].clamp_(min=0, max=height)
+    xywh = torch.tensor([ann["bbox"] for ann in kept], dtype=torch.float32).reshape(-1, 4)
+    boxes = clip_boxes_to_image(box_convert(xywh, "xywh", "xyxy"), (height, width))
     keep = (boxes[:, 3] > boxes[:, 1]) & (boxes[:, 2] > boxes[:, 0])
     labels = torch.tensor([category_to_label[ann["category_id"]] for ann in kept], dtype=torch.int64)
     area = torch.tensor([float(ann["area"]) for ann in kept], dtype=torch.float32)
@@ -68,13 +64,9 @@ class CocoDetection(Dataset):
     ``(h, w)`` of the file, ``size`` ``(2,)`` int64 ``(h, w)`` after transforms, ``area`` ``(N,)`` float32
     (box area in transformed pixels) and ``iscrowd`` ``(N,)`` int64. Crowd boxes are not in targets.
 
-    Args:
-        coco: index of the validated annotation file (see `detr_lightning.data.check.load_split`).
-        img_dir: folder the ``file_name``s are relative to.
-        label_map: category id -> label.
-        transform: a `DetectionTransform`; ``None`` means normalisation only.
-        images_read_unrotated: ids of images whose record matches the stored pixels of a rotated file.
-        ann_file: shown in error messages.
+    ``coco`` indexes the validated annotation file (see `detr_lightning.data.check.load_split`), whose
+    ``file_name``s are relative to ``img_dir``; ``transform`` defaults to normalisation only;
+    ``images_read_unrotated`` are read without their EXIF rotation; ``ann_file`` names errors.
     """
 
     def __init__(
@@ -87,25 +79,23 @@ class CocoDetection(Dataset):
         ann_file: Path | None = None,
     ) -> None:
         self.transform: Transform = transform if transform is not None else DetectionTransform()
-        self.ann_file = ann_file
+        self.source = f"{ann_file}: " if ann_file is not None else ""  # starts error messages
         self.img_dir = Path(img_dir).resolve()
         self.image_ids = sorted(coco.imgs)
         # Compact per-image numpy targets: cheaper to share with forked workers than the COCO index.
         self._entries = []
         for image_id in self.image_ids:
             record = coco.imgs[image_id]
+            height, width = record["height"], record["width"]
             target = convert_coco_annotations(
-                coco.imgToAnns.get(image_id, []),
-                record["height"],
-                record["width"],
-                label_map.category_to_label,
+                coco.imgToAnns.get(image_id, []), height, width, label_map.category_to_label
             )
             self._entries.append(
                 _ImageEntry(
                     image_id=image_id,
                     path=Path(img_dir) / record["file_name"],
-                    height=record["height"],
-                    width=record["width"],
+                    height=height,
+                    width=width,
                     apply_exif_orientation=image_id not in images_read_unrotated,
                     target={key: value.numpy() for key, value in target.items()},
                 )
@@ -117,32 +107,29 @@ class CocoDetection(Dataset):
     def read_image(self, index: int) -> Tensor:
         """The decoded ``(3, H, W)`` uint8 RGB image of item ``index``, checked against its record."""
         entry = self._entries[index]
-        source = f"{self.ann_file}: " if self.ann_file is not None else ""
+        where = f"{self.source}image {entry.path} (image id {entry.image_id})"
         if escapes_folder(entry.path, self.img_dir):
             raise DataError(
-                f"{source}image {entry.path} (image id {entry.image_id}) is a link to "
-                f"{entry.path.resolve()}, outside the image folder {self.img_dir}. Fix: copy the file into "
-                "the image folder (links must stay inside it)."
+                f"{where} is a link to {entry.path.resolve()}, outside the image folder {self.img_dir}. "
+                "Fix: copy the file into the image folder (links must stay inside it)."
             )
         try:
             image = read_image_rgb(entry.path, apply_exif_orientation=entry.apply_exif_orientation)
         except (RuntimeError, OSError) as err:
             raise DataError(
-                f"{source}image {entry.path} (image id {entry.image_id}) cannot be decoded: {err}. "
+                f"{where} cannot be decoded: {err}. "
                 "Fix: replace the file or remove its record and annotations."
             ) from None
         if tuple(image.shape[-2:]) != (entry.height, entry.width):
             raise DataError(
-                f"{source}image {entry.path} (image id {entry.image_id}) is "
-                f"{image.shape[-1]}x{image.shape[-2]} (width x height) but its record says "
+                f"{where} is {image.shape[-1]}x{image.shape[-2]} (width x height) but its record says "
                 f"{entry.width}x{entry.height}. Fix: correct the record."
             )
         return image
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
         entry = self._entries[index]
-        image = self.read_image(index)
         target = {key: torch.from_numpy(value.copy()) for key, value in entry.target.items()}
         target["image_id"] = torch.tensor(entry.image_id, dtype=torch.int64)
         target["orig_size"] = torch.tensor([entry.height, entry.width], dtype=torch.int64)
-        return self.transform(image, target)
+        return self.transform(self.read_image(index), target)

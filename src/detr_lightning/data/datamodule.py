@@ -1,32 +1,29 @@
 """`CocoDataModule`: COCO-format splits, the data check, DETR transforms and the loaders.
 
-Distributed use: the loaders build their own samplers. Training uses a seeded ``DistributedSampler``
-(shuffled, padded like the official code) when there are several ranks; validation and test use
-`EvalShardSampler` (every image exactly once, no padding) on any number of ranks. Both are
-``DistributedSampler`` instances, so Lightning leaves them alone with the default
-``Trainer(use_distributed_sampler=True)``, and ``use_distributed_sampler=False`` works as well.
+The loaders build their own samplers, ``DistributedSampler`` instances that Lightning leaves alone
+whatever ``Trainer(use_distributed_sampler=...)``: training a seeded, shuffled one (padded across ranks,
+like the official code); validation and test `EvalShardSampler` (every image exactly once).
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import lightning
-import numpy as np
 import torch
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from detr_lightning.data.categories import LABEL_MAPPINGS, LabelMap, build_label_map
+from detr_lightning.data.categories import LabelMap, build_label_map, check_label_mapping
 from detr_lightning.data.check import CheckedSplit, load_split
 from detr_lightning.data.coco import CocoDetection
 from detr_lightning.data.collate import collate_detection
 from detr_lightning.data.demo import ensure_demo_dataset
 from detr_lightning.data.errors import DataError
-from detr_lightning.data.layout import SPLITS, DatasetLayout, detect_layout, resolve_layout
+from detr_lightning.data.layout import DatasetLayout, detect_layout, resolve_layout
 from detr_lightning.data.samplers import EpochSeededDataset, EpochShuffleSampler, EvalShardSampler
 from detr_lightning.data.transforms import (
     DETR_CROP_RESIZE_SCALES,
@@ -41,13 +38,6 @@ from detr_lightning.data.transforms import (
 )
 
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
-
-
-def seed_worker(worker_id: int) -> None:
-    """Seed ``random`` and ``numpy`` in a DataLoader worker from its torch seed (already per worker)."""
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
 
 
 def _positive_ints(name: str, values: Sequence[int]) -> tuple[int, ...]:
@@ -109,11 +99,7 @@ class CocoDataModule(lightning.LightningDataModule):
     ) -> None:
         super().__init__()
         self.root = Path(root).expanduser() if root is not None else None
-        if label_mapping not in LABEL_MAPPINGS:
-            raise DataError(
-                f"data.label_mapping={label_mapping!r} is not supported. "
-                f"Fix: use one of {', '.join(LABEL_MAPPINGS)}."
-            )
+        check_label_mapping(label_mapping)
         self.label_mapping = label_mapping
         self.split_overrides = {
             name: dict(paths) for name, paths in (("train", train), ("val", val), ("test", test)) if paths
@@ -127,17 +113,18 @@ class CocoDataModule(lightning.LightningDataModule):
         self.num_workers = int(num_workers)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
-        self.train_scales = _positive_ints("train_scales", train_scales)
-        self.train_max_size = train_max_size
-        self.train_crop_resize_scales = _positive_ints("train_crop_resize_scales", train_crop_resize_scales)
+        scales = _positive_ints("train_scales", train_scales)
+        crop_resize_scales = _positive_ints("train_crop_resize_scales", train_crop_resize_scales)
         crop_size = _positive_ints("train_crop_size", train_crop_size)
         if len(crop_size) != 2 or crop_size[0] > crop_size[1]:
             raise DataError(
                 f"data.train_crop_size={list(train_crop_size)} must be [min, max] with min <= max."
             )
-        self.train_crop_size = (crop_size[0], crop_size[1])
-        self.val_scale = _positive_ints("val_scale", [val_scale])[0]
-        self.val_max_size = val_max_size
+        val_scale = _positive_ints("val_scale", [val_scale])[0]
+        self.train_transform = DetectionTransform(
+            make_train_geometry(scales, train_max_size, crop_resize_scales, crop_size)
+        )
+        self.eval_transform = DetectionTransform(make_eval_geometry(val_scale, val_max_size))
         self.seed = int(seed)
         self.check_images = check_images
         self.drop_last = drop_last
@@ -145,12 +132,8 @@ class CocoDataModule(lightning.LightningDataModule):
         self.demo_root = Path(demo_root).expanduser() if demo_root is not None else None
         self.demo_options = dict(demo_options or {})
 
-        self._layout: DatasetLayout | None = None
         self._splits: dict[str, CheckedSplit] = {}
-        self._label_map: LabelMap | None = None
         self._datasets: dict[str, CocoDetection] = {}
-
-    # ----------------------------------------------------------------------------------- files and labels
 
     def prepare_data(self) -> None:
         """Write the demo dataset if asked to and nothing is at ``root`` (atomic, so ranks may race)."""
@@ -162,16 +145,13 @@ class CocoDataModule(lightning.LightningDataModule):
         ):
             ensure_demo_dataset(self.root, **self.demo_options)
 
-    @property
+    @cached_property
     def layout(self) -> DatasetLayout:
         """The splits' files (detected once, logged in one line)."""
-        if self._layout is None:
-            self.prepare_data()
-            self._layout = resolve_layout(self.root, self.split_overrides)
-        return self._layout
+        self.prepare_data()
+        return resolve_layout(self.root, self.split_overrides)
 
     def has_split(self, split: str) -> bool:
-        """Whether the layout has ``split`` ("train", "val" or "test")."""
         return split in self.layout.splits
 
     def checked_split(self, split: str) -> CheckedSplit:
@@ -180,89 +160,59 @@ class CocoDataModule(lightning.LightningDataModule):
             self._splits[split] = load_split(self.layout.require(split))
         return self._splits[split]
 
-    @property
+    @cached_property
     def label_map(self) -> LabelMap:
         """Labels of every split in the layout; reads the annotation files, not the images."""
-        if self._label_map is None:
-            splits = [self.checked_split(split) for split in self.layout.splits]
-            self._label_map = build_label_map(
-                [(s.files.ann_file, s.data) for s in splits], self.label_mapping
-            )
-        return self._label_map
+        splits = [self.checked_split(split) for split in self.layout.splits]
+        return build_label_map([(s.files.ann_file, s.data) for s in splits], self.label_mapping)
 
+    # What the model and the callbacks read of the label map (see `LabelMap`).
     @property
     def num_classes(self) -> int:
-        """``max category id + 1`` (raw) or the number of annotated categories (contiguous)."""
         return self.label_map.num_classes
 
     @property
     def class_names(self) -> dict[int, str]:
-        """Label -> category name."""
         return self.label_map.class_names
 
     @property
     def label_to_category_id(self) -> dict[int, int]:
-        """Label -> original COCO category id (identity for raw)."""
         return self.label_map.label_to_category_id
 
     def check_num_classes(self, num_classes: int) -> None:
-        """Raise a `DataError` naming both numbers if ``num_classes`` cannot hold the data's labels."""
         self.label_map.check_num_classes(num_classes)
 
     def coco_gt(self, split: str) -> COCO:
         """pycocotools index of the split's annotation file: original ids, crowd boxes, repaired boxes."""
         return self.checked_split(split).coco
 
-    # ---------------------------------------------------------------------------------------- datasets
-
     def setup(self, stage: str | None = None) -> None:
         """Check the stage's splits (annotations and, if ``check_images``, every image) and build datasets."""
-        names = STAGE_SPLITS[stage] if stage in STAGE_SPLITS else tuple(self.layout.splits)
-        label_map = self.label_map
-        for name in names:
+        label_map = self.label_map  # every split's annotations are checked before any image
+        for name in STAGE_SPLITS.get(stage, tuple(self.layout.splits)):
             split = self.checked_split(name)
             if self.check_images:
                 split.verify_images()
             if name not in self._datasets:
-                if name == "train":
-                    geometry = make_train_geometry(
-                        self.train_scales,
-                        self.train_max_size,
-                        self.train_crop_resize_scales,
-                        self.train_crop_size,
-                    )
-                else:
-                    geometry = make_eval_geometry(self.val_scale, self.val_max_size)
                 self._datasets[name] = CocoDetection(
                     split.coco,
                     split.files.img_dir,
                     label_map,
-                    transform=DetectionTransform(geometry),
+                    transform=self.train_transform if name == "train" else self.eval_transform,
                     images_read_unrotated=split.images_read_unrotated,
                     ann_file=split.files.ann_file,
                 )
 
     def dataset(self, split: str) -> CocoDetection:
-        """The dataset of ``split`` (built by `setup`)."""
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
+        """The dataset of ``split``: "train", "val" or "test" (built by `setup`)."""
         if split not in self._datasets:
-            self.setup("test" if split == "test" else "validate" if split == "val" else "fit")
+            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
         return self._datasets[split]
 
-    # ------------------------------------------------------------------------------------------ loaders
-
     def _replicas(self) -> tuple[int, int]:
-        """``(number of ranks, this rank)`` from the attached Trainer, else from torch.distributed."""
-        trainer = self.trainer
-        if trainer is not None:
-            kwargs = trainer.distributed_sampler_kwargs
-            if kwargs:
-                return int(kwargs["num_replicas"]), int(kwargs["rank"])
-            return 1, 0
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_world_size(), torch.distributed.get_rank()
-        return 1, 0
+        """``(number of ranks, this rank)`` as the attached Trainer has them; ``(1, 0)`` without one."""
+        kwargs = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        return (kwargs["num_replicas"], kwargs["rank"]) if kwargs else (1, 0)
 
     def _loader(
         self, dataset: Dataset, sampler: Sampler, batch_size: int, drop_last: bool, seed: int
@@ -276,7 +226,6 @@ class CocoDataModule(lightning.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
-            worker_init_fn=seed_worker,
             generator=torch.Generator().manual_seed(seed),
         )
 
@@ -304,13 +253,11 @@ class CocoDataModule(lightning.LightningDataModule):
         before it sets the sampler's epoch, and counts the epoch whose validation wrote the checkpoint
         as done only later; without this the first resumed epoch would repeat epoch 0's order.
         """
-        if self.trainer is None:
+        fit_loop = getattr(self.trainer, "fit_loop", None)  # None without a Trainer
+        if fit_loop is None:
             return 0
-        try:
-            progress = self.trainer.fit_loop.epoch_progress.current
-            finished = self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
-        except AttributeError:
-            return int(getattr(self.trainer, "current_epoch", 0))
+        progress = fit_loop.epoch_progress.current
+        finished = fit_loop.epoch_loop.batch_progress.is_last_batch
         return progress.processed + int(finished and progress.processed < progress.started)
 
     def _eval_loader(self, split: str) -> DataLoader:

@@ -3,8 +3,8 @@
     python -m detr_lightning.data.demo OUT [--num-train 300 --num-val 50 --num-test 50 --seed 0] [--crowded]
 
 Squares, discs and triangles of varied size (15–80 px), colour and count (0–4 per image) on cluttered
-backgrounds (tinted gradient, noise, lines, faint blurred blobs), in 128–192 px images, so a small DETR
-learns them on 2 CPU cores in minutes. It has the quirks of real exports on purpose:
+backgrounds, in 128–192 px images, so that a small DETR learns them on 2 CPU cores in minutes. It has
+the quirks of real exports on purpose:
 
 - an id-0 supercategory ``shapes`` with no annotations (as Roboflow writes), and non-contiguous ids
   (square 1, disc 2, triangle 4): raw ``num_classes`` is 5, contiguous ``num_classes`` is 3;
@@ -13,17 +13,9 @@ learns them on 2 CPU cores in minutes. It has the quirks of real exports on purp
 - a grayscale JPEG (image 3 of train).
 
 Every image is drawn from its own generator seeded by ``(seed, split, index)``, so the output is a
-function of the arguments alone and adding images leaves the first ones unchanged.
-
-Transform scales that suit these images (put them in the data config)::
-
-    train_scales: [128, 144, 160, 176, 192]   train_max_size: 256
-    train_crop_resize_scales: [128, 160, 192] train_crop_size: [96, 160]
-    val_scale: 160                            val_max_size: 256
-
-``--crowded`` (``data=demo_crowded``) is a harder variant for convergence comparisons: 192–256 px
-images with 1–10 shapes of 10–40 px each (`CROWDED_DEMO_OPTIONS`, scales in
-`CROWDED_DEMO_TRANSFORM_SCALES`).
+function of the arguments alone and adding images leaves the first ones unchanged. ``--crowded``
+(``data=demo_crowded``) is a harder variant for convergence comparisons (`CROWDED_DEMO_OPTIONS`). The
+transform scales that suit each variant are `DEMO_TRANSFORM_SCALES` and `CROWDED_DEMO_TRANSFORM_SCALES`.
 """
 
 from __future__ import annotations
@@ -36,6 +28,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +58,7 @@ DEMO_TRANSFORM_SCALES = {
 }
 MIN_OBJECT_SIZE, MAX_OBJECT_SIZE = 15, 80
 OBJECT_COUNT_PROBABILITIES = (0.1, 0.3, 0.25, 0.2, 0.15)  # 0..4 objects
-# The harder variant for convergence A/B runs (``data=demo_crowded``): larger images with more and
-# smaller shapes. The keys are `write_demo_dataset` options.
+# The harder variant: larger images with more and smaller shapes (`DemoShapes` fields).
 CROWDED_DEMO_OPTIONS = {
     "min_side": 192,
     "max_side": 256,
@@ -83,6 +75,37 @@ CROWDED_DEMO_TRANSFORM_SCALES = {
     "val_max_size": 320,
 }
 EMPTY_IMAGE_INDEX, CROWD_IMAGE_INDEX, GRAYSCALE_IMAGE_INDEX = 1, 2, 3
+
+
+@dataclass(frozen=True)
+class DemoShapes:
+    """Image sides and shapes of a demo dataset; the defaults are the built-in demo's.
+
+    Shapes have sides in ``[min_object_size, max_object_size]`` (capped at 0.6 of the shorter image
+    side). ``max_objects=None`` draws 0-4 shapes with the demo's fixed probabilities; an integer draws
+    1 to ``max_objects`` uniformly (shapes that find no free place are dropped).
+    """
+
+    min_side: int = 128
+    max_side: int = 192
+    min_object_size: int = MIN_OBJECT_SIZE
+    max_object_size: int = MAX_OBJECT_SIZE
+    max_objects: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_object_size <= self.max_object_size:
+            raise DataError(
+                f"demo object sizes must satisfy 0 < min_object_size ({self.min_object_size}) <= "
+                f"max_object_size ({self.max_object_size})."
+            )
+        smallest_side = 2 * max(self.min_object_size, MIN_OBJECT_SIZE)
+        if not smallest_side <= self.min_side <= self.max_side:
+            raise DataError(
+                f"demo image sides must satisfy {smallest_side} <= min_side ({self.min_side}) <= "
+                f"max_side ({self.max_side})."
+            )
+        if self.max_objects is not None and self.max_objects < 1:
+            raise DataError(f"demo max_objects must be at least 1 (got {self.max_objects}).")
 
 
 def _saturated_colour(rng: np.random.Generator) -> tuple[int, int, int]:
@@ -166,23 +189,11 @@ def _draw_crowd(
 
 
 def render_demo_image(
-    seed: int,
-    split: str,
-    index: int,
-    min_side: int = 128,
-    max_side: int = 192,
-    min_object_size: int = MIN_OBJECT_SIZE,
-    max_object_size: int = MAX_OBJECT_SIZE,
-    max_objects: int | None = None,
+    seed: int, split: str, index: int, shapes: DemoShapes
 ) -> tuple[Image.Image, list[dict[str, Any]]]:
-    """Draw image ``index`` of ``split``; returns it and its annotations (category_id, bbox, iscrowd).
-
-    Shapes have sides in ``[min_object_size, max_object_size]`` (capped at 0.6 of the shorter image
-    side). ``max_objects=None`` draws 0-4 shapes with the demo's fixed probabilities; an integer draws
-    1 to ``max_objects`` uniformly (shapes that find no free place are dropped).
-    """
+    """Draw image ``index`` of ``split``; returns it and its annotations (category_id, bbox, iscrowd)."""
     rng = np.random.default_rng([seed, list(DEMO_SPLIT_FOLDERS).index(split), index])
-    width, height = (int(side) for side in rng.integers(min_side, max_side + 1, size=2))
+    width, height = (int(side) for side in rng.integers(shapes.min_side, shapes.max_side + 1, size=2))
     image = _background(rng, width, height)
     draw = ImageDraw.Draw(image)
     annotations: list[dict[str, Any]] = []
@@ -194,14 +205,14 @@ def render_demo_image(
         annotations.append({"category_id": DISC, "bbox": list(crowd_box), "iscrowd": 1})
     if index == EMPTY_IMAGE_INDEX:
         count = 0
-    elif max_objects is None:
+    elif shapes.max_objects is None:
         count = int(rng.choice(len(OBJECT_COUNT_PROBABILITIES), p=OBJECT_COUNT_PROBABILITIES))
     else:
-        count = int(rng.integers(1, max_objects + 1))
-    largest = min(max_object_size, int(0.6 * min(width, height)))
+        count = int(rng.integers(1, shapes.max_objects + 1))
+    largest = min(shapes.max_object_size, int(0.6 * min(width, height)))
     for _ in range(count):
         category_id = int(rng.choice([SQUARE, DISC, TRIANGLE]))
-        size = int(rng.integers(min_object_size, largest + 1))
+        size = int(rng.integers(shapes.min_object_size, largest + 1))
         box = _free_box(rng, width, height, size, taken)
         if box is None:
             continue
@@ -216,15 +227,13 @@ def render_demo_image(
     return image, annotations
 
 
-def write_demo_split(out_dir: Path, split: str, num_images: int, seed: int, **render_options: Any) -> None:
-    """Write one split's JPEGs and ``_annotations.coco.json`` into ``out_dir`` (Roboflow style).
-
-    ``render_options`` go to `render_demo_image` (image sides, object sizes and count).
-    """
+def write_demo_split(out_dir: Path, split: str, num_images: int, seed: int, **shapes: Any) -> None:
+    """Write one split's JPEGs and ``_annotations.coco.json`` (Roboflow style, `DemoShapes` ``shapes``)."""
+    demo_shapes = DemoShapes(**shapes)
     out_dir.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for index in range(num_images):
-        image, objects = render_demo_image(seed, split, index, **render_options)
+        image, objects = render_demo_image(seed, split, index, demo_shapes)
         file_name = f"{DEMO_SPLIT_FOLDERS[split]}_{index:04d}.jpg"
         image.save(out_dir / file_name, quality=92)
         images.append(
@@ -256,43 +265,13 @@ def write_demo_split(out_dir: Path, split: str, num_images: int, seed: int, **re
 
 
 def write_demo_dataset(
-    out: Path,
-    num_train: int = 300,
-    num_val: int = 50,
-    num_test: int = 50,
-    seed: int = 0,
-    min_side: int = 128,
-    max_side: int = 192,
-    min_object_size: int = MIN_OBJECT_SIZE,
-    max_object_size: int = MAX_OBJECT_SIZE,
-    max_objects: int | None = None,
+    out: Path, num_train: int = 300, num_val: int = 50, num_test: int = 50, seed: int = 0, **shapes: Any
 ) -> None:
-    """Write the demo dataset into ``out`` (``train/``, ``valid/``, ``test/``), overwriting files there.
-
-    The defaults are the built-in demo; `CROWDED_DEMO_OPTIONS` is the harder variant. See
-    `render_demo_image` for the object options.
-    """
-    if not 0 < min_object_size <= max_object_size:
-        raise DataError(
-            f"demo object sizes must satisfy 0 < min_object_size ({min_object_size}) <= "
-            f"max_object_size ({max_object_size})."
-        )
-    if not 2 * max(min_object_size, MIN_OBJECT_SIZE) <= min_side <= max_side:
-        raise DataError(
-            f"demo image sides must satisfy {2 * max(min_object_size, MIN_OBJECT_SIZE)} <= min_side "
-            f"({min_side}) <= max_side ({max_side})."
-        )
-    if max_objects is not None and max_objects < 1:
-        raise DataError(f"demo max_objects must be at least 1 (got {max_objects}).")
-    render_options = {
-        "min_side": min_side,
-        "max_side": max_side,
-        "min_object_size": min_object_size,
-        "max_object_size": max_object_size,
-        "max_objects": max_objects,
-    }
+    """Write the demo dataset into ``out`` (``train/``, ``valid/``, ``test/``), overwriting files there;
+    ``shapes`` are `DemoShapes` fields (`CROWDED_DEMO_OPTIONS` for the harder variant), checked first."""
+    DemoShapes(**shapes)
     for split, num_images in (("train", num_train), ("val", num_val), ("test", num_test)):
-        write_demo_split(out / DEMO_SPLIT_FOLDERS[split], split, num_images, seed, **render_options)
+        write_demo_split(out / DEMO_SPLIT_FOLDERS[split], split, num_images, seed, **shapes)
 
 
 def is_demo_dataset_complete(path: Path) -> bool:
@@ -301,12 +280,9 @@ def is_demo_dataset_complete(path: Path) -> bool:
 
 
 def ensure_demo_dataset(path: str | Path, **options: Any) -> Path:
-    """Write the demo dataset to ``path`` unless it is already there; returns ``path``.
-
-    The dataset is written into a temporary sibling folder and renamed into place, so an interrupted run
-    never leaves half a dataset and concurrent callers (several ranks) are safe. ``options`` go to
-    `write_demo_dataset`; an existing dataset is kept even if it was written with other options.
-    """
+    """Write the demo dataset (`write_demo_dataset` ``options``) to ``path`` unless one is there; returns
+    ``path``. It is written into a temporary sibling folder and renamed into place, so an interrupted run
+    never leaves half a dataset and concurrent callers (several ranks) are safe."""
     path = Path(path).expanduser()
     if is_demo_dataset_complete(path):
         return path
@@ -355,22 +331,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if is_demo_dataset_complete(args.out):
         print(f"{args.out} already holds a dataset; nothing written (delete it to regenerate)")
         return 0
-    sides = {"min_side": args.min_side, "max_side": args.max_side}
-    sides_and_objects = CROWDED_DEMO_OPTIONS if args.crowded else sides
+    shapes = CROWDED_DEMO_OPTIONS if args.crowded else {"min_side": args.min_side, "max_side": args.max_side}
+    counts = {"num_train": args.num_train, "num_val": args.num_val, "num_test": args.num_test}
     try:
-        ensure_demo_dataset(
-            args.out,
-            num_train=args.num_train,
-            num_val=args.num_val,
-            num_test=args.num_test,
-            seed=args.seed,
-            **sides_and_objects,
-        )
+        ensure_demo_dataset(args.out, seed=args.seed, **counts, **shapes)
     except DataError as err:
         print(f"demo dataset not written: {err}", file=sys.stderr)
         return 2
-    counts = f"{args.num_train} train, {args.num_val} valid, {args.num_test} test"
-    print(f"wrote the demo dataset to {args.out} ({counts})")
+    written = f"{args.num_train} train, {args.num_val} valid, {args.num_test} test"
+    print(f"wrote the demo dataset to {args.out} ({written})")
     return 0
 
 

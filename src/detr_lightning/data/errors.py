@@ -4,8 +4,5 @@ from __future__ import annotations
 
 
 class DataError(Exception):
-    """A data problem with a one-line message naming the file, the record and the fix.
-
-    Raised for anything caused by the dataset on disk or the ``data.*`` settings (never for bugs), so
-    entry points can print the message alone, without a traceback, and exit non-zero.
-    """
+    """A problem of the dataset on disk or the ``data.*`` settings (never a bug), with a one-line message
+    naming the file, the record and the fix: entry points print it alone, without a traceback."""

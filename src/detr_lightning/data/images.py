@@ -32,39 +32,33 @@ SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})  # transpose and 90° rotations
 
 @dataclass(frozen=True)
 class ImageHeader:
-    """Format and size of an image file as read from its header (no pixel decoding)."""
+    """Format and ``(width, height)`` of an image file, as stored and as displayed (after its EXIF
+    orientation), read from its header without decoding the pixels."""
 
     format: str
-    stored_width: int
-    stored_height: int
-    orientation: int
-
-    @property
-    def displayed_size(self) -> tuple[int, int]:
-        """``(width, height)`` after the EXIF orientation is applied."""
-        if self.orientation in SWAPPING_ORIENTATIONS and self.format in ORIENTED_FORMATS:
-            return self.stored_height, self.stored_width
-        return self.stored_width, self.stored_height
+    stored_size: tuple[int, int]
+    displayed_size: tuple[int, int]
 
 
 def read_image_header(path: Path) -> ImageHeader:
     """Header of ``path``; raises `OSError`/`UnidentifiedImageError` if it is missing or not an image."""
     with Image.open(path) as image:
-        orientation = 1
-        exif_bytes = image.info.get("exif")
-        if exif_bytes:
-            exif = Image.Exif()
-            exif.load(exif_bytes)
-            orientation = int(exif.get(EXIF_ORIENTATION_TAG, 1))
+        exif = Image.Exif()
+        if image.info.get("exif"):
+            exif.load(image.info["exif"])
+        orientation = int(exif.get(EXIF_ORIENTATION_TAG, 1))
         width, height = image.size
-        return ImageHeader(str(image.format), width, height, orientation)
+        swapped = orientation in SWAPPING_ORIENTATIONS and image.format in ORIENTED_FORMATS
+        return ImageHeader(
+            str(image.format), (width, height), (height, width) if swapped else (width, height)
+        )
 
 
 def read_image_rgb(path: Path, apply_exif_orientation: bool = True) -> Tensor:
     """Decode a JPEG/PNG/GIF/WEBP file to a ``(3, H, W)`` uint8 RGB tensor.
 
-    Grayscale, grayscale+alpha, RGBA and palette images are converted to RGB (alpha is dropped);
-    16-bit PNGs are scaled to 8 bits; animated GIFs give their first frame.
+    Grayscale, alpha and palette images become RGB (alpha dropped), 16-bit PNGs 8-bit, and animated GIFs
+    their first frame.
     """
     with warnings.catch_warnings():
         # torchvision 0.29 deprecates its decoders in favour of torchcodec; they still work.
@@ -85,18 +79,29 @@ def _inspect(path: Path) -> ImageHeader | Exception:
 
 
 def escapes_folder(path: Path, folder: Path) -> bool:
-    """Whether ``path``, with every symbolic link followed, lies outside ``folder`` (also resolved).
-
-    ``file_name`` values with ``..`` or a leading ``/`` are refused when the annotation file is read;
-    this catches the rest: links inside the image folder that point elsewhere (``/etc/passwd``).
-    """
+    """Whether ``path``, links followed, lies outside ``folder``: links inside the image folder that point
+    elsewhere (``/etc/passwd``); ``..`` and absolute file names are refused when the file is read."""
     return not path.resolve().is_relative_to(folder.resolve())
 
 
-def verify_image_files(images: Iterable[dict[str, Any]], img_dir: Path, ann_file: Path) -> frozenset[int]:
-    """Check that every image record has a decodable file of the recorded size.
+#: The problems `verify_image_files` reports, in this order: kind -> (what, the fix).
+IMAGE_PROBLEMS = {
+    "outside": (
+        "image path leaves the image folder",
+        "copy the file into {img_dir} (links must stay inside it) or set the split's img_dir to the folder "
+        "that holds it",
+    ),
+    "missing": ("image file not found", "put the image there or correct its file_name in {ann_file}"),
+    "undecodable": ("image file cannot be decoded", "replace the file or remove its record and annotations"),
+    "format": ("unsupported image format", "convert it to JPEG or PNG (decodable: {formats})"),
+    "size": ("image size differs from its record", "correct width/height in {ann_file} or re-export"),
+}
 
-    Reads headers only (threads, no pixel decoding), so a few thousand images take seconds.
+
+def verify_image_files(images: Iterable[dict[str, Any]], img_dir: Path, ann_file: Path) -> frozenset[int]:
+    """Check from the file headers that every image record has a decodable file of the recorded size.
+
+    Raises a `DataError` for the first kind of `IMAGE_PROBLEMS` found, naming its first image.
 
     Returns:
         Ids of images whose record matches the stored (unrotated) size of a file with a 90° EXIF
@@ -104,61 +109,37 @@ def verify_image_files(images: Iterable[dict[str, Any]], img_dir: Path, ann_file
     """
     records = list(images)
     paths = [img_dir / record["file_name"] for record in records]
-    root = img_dir.resolve()
     with ThreadPoolExecutor(max_workers=8) as pool:
         headers = list(pool.map(_inspect, paths))
-        outside = list(pool.map(lambda path: escapes_folder(path, root), paths))
+        outside = list(pool.map(lambda path: escapes_folder(path, img_dir), paths))
 
-    problems: dict[str, list[str]] = {
-        "outside": [],
-        "missing": [],
-        "undecodable": [],
-        "format": [],
-        "size": [],
-    }
+    found: dict[str, list[str]] = {kind: [] for kind in IMAGE_PROBLEMS}
     read_unrotated = set()
     for record, path, header, leaves in zip(records, paths, headers, outside, strict=True):
         where = f"{path} (image id {record['id']})"
         if leaves:
-            problems["outside"].append(f"{where} is a link to {path.resolve()}")
+            found["outside"].append(f"{where} is a link to {path.resolve()}")
         elif isinstance(header, FileNotFoundError) or (isinstance(header, Exception) and not path.exists()):
-            problems["missing"].append(where)
+            found["missing"].append(where)
         elif isinstance(header, Exception):
-            problems["undecodable"].append(f"{where}: {type(header).__name__}: {header}")
+            found["undecodable"].append(f"{where}: {type(header).__name__}: {header}")
         elif header.format not in DECODABLE_FORMATS:
-            problems["format"].append(f"{where} is {header.format}")
+            found["format"].append(f"{where} is {header.format}")
         else:
             recorded = (record["width"], record["height"])
             if recorded == header.displayed_size:
                 continue
-            if recorded == (header.stored_width, header.stored_height):
+            if recorded == header.stored_size:
                 read_unrotated.add(record["id"])
                 continue
-            problems["size"].append(
-                f"{where} is {header.displayed_size[0]}x{header.displayed_size[1]} (width x height) but its "
-                f"record says {recorded[0]}x{recorded[1]}"
+            width, height = header.displayed_size
+            found["size"].append(
+                f"{where} is {width}x{height} (width x height) but its record says "
+                f"{record['width']}x{record['height']}"
             )
-
-    fixes = {
-        "outside": (
-            "image path leaves the image folder",
-            f"copy the file into {img_dir} (links must stay inside it) or set the split's img_dir to the "
-            "folder that holds it",
-        ),
-        "missing": ("image file not found", f"put the image there or correct its file_name in {ann_file}"),
-        "undecodable": (
-            "image file cannot be decoded",
-            "replace the file or remove its record and annotations",
-        ),
-        "format": (
-            "unsupported image format",
-            f"convert it to JPEG or PNG (decodable: {sorted(DECODABLE_FORMATS)})",
-        ),
-        "size": ("image size differs from its record", f"correct width/height in {ann_file} or re-export"),
-    }
-    for kind, found in problems.items():
-        if found:
-            what, fix = fixes[kind]
-            more = f" (and {len(found) - 1} more like it)" if len(found) > 1 else ""
-            raise DataError(f"{ann_file}: {what}: {found[0]}{more}. Fix: {fix}.")
+    for kind, (what, fix) in IMAGE_PROBLEMS.items():
+        if found[kind]:
+            more = f" (and {len(found[kind]) - 1} more like it)" if len(found[kind]) > 1 else ""
+            fix = fix.format(img_dir=img_dir, ann_file=ann_file, formats=sorted(DECODABLE_FORMATS))
+            raise DataError(f"{ann_file}: {what}: {found[kind][0]}{more}. Fix: {fix}.")
     return frozenset(read_unrotated)

@@ -48,14 +48,6 @@ class DatasetLayout:
     root: Path | None
     splits: dict[str, SplitFiles]
 
-    def describe(self) -> str:
-        """One line naming the layout and every chosen file, for the log."""
-        parts = [
-            f"{files.split}={files.ann_file} (images in {files.img_dir})" for files in self.splits.values()
-        ]
-        where = f" in {self.root}" if self.root is not None else ""
-        return f"data: {self.kind} layout{where}: " + "; ".join(parts)
-
     def require(self, split: str) -> SplitFiles:
         """The files of ``split``, or a `DataError` saying how to provide them."""
         if split in self.splits:
@@ -67,60 +59,49 @@ class DatasetLayout:
         )
 
 
-def _detect_roboflow(root: Path) -> dict[str, SplitFiles]:
+def _first_found(candidates: dict[str, list[tuple[Path, Path]]]) -> dict[str, SplitFiles]:
+    """Per split, the first ``(ann_file, img_dir)`` of its candidates whose annotation file exists."""
     splits = {}
-    for split, folders in ROBOFLOW_SPLIT_FOLDERS.items():
-        for folder in folders:
-            ann_file = root / folder / ROBOFLOW_ANNOTATION_NAME
+    for split, options in candidates.items():
+        for ann_file, img_dir in options:
             if ann_file.is_file():
-                splits[split] = SplitFiles(split, ann_file, ann_file.parent)
-                break
-    return splits
-
-
-def _detect_coco(root: Path) -> dict[str, SplitFiles]:
-    splits = {}
-    for split, names in COCO_ANNOTATION_NAMES.items():
-        for name in names:
-            ann_file = root / "annotations" / name
-            if ann_file.is_file():
-                splits[split] = SplitFiles(split, ann_file, root / COCO_IMAGE_FOLDERS[split])
+                splits[split] = SplitFiles(split, ann_file, img_dir)
                 break
     return splits
 
 
 def detect_layout(root: Path) -> DatasetLayout | None:
     """The layout found under ``root`` (Roboflow first, then COCO), or ``None`` when neither matches."""
-    if splits := _detect_roboflow(root):
+    roboflow = {
+        split: [(root / folder / ROBOFLOW_ANNOTATION_NAME, root / folder) for folder in folders]
+        for split, folders in ROBOFLOW_SPLIT_FOLDERS.items()
+    }
+    if splits := _first_found(roboflow):
         return DatasetLayout("Roboflow export", root, splits)
-    if splits := _detect_coco(root):
-        kind = (
-            "COCO"
-            if all(f.ann_file.name.startswith("instances_") for f in splits.values())
-            else "COCO (custom)"
-        )
-        return DatasetLayout(kind, root, splits)
+    coco = {
+        split: [(root / "annotations" / name, root / COCO_IMAGE_FOLDERS[split]) for name in names]
+        for split, names in COCO_ANNOTATION_NAMES.items()
+    }
+    if splits := _first_found(coco):
+        official = all(files.ann_file.name.startswith("instances_") for files in splits.values())
+        return DatasetLayout("COCO" if official else "COCO (custom)", root, splits)
     return None
 
 
 def _resolve_path(value: str | Path, root: Path | None) -> Path:
     path = Path(value).expanduser()
-    if root is not None and not path.is_absolute():
-        return root / path
-    return path
+    return root / path if root is not None and not path.is_absolute() else path
 
 
 def resolve_layout(
     root: str | Path | None,
     overrides: Mapping[str, Mapping[str, str | Path | None] | None] | None = None,
 ) -> DatasetLayout:
-    """Detect the layout under ``root`` and apply explicit per-split overrides; logs one line.
+    """Detect the layout under ``root`` (``None``: every split is given) and apply the per-split
+    ``{split: {"ann_file": ..., "img_dir": ...}}`` overrides, relative to ``root`` when set; logs one line.
 
-    Args:
-        root: dataset folder, or ``None`` when every split is given explicitly.
-        overrides: ``{split: {"ann_file": ..., "img_dir": ...}}``; relative paths are taken relative to
-            ``root`` when it is set. An ``ann_file`` without ``img_dir`` reads images from the annotation
-            file's folder (as in Roboflow exports) unless detection found a folder for that split.
+    An ``ann_file`` without ``img_dir`` reads images from the folder detection found for that split, else
+    from the annotation file's folder (as in Roboflow exports).
     """
     root_path = Path(root).expanduser() if root is not None else None
     if root_path is not None and not root_path.is_dir():
@@ -131,26 +112,21 @@ def resolve_layout(
     for split, paths in (overrides or {}).items():
         if split not in SPLITS:
             raise DataError(f"data.{split}: unknown split. Fix: use one of {', '.join(SPLITS)}.")
-        ann_value = (paths or {}).get("ann_file")
-        img_value = (paths or {}).get("img_dir")
+        ann_value, img_value = (paths or {}).get("ann_file"), (paths or {}).get("img_dir")
         if ann_value is None and img_value is None:
             continue
         overridden = True
-        if ann_value is not None:
-            ann_file = _resolve_path(ann_value, root_path)
-        elif split in splits:
-            ann_file = splits[split].ann_file
-        else:
+        found = splits.get(split)
+        if ann_value is None and found is None:
             raise DataError(
                 f"data.{split}.img_dir={img_value} is set but no annotation file was found for the {split} "
                 f"split. Fix: also set data.{split}.ann_file."
             )
+        ann_file = _resolve_path(ann_value, root_path) if ann_value is not None else found.ann_file
         if img_value is not None:
             img_dir = _resolve_path(img_value, root_path)
-        elif split in splits:
-            img_dir = splits[split].img_dir
         else:
-            img_dir = ann_file.parent
+            img_dir = found.img_dir if found is not None else ann_file.parent
         splits[split] = SplitFiles(split, ann_file, img_dir)
     if not splits and root_path is None:
         raise DataError(
@@ -164,10 +140,10 @@ def resolve_layout(
             f"({root_path}/annotations/instances_train2017.json with {root_path}/train2017/). "
             "Fix: point data.root at such a folder or set data.train.ann_file and data.train.img_dir."
         )
-    if detected is None:
-        kind = "explicit"
-    else:
-        kind = detected.kind + (" + explicit overrides" if overridden else "")
-    layout = DatasetLayout(kind, root_path, {split: splits[split] for split in SPLITS if split in splits})
-    log.info(layout.describe())
-    return layout
+    kind = "explicit" if detected is None else detected.kind + (" + explicit overrides" if overridden else "")
+    ordered = {split: splits[split] for split in SPLITS if split in splits}
+    chosen = "; ".join(
+        f"{split}={files.ann_file} (images in {files.img_dir})" for split, files in ordered.items()
+    )
+    log.info("data: %s layout%s: %s", kind, f" in {root_path}" if root_path is not None else "", chosen)
+    return DatasetLayout(kind, root_path, ordered)

@@ -1,18 +1,8 @@
-"""The official DETR augmentations, written with ``torchvision.transforms.v2`` and ``tv_tensors``.
-
-Training: horizontal flip (p=0.5), then with p=0.5 each either
-  - a multi-scale resize (shorter side from ``scales``, longer side <= ``max_size``), or
-  - resize to ``crop_resize_scales`` + random crop of ``crop_size`` + the same multi-scale resize.
-Evaluation: shorter side ``scale`` (longer side <= ``max_size``).
-Then ImageNet normalisation and boxes as normalised ``cxcywh``.
-
-Official values (COCO at 800 px): scales 480..800 step 32, max 1333; crop branch [400, 500, 600] and
-crop 384..600; eval 800/1333. For the built-in demo dataset (128–192 px images) see
-`detr_lightning.data.demo`.
+"""The official DETR augmentations (see `make_train_geometry`, `make_eval_geometry`, `DetectionTransform`),
+written with ``torchvision.transforms.v2`` and ``tv_tensors``.
 
 Sizes follow the official ``get_size_with_aspect_ratio`` exactly (integer truncation), and resizing is
-bilinear with antialiasing, as PIL did for the official code. Random choices use the torch RNG, which
-the DataLoader seeds per worker.
+bilinear with antialiasing, as PIL did for the official code. Random choices use the torch RNG.
 """
 
 from __future__ import annotations
@@ -23,13 +13,14 @@ from typing import Any
 import torch
 from torch import Tensor
 from torchvision import tv_tensors
-from torchvision.ops import box_convert
+from torchvision.ops import box_area, box_convert, clip_boxes_to_image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# The official values, for COCO at 800 px.
 DETR_TRAIN_SCALES = tuple(range(480, 801, 32))
 DETR_TRAIN_MAX_SIZE = 1333
 DETR_CROP_RESIZE_SCALES = (400, 500, 600)
@@ -54,14 +45,10 @@ def short_side_resize_shape(height: int, width: int, size: int, max_size: int | 
     return size, int(size * width / height)
 
 
-def _canvas_size(flat_inputs: list[Any]) -> tuple[int, int]:
-    for inpt in flat_inputs:
-        if isinstance(inpt, tv_tensors.Image):
-            return int(inpt.shape[-2]), int(inpt.shape[-1])
-    for inpt in flat_inputs:
-        if isinstance(inpt, tv_tensors.BoundingBoxes):
-            return inpt.canvas_size
-    raise TypeError("the sample holds neither a tv_tensors.Image nor tv_tensors.BoundingBoxes")
+def _image_size(flat_inputs: list[Any]) -> tuple[int, int]:
+    """``(H, W)`` of the sample's image."""
+    image = next(inpt for inpt in flat_inputs if isinstance(inpt, tv_tensors.Image))
+    return int(image.shape[-2]), int(image.shape[-1])
 
 
 def _randint(low: int, high: int) -> int:
@@ -74,13 +61,11 @@ class RandomShortSideResize(v2.Transform):
 
     def __init__(self, sizes: Sequence[int], max_size: int | None = None) -> None:
         super().__init__()
-        if len(sizes) == 0:
-            raise ValueError("RandomShortSideResize needs at least one size")
         self.sizes = [int(size) for size in sizes]
         self.max_size = max_size
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
-        height, width = _canvas_size(flat_inputs)
+        height, width = _image_size(flat_inputs)
         size = self.sizes[_randint(0, len(self.sizes) - 1)]
         return {"shape": short_side_resize_shape(height, width, size, self.max_size)}
 
@@ -97,13 +82,11 @@ class RandomSizeCrop(v2.Transform):
 
     def __init__(self, min_size: int, max_size: int) -> None:
         super().__init__()
-        if min_size > max_size:
-            raise ValueError(f"RandomSizeCrop: min_size {min_size} > max_size {max_size}")
         self.min_size = int(min_size)
         self.max_size = int(max_size)
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
-        height, width = _canvas_size(flat_inputs)
+        height, width = _image_size(flat_inputs)
         crop_width = _randint(min(self.min_size, width), min(width, self.max_size))
         crop_height = _randint(min(self.min_size, height), min(height, self.max_size))
         top = _randint(0, height - crop_height)
@@ -120,24 +103,18 @@ def make_train_geometry(
     crop_resize_scales: Sequence[int] = DETR_CROP_RESIZE_SCALES,
     crop_size: tuple[int, int] = DETR_CROP_SIZE,
 ) -> v2.Transform:
-    """The official training geometry: flip, then multi-scale resize or resize + crop + multi-scale resize."""
-    return v2.Compose(
+    """The official training geometry: a horizontal flip (p=0.5), then with p=0.5 each a multi-scale resize
+    (shorter side from ``scales``, longer side <= ``max_size``), or a resize to ``crop_resize_scales``, a
+    random crop of ``crop_size`` and the same multi-scale resize."""
+    crop_branch = v2.Compose(
         [
-            v2.RandomHorizontalFlip(p=0.5),
-            v2.RandomChoice(
-                [
-                    RandomShortSideResize(scales, max_size),
-                    v2.Compose(
-                        [
-                            RandomShortSideResize(crop_resize_scales),
-                            RandomSizeCrop(*crop_size),
-                            RandomShortSideResize(scales, max_size),
-                        ]
-                    ),
-                ]
-            ),
+            RandomShortSideResize(crop_resize_scales),
+            RandomSizeCrop(*crop_size),
+            RandomShortSideResize(scales, max_size),
         ]
     )
+    resize_branch = RandomShortSideResize(scales, max_size)
+    return v2.Compose([v2.RandomHorizontalFlip(p=0.5), v2.RandomChoice([resize_branch, crop_branch])])
 
 
 def make_eval_geometry(
@@ -172,9 +149,7 @@ class DetectionTransform:
         pixels = F.to_dtype(image, torch.float32, scale=True)
         pixels = F.normalize(pixels, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)).as_subclass(Tensor)
 
-        xyxy = boxes.as_subclass(Tensor).clone()  # (N, 4)
-        xyxy[:, 0::2] = xyxy[:, 0::2].clamp(0, width)
-        xyxy[:, 1::2] = xyxy[:, 1::2].clamp(0, height)
+        xyxy = clip_boxes_to_image(boxes.as_subclass(Tensor), (height, width))  # (N, 4)
         keep = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
         xyxy = xyxy[keep]
         scale = torch.tensor([width, height, width, height], dtype=torch.float32)
@@ -182,6 +157,6 @@ class DetectionTransform:
         out["boxes"] = box_convert(xyxy, "xyxy", "cxcywh") / scale  # (N', 4) in [0, 1]
         out["labels"] = target["labels"][keep]
         out["iscrowd"] = target["iscrowd"][keep]
-        out["area"] = (xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1])
+        out["area"] = box_area(xyxy)
         out["size"] = torch.tensor([height, width], dtype=torch.int64)
         return pixels, out

@@ -6,6 +6,8 @@ official checkpoints once this module sits at index 0 of :class:`BackboneWithPos
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -33,51 +35,57 @@ STAGES_TOP_DOWN = ("layer4", "layer3", "layer2", "layer1", "conv1")
 NORM_LAYERS = {"frozen": FrozenBatchNorm2d, "batch": nn.BatchNorm2d}
 
 
-class FrozenNormConv2d(nn.Conv2d):
-    """A convolution whose following frozen batch norm is applied to its weights instead of its output.
-
-    ``conv(x, W) * s + b == conv(x, W * s) + b`` for the frozen norm's per-channel scale ``s`` and shift
-    ``b``: one convolution with a bias instead of a convolution and two passes over the activations (and
-    one fewer in the backward pass). The norm stays registered where it was, with its state-dict keys; it
-    is only read here. Made by :func:`fold_frozen_batch_norms`.
-    """
-
-    folded_norm: FrozenBatchNorm2d
-
-    def forward(self, x: Tensor) -> Tensor:
-        norm = self.folded_norm
-        scale = norm.weight * (norm.running_var + norm.eps).rsqrt()  # (C_out,)
-        shift = norm.bias - norm.running_mean * scale
-        weight = self.weight * scale.reshape(-1, 1, 1, 1)
-        return F.conv2d(x, weight, shift, self.stride, self.padding, self.dilation, self.groups)
-
-
 class AppliedFrozenBatchNorm2d(FrozenBatchNorm2d):
-    """A frozen batch norm already applied by the preceding :class:`FrozenNormConv2d`: passes through."""
+    """A frozen batch norm that the convolution before it applies (:class:`FrozenNormConv2d`): it
+    holds the statistics, under the usual state-dict keys, and passes its input through."""
 
     def forward(self, x: Tensor) -> Tensor:
         return x
 
 
-def fold_frozen_batch_norms(resnet: nn.Module) -> int:
-    """Fold every frozen batch norm of a torchvision ResNet into the convolution before it, in place.
+class FrozenNormConv2d(nn.Module):
+    """A bias-free convolution followed by its frozen batch norm, computed as one convolution.
 
-    Pairs are ``conv1/bn1`` of the stem and of each block (``conv2/bn2``, ``conv3/bn3``) and each
-    ``downsample`` (``0``/``1``). State-dict keys and values do not change. Returns the pairs folded.
+    ``conv(x, W) * s + b == conv(x, W * s) + b`` for the norm's per-channel scale ``s`` and shift ``b``:
+    one convolution with a bias instead of a convolution and two passes over the activations. The
+    convolution's weight stays registered here (``conv1.weight``), the norm's statistics where the norm
+    sits (``bn1.running_mean``): the state dict is that of the convolution and norm it replaces.
+    """
+
+    def __init__(self, conv: nn.Conv2d, norm: AppliedFrozenBatchNorm2d) -> None:
+        super().__init__()
+        if conv.bias is not None:
+            raise ValueError("FrozenNormConv2d folds a norm into a bias-free convolution only")
+        self.weight = conv.weight
+        self.options = {name: getattr(conv, name) for name in ("stride", "padding", "dilation", "groups")}
+        # A plain attribute, not a submodule: the norm is registered (and saved) at its own place.
+        self.__dict__["norm"] = norm
+
+    def forward(self, x: Tensor) -> Tensor:
+        norm = self.norm
+        scale = norm.weight * (norm.running_var + norm.eps).rsqrt()  # (C_out,)
+        shift = norm.bias - norm.running_mean * scale
+        return F.conv2d(x, self.weight * scale.reshape(-1, 1, 1, 1), shift, **self.options)
+
+
+def fold_frozen_batch_norms(resnet: nn.Module) -> None:
+    """Replace the convolution before every :class:`AppliedFrozenBatchNorm2d` of a torchvision ResNet
+    by a :class:`FrozenNormConv2d`, in place.
+
+    The pairs are ``conv1``/``bn1`` of the stem and of each block (``conv2``/``bn2``, ``conv3``/``bn3``)
+    and each block's ``downsample`` (``0``/``1``). Raises when a norm is left without its convolution.
     """
     folded = 0
-    for module in resnet.modules():
-        pairs = [(f"conv{i}", f"bn{i}") for i in (1, 2, 3)]
-        if isinstance(module, nn.Sequential) and len(module) == 2:
-            pairs.append(("0", "1"))  # a block's downsample: conv then norm
-        for conv_name, norm_name in pairs:
+    for module in list(resnet.modules()):
+        names = [(f"conv{i}", f"bn{i}") for i in (1, 2, 3)] + [("0", "1")]
+        for conv_name, norm_name in names:
             conv, norm = getattr(module, conv_name, None), getattr(module, norm_name, None)
-            if type(conv) is nn.Conv2d and type(norm) is FrozenBatchNorm2d and conv.bias is None:
-                conv.__class__ = FrozenNormConv2d
-                conv.__dict__["folded_norm"] = norm  # a plain attribute: not a second registration
-                norm.__class__ = AppliedFrozenBatchNorm2d
+            if isinstance(norm, AppliedFrozenBatchNorm2d) and type(conv) is nn.Conv2d:
+                setattr(module, conv_name, FrozenNormConv2d(conv, norm))
                 folded += 1
-    return folded
+    norms = sum(isinstance(module, AppliedFrozenBatchNorm2d) for module in resnet.modules())
+    if folded != norms:
+        raise RuntimeError(f"folded {folded} of {norms} frozen batch norms: not a torchvision ResNet?")
 
 
 class ResNetBackbone(nn.Module):
@@ -100,13 +108,13 @@ class ResNetBackbone(nn.Module):
 
     def __init__(
         self,
-        name: str = "resnet50",
+        name: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50",
         dilation: bool = False,
         pretrained: bool = False,
         train_backbone: bool = True,
         trainable_layers: int = 3,
-        norm: str = "frozen",
-        output_stage: str = "layer4",
+        norm: Literal["frozen", "batch"] = "frozen",
+        output_stage: Literal["layer3", "layer4"] = "layer4",
         fold_frozen_norm: bool = True,
     ) -> None:
         super().__init__()
@@ -118,15 +126,23 @@ class ResNetBackbone(nn.Module):
             raise ValueError(f"unknown backbone norm {norm!r}; choose one of {sorted(NORM_LAYERS)}")
         if name not in RESNETS:
             raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(RESNETS)}")
-        constructor, weights = RESNETS[name]
-        if dilation and name in ("resnet18", "resnet34"):
+        if output_stage not in ("layer3", "layer4"):
+            raise ValueError(f"output_stage={output_stage!r}: choose layer4 (official) or layer3")
+        basic_blocks = name in ("resnet18", "resnet34")
+        if dilation and basic_blocks:
             raise ValueError(
                 f"backbone {name!r} has basic blocks, which torchvision cannot dilate; "
                 "use resnet50 or resnet101 for DC5"
             )
+        fold = fold_frozen_norm and norm == "frozen"
+        constructor, weights = RESNETS[name]
         resnet = constructor(
-            weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=NORM_LAYERS[norm]
+            weights=None,
+            replace_stride_with_dilation=[False, False, dilation],
+            norm_layer=AppliedFrozenBatchNorm2d if fold else NORM_LAYERS[norm],
         )
+        if fold:
+            fold_frozen_batch_norms(resnet)
         if pretrained:
             missing, unexpected = resnet.load_state_dict(fetch_torchvision_weights(weights), strict=False)
             missing = [k for k in missing if not k.endswith("num_batches_tracked")]
@@ -134,30 +150,19 @@ class ResNetBackbone(nn.Module):
                 raise RuntimeError(
                     f"ImageNet weights of {name} do not fit: missing {missing}, unexpected {unexpected}"
                 )
-        if fold_frozen_norm and norm == "frozen":
-            fold_frozen_batch_norms(resnet)
         trainable_stages = STAGES_TOP_DOWN[:trainable_layers] if train_backbone else ()
         for param_name, param in resnet.named_parameters():
             stage = "conv1" if param_name.startswith(("conv1.", "bn1.")) else param_name.split(".")[0]
             param.requires_grad_(stage in trainable_stages)
-        if output_stage not in ("layer3", "layer4"):
-            raise ValueError(f"output_stage={output_stage!r}: choose layer4 (official) or layer3")
         self.body = IntermediateLayerGetter(resnet, return_layers={output_stage: "0"})
-        last_stage_channels = 512 if name in ("resnet18", "resnet34") else 2048
+        last_stage_channels = 512 if basic_blocks else 2048
         self.num_channels = last_stage_channels if output_stage == "layer4" else last_stage_channels // 2
-        self.stride = (16 if dilation else 32) if output_stage == "layer4" else 16
+        self.stride = 16 if dilation or output_stage == "layer3" else 32
 
     def forward(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Run the trunk.
-
-        Args:
-            images: ``(B, 3, H, W)`` normalized, zero-padded images.
-            mask: ``(B, H, W)`` bool, True on padding.
-
-        Returns:
-            ``features`` ``(B, C, h, w)`` with ``h = ceil(H / stride)``, and the mask down-sampled to
-            ``(B, h, w)`` with nearest interpolation, exactly as the official code does.
-        """
+        """``images (B, 3, H, W)`` normalized and zero-padded, ``mask (B, H, W)`` True on padding ->
+        ``features (B, C, h, w)`` with ``h = ceil(H / stride)``, and the mask down-sampled to
+        ``(B, h, w)`` by nearest interpolation, as the official code does."""
         features = self.body(images)["0"]
         feature_mask = F.interpolate(mask[None].float(), size=features.shape[-2:]).to(torch.bool)[0]
         return features, feature_mask

@@ -111,27 +111,21 @@ class SetCriterion(nn.Module):
 
     - ``ce`` (official): softmax cross-entropy over the ``C + 1`` logits, unmatched queries labelled
       "no object" and down-weighted by ``eos_coef``; the weighted mean over all queries.
-    - ``focal``: sigmoid focal loss (``torchvision.ops.sigmoid_focal_loss``) over the ``C`` real classes;
-      a matched query's target is one-hot on its class, an unmatched query's is all zeros. Summed over
-      queries and classes, divided by the number of target boxes (Deformable DETR).
-    - ``varifocal``: IoU-aware sigmoid loss (VarifocalNet / RT-DETR): a matched query's target for its
-      class is the IoU (detached) of its predicted box with the target box, everything else 0; binary
-      cross-entropy weighted by ``varifocal_alpha * p ** focal_gamma`` on negatives (``p`` the detached
-      sigmoid score) and by the target ``q`` on positives. Normalized as ``focal``.
+    - ``focal``: sigmoid focal loss over the ``C`` real classes, one-hot on a matched query's class and
+      all zeros for an unmatched query; summed, divided by the number of target boxes (Deformable DETR).
+    - ``varifocal`` (VarifocalNet / RT-DETR): binary cross-entropy towards the (detached) IoU of a matched
+      query's box at its class and 0 elsewhere, weighted by ``varifocal_alpha * p ** focal_gamma`` on
+      negatives (``p`` the detached score) and by the target IoU on positives; normalized as ``focal``.
 
-    With a sigmoid loss the class head keeps its ``C + 1`` outputs (checkpoints keep their shape and load
-    either way); the last, "no object" logit is simply unused: no loss, no gradient, no score.
-
-    The logs: ``class_error`` is the top-1 error (percent) of group 0's matched queries in the last layer
-    (argmax over the ``C + 1`` logits for ``ce``, over the ``C`` real classes for sigmoid losses).
-    ``cardinality_error`` is the mean absolute difference between the number of objects and the number of
-    queries predicting one: argmax not "no object" for ``ce``; best real-class sigmoid score above 0.5
-    for sigmoid losses.
+    With a sigmoid loss the class head keeps its ``C + 1`` outputs, so checkpoints load either way; the
+    "no object" logit gets no loss, no gradient and no score. The logs describe group 0 of the last layer:
+    ``class_error`` is the top-1 error (percent) of the matched queries, ``cardinality_error`` the mean
+    absolute difference between the number of objects and of queries predicting one (argmax not "no
+    object" for ``ce``, best real-class sigmoid score above 0.5 for sigmoid losses).
 
     Args:
-        num_classes: class slots; index ``num_classes`` is "no object" (unused by sigmoid losses).
-        matcher: the Hungarian matcher (its class cost should follow the loss: see
-            :class:`~detr_lightning.models.matcher.HungarianMatcher`'s ``class_cost``).
+        num_classes: class slots; index ``num_classes`` is "no object".
+        matcher: the Hungarian matcher (its ``class_cost`` should follow the loss).
         weight_dict: loss name -> weight (see :func:`build_weight_dict`); losses absent from it are logs.
         eos_coef: weight of the "no object" class in the cross-entropy (``ce`` only).
         class_loss: ``ce`` | ``focal`` | ``varifocal``.
@@ -166,16 +160,12 @@ class SetCriterion(nn.Module):
         self.register_buffer("empty_weight", empty_weight)
 
     def forward(self, outputs: dict, targets: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
-        """Compute every loss.
+        """The loss dict, 0-dim tensors in the official key order, of the model's ``outputs``
+        (``pred_logits (B, Q, C+1)``, ``pred_boxes (B, Q, 4)``, optional ``aux_outputs``) against ``B``
+        ``targets`` (``labels (T_i,)`` int64, ``boxes (T_i, 4)`` normalized cxcywh).
 
-        Args:
-            outputs: the model's ``pred_logits (B, Q, C+1)``, ``pred_boxes (B, Q, 4)`` and optional
-                ``aux_outputs``; with ``num_groups = K`` (Group DETR training) the query dimension holds
-                ``K`` groups of ``Q / K`` queries, each matched on its own, their losses summed.
-            targets: ``B`` dicts with ``labels (T_i,)`` int64 and ``boxes (T_i, 4)`` normalized cxcywh.
-
-        Returns:
-            The loss dict in the official key order (0-dim tensors).
+        With ``outputs["num_groups"] = K`` (Group DETR training) the query dimension holds ``K`` groups of
+        ``Q / K`` queries, each matched on its own, their losses summed.
         """
         layers = [outputs] + list(outputs.get("aux_outputs", []))
         num_groups = int(outputs.get("num_groups", 1))
@@ -228,17 +218,10 @@ class SetCriterion(nn.Module):
         all_boxes: Tensor,
         num_boxes: Tensor,
     ) -> dict[str, Tensor]:
-        """The three losses of every matching problem (decoder layer x query group) at once.
-
-        Args:
-            pred_logits: ``(P, B, Q, C + 1)``; pred_boxes: ``(P, B, Q, 4)`` normalized cxcywh.
-            pairs: ``(4, M)`` problem, image, query and batch-wide target index of each matched pair.
-            all_labels: ``(T,)``, all_boxes: ``(T, 4)``: the batch's targets, concatenated.
-            num_boxes: 0-dim normalizer of the box losses.
-
-        Returns:
-            ``loss_ce``, ``loss_bbox``, ``loss_giou``, each ``(P,)``.
-        """
+        """``loss_ce``, ``loss_bbox`` and ``loss_giou``, each ``(P,)``, of every matching problem (decoder
+        layer x query group) at once: predictions ``(P, B, Q, C + 1)`` and ``(P, B, Q, 4)``, ``pairs (4, M)``
+        (problem, image, query and batch-wide target index of each matched pair), the batch's targets
+        concatenated (``(T,)`` and ``(T, 4)``) and ``num_boxes``, the 0-dim normalizer of the box losses."""
         # Losses in float32 even under mixed precision (the log-softmax and GIoU need the range).
         logits, boxes = pred_logits.float(), pred_boxes.float()
         num_problems = logits.shape[0]
@@ -254,18 +237,17 @@ class SetCriterion(nn.Module):
         if self.class_loss == "ce":
             loss_ce = self._cross_entropy(logits, pairs, all_labels)
         else:
-            # (P, B, Q, C): the C real classes; the "no object" logit is unused.
-            class_logits = logits[..., : self.num_classes]
+            class_logits = logits[..., : self.num_classes]  # (P, B, Q, C): "no object" is unused
+            matched = (problem, image, query, all_labels[target])
             onehot = torch.zeros_like(class_logits)
-            onehot[problem, image, query, all_labels[target]] = 1.0
+            onehot[matched] = 1.0
             if self.class_loss == "focal":
                 loss = sigmoid_focal_loss(
                     class_logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="none"
                 )
             else:
-                with torch.no_grad():
-                    iou = paired_iou(matched_pred_xyxy, matched_target_xyxy)  # (M,) detached
-                loss = self._varifocal(class_logits, onehot, pairs, all_labels, iou)
+                iou = paired_iou(matched_pred_xyxy.detach(), matched_target_xyxy)  # (M,)
+                loss = self._varifocal(class_logits, onehot, matched, iou)
             loss_ce = loss.sum((1, 2, 3)) / num_boxes
         return {
             "loss_ce": loss_ce,
@@ -287,27 +269,19 @@ class SetCriterion(nn.Module):
         return weighted_nll.sum((1, 2)) / self.empty_weight[target_classes].sum((1, 2))
 
     def _varifocal(
-        self,
-        class_logits: Tensor,
-        onehot: Tensor,
-        pairs: Tensor,
-        all_labels: Tensor,
-        iou: Tensor,
+        self, class_logits: Tensor, onehot: Tensor, matched: tuple[Tensor, ...], iou: Tensor
     ) -> Tensor:
-        """Elementwise varifocal loss ``(P, B, Q, C)``: target ``q`` = IoU at matched (query, class)."""
-        problem, image, query, target = pairs
+        """Elementwise varifocal loss ``(P, B, Q, C)``: the target is the IoU at the ``matched``
+        (problem, image, query, class) entries, 0 elsewhere."""
         quality = torch.zeros_like(class_logits)
-        quality[problem, image, query, all_labels[target]] = iou.to(quality.dtype)
+        quality[matched] = iou.to(quality.dtype)
         score = class_logits.detach().sigmoid()
         weight = self.varifocal_alpha * score.pow(self.focal_gamma) * (1 - onehot) + quality
         return F.binary_cross_entropy_with_logits(class_logits, quality, weight=weight, reduction="none")
 
     @torch.no_grad()
     def _class_error(self, matched_logits: Tensor, matched_labels: Tensor) -> Tensor:
-        """Top-1 error in percent of the matched queries (100 when the batch has no object).
-
-        The argmax runs over the ``C + 1`` logits for ``ce``, over the ``C`` real classes for sigmoid losses.
-        """
+        """Top-1 error in percent of the matched queries (100 when the batch has no object)."""
         if matched_labels.numel() == 0:
             return torch.tensor(100.0, device=matched_logits.device)
         if self.score == "sigmoid":
@@ -317,14 +291,8 @@ class SetCriterion(nn.Module):
 
     @torch.no_grad()
     def _cardinality_error(self, logits: Tensor, target_counts: Tensor) -> Tensor:
-        """Per layer, the mean absolute difference between predicted and true object counts (a log).
-
-        A query predicts an object when its argmax is not "no object" (``ce``), or when its best real-class
-        sigmoid score is above 0.5 (sigmoid losses).
-
-        Args:
-            logits: ``(L, B, Q, C + 1)``; target_counts: ``(B,)``. Returns ``(L,)``.
-        """
+        """``logits (L, B, Q, C + 1)``, ``target_counts (B,)`` -> ``(L,)``: per layer, the mean absolute
+        difference between predicted and true object counts."""
         if self.score == "sigmoid":
             predicted = (logits[..., : self.num_classes].amax(-1) > 0).sum(-1).float()  # (L, B)
         else:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +26,9 @@ class MLP(nn.Module):
         self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims_in, dims_out, strict=True))
 
     def forward(self, x: Tensor) -> Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = F.relu(x)
-        return x
+        for layer in self.layers[:-1]:
+            x = F.relu(layer(x))
+        return self.layers[-1](x)
 
 
 class DETR(nn.Module):
@@ -61,7 +59,7 @@ class DETR(nn.Module):
         num_queries: int = 100,
         aux_loss: bool = True,
         num_groups: int = 1,
-        spatial_prior: str = "none",
+        spatial_prior: Literal["none", "gaussian"] = "none",
         spatial_prior_sigma: float = 0.2,
     ) -> None:
         super().__init__()
@@ -155,28 +153,33 @@ def group_attention_mask(num_groups: int, num_queries: int, device: torch.device
     return group_of_query[:, None] != group_of_query[None, :]
 
 
+#: Arguments of :func:`build_detr` that say how the backbone's weights start and train: not part of the
+#: architecture that rebuilds a model from a file.
+TRAINING_ARGUMENTS = ("pretrained_backbone", "train_backbone", "trainable_backbone_layers")
+
+
 def build_detr(
     num_classes: int,
-    backbone: str = "resnet50",
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50",
     dilation: bool = False,
     pretrained_backbone: bool = False,
     train_backbone: bool = True,
     trainable_backbone_layers: int = 3,
-    backbone_norm: str = "frozen",
-    backbone_output_stage: str = "layer4",
-    position_embedding: str = "sine",
+    backbone_norm: Literal["frozen", "batch"] = "frozen",
+    backbone_output_stage: Literal["layer3", "layer4"] = "layer4",
+    position_embedding: Literal["sine", "learned"] = "sine",
     hidden_dim: int = 256,
     nheads: int = 8,
     enc_layers: int = 6,
     dec_layers: int = 6,
     dim_feedforward: int = 2048,
     dropout: float = 0.1,
-    activation: str = "relu",
+    activation: Literal["relu", "gelu", "glu"] = "relu",
     pre_norm: bool = False,
     num_queries: int = 100,
     aux_loss: bool = True,
     num_groups: int = 1,
-    spatial_prior: str = "none",
+    spatial_prior: Literal["none", "gaussian"] = "none",
     spatial_prior_sigma: float = 0.2,
 ) -> DETR:
     """Build a DETR from plain arguments (the official defaults give DETR-R50).
@@ -184,8 +187,10 @@ def build_detr(
     ``pretrained_backbone`` loads torchvision's ImageNet weights into the ResNet; ``train_backbone=False``
     freezes it entirely (the official ``lr_backbone <= 0``); ``trainable_backbone_layers`` (official 3:
     conv1 and layer1 frozen) and ``backbone_norm`` (``frozen`` officially, ``batch`` to train a backbone
-    from scratch) are passed to :class:`ResNetBackbone`.
+    from scratch) are passed to :class:`ResNetBackbone`. The model's ``architecture`` holds the other
+    arguments.
     """
+    arguments = dict(locals())  # first statement: exactly the arguments of the call
     trunk = ResNetBackbone(
         backbone,
         dilation=dilation,
@@ -216,25 +221,5 @@ def build_detr(
         spatial_prior=spatial_prior,
         spatial_prior_sigma=spatial_prior_sigma,
     )
-    model.architecture = {
-        "num_classes": num_classes,
-        "backbone": backbone,
-        "dilation": dilation,
-        "backbone_norm": backbone_norm,
-        "backbone_output_stage": backbone_output_stage,
-        "position_embedding": position_embedding,
-        "hidden_dim": hidden_dim,
-        "nheads": nheads,
-        "enc_layers": enc_layers,
-        "dec_layers": dec_layers,
-        "dim_feedforward": dim_feedforward,
-        "dropout": dropout,
-        "activation": activation,
-        "pre_norm": pre_norm,
-        "num_queries": num_queries,
-        "aux_loss": aux_loss,
-        "num_groups": num_groups,
-        "spatial_prior": spatial_prior,
-        "spatial_prior_sigma": spatial_prior_sigma,
-    }
+    model.architecture = {key: value for key, value in arguments.items() if key not in TRAINING_ARGUMENTS}
     return model

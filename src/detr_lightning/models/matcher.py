@@ -62,16 +62,10 @@ class HungarianMatcher(nn.Module):
     def cost_matrix(
         self, pred_logits: Tensor, pred_boxes: Tensor, targets: Sequence[dict[str, Tensor]]
     ) -> Tensor:
-        """Costs of every query against every target of the batch.
-
-        Args:
-            pred_logits: ``(..., B, Q, C + 1)``; leading dims (e.g. decoder layers) are matched independently.
-            pred_boxes: ``(..., B, Q, 4)`` normalized cxcywh.
-            targets: ``B`` dicts with ``labels (T_i,)`` and ``boxes (T_i, 4)`` normalized cxcywh.
-
-        Returns:
-            ``(..., B, Q, T)`` with ``T = sum(T_i)``: image ``i``'s own block is its slice of ``T``.
-        """
+        """Costs of every query against every target of the batch: ``pred_logits (..., B, Q, C + 1)``,
+        ``pred_boxes (..., B, Q, 4)`` normalized cxcywh (leading dims, e.g. decoder layers, are independent)
+        and ``B`` targets with ``labels (T_i,)``, ``boxes (T_i, 4)`` -> ``(..., B, Q, T)`` with
+        ``T = sum(T_i)``: image ``i``'s own block is its slice of ``T``."""
         target_labels = torch.cat([t["labels"] for t in targets])
         target_boxes = torch.cat([t["boxes"] for t in targets]).to(pred_boxes.dtype)
         if self.class_cost == "focal":
@@ -104,14 +98,8 @@ class HungarianMatcher(nn.Module):
     def match_layers(
         self, pred_logits: Tensor, pred_boxes: Tensor, targets: Sequence[dict[str, Tensor]]
     ) -> list[Matching]:
-        """Match several layers' predictions at once (one device-to-host copy for all of them).
-
-        Args:
-            pred_logits: ``(L, B, Q, C + 1)``; pred_boxes: ``(L, B, Q, 4)``.
-
-        Returns:
-            ``L`` matchings, each a list over images of ``(query_idx, target_idx)``.
-        """
+        """Match ``L`` layers' predictions, ``pred_logits (L, B, Q, C + 1)`` and ``pred_boxes (L, B, Q, 4)``,
+        at once (one device-to-host copy for all of them): ``L`` matchings."""
         num_layers, batch = pred_logits.shape[:2]
         sizes = [len(t["boxes"]) for t in targets]
         empty = torch.empty(0, dtype=torch.int64)
@@ -121,16 +109,13 @@ class HungarianMatcher(nn.Module):
         with torch.autocast(pred_logits.device.type, enabled=False):
             cost = self.cost_matrix(pred_logits.float(), pred_boxes.float(), targets)
         cost = cost.cpu()  # (L, B, Q, T): one device-to-host copy for every layer
-        matchings: list[Matching] = []
-        for layer_cost in cost:
-            matching: Matching = []
-            for image_index, block in enumerate(layer_cost.split(sizes, dim=-1)):
-                query_idx, target_idx = linear_sum_assignment(block[image_index].numpy())
-                matching.append(
-                    (
-                        torch.as_tensor(query_idx, dtype=torch.int64),
-                        torch.as_tensor(target_idx, dtype=torch.int64),
-                    )
-                )
-            matchings.append(matching)
-        return matchings
+        return [
+            [_assign(block[image]) for image, block in enumerate(layer_cost.split(sizes, dim=-1))]
+            for layer_cost in cost
+        ]
+
+
+def _assign(cost: Tensor) -> tuple[Tensor, Tensor]:
+    """The optimal assignment of one image's ``(Q, T_i)`` costs: ``(query_idx ascending, target_idx)``."""
+    query_idx, target_idx = linear_sum_assignment(cost.numpy())
+    return torch.as_tensor(query_idx, dtype=torch.int64), torch.as_tensor(target_idx, dtype=torch.int64)

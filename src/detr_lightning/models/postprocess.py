@@ -8,21 +8,15 @@ from torchvision.ops import box_convert
 
 
 class PostProcess(nn.Module):
-    """Class scores, labels and boxes scaled to each image's size.
+    """Class scores, labels and boxes scaled to each image's size; no threshold, no NMS.
 
-    No threshold and no NMS. Two scorings, following the classification loss the model was trained with:
+    Two scorings, following the classification loss the model was trained with:
 
     - ``softmax`` (official, ``class_loss=ce``): softmax over all classes, drop "no object"; every query
       gives one detection with its best real class, as the official evaluation does.
-    - ``sigmoid`` (``focal`` / ``varifocal``): an independent sigmoid score per real class (the last,
-      "no object" logit is unused); the ``top_k`` best (query, class) pairs of the ``Q x C`` scores are
-      the detections, as in Deformable DETR. A query may thus give several detections (one per class).
-
-    Filter by score for display.
-
-    Args:
-        score: ``softmax`` | ``sigmoid``.
-        top_k: detections per image with ``sigmoid`` (``None``: the number of queries, at most ``Q x C``).
+    - ``sigmoid`` (``focal`` / ``varifocal``): a sigmoid score per real class ("no object" unused); the
+      ``top_k`` best (query, class) pairs of the ``Q x C`` scores are the detections, as in Deformable
+      DETR, so a query may give several. ``top_k`` None: the number of queries.
     """
 
     def __init__(self, score: str = "softmax", top_k: int | None = None) -> None:
@@ -35,17 +29,10 @@ class PostProcess(nn.Module):
         self.top_k = top_k
 
     def forward(self, outputs: dict[str, Tensor], target_sizes: Tensor) -> list[dict[str, Tensor]]:
-        """Convert a batch of outputs.
-
-        Args:
-            outputs: ``pred_logits (B, Q, C + 1)`` and ``pred_boxes (B, Q, 4)`` normalized cxcywh.
-            target_sizes: ``(B, 2)`` image ``(height, width)`` to scale to (the original size for evaluation).
-
-        Returns:
-            ``B`` dicts with ``scores (N,)``, ``labels (N,)`` int64, ``boxes (N, 4)`` absolute xyxy and
-            ``queries (N,)`` int64, the query each detection comes from. ``N = Q`` in query order for
-            ``softmax``; ``N = min(top_k, Q x C)`` best first for ``sigmoid``.
-        """
+        """``pred_logits (B, Q, C + 1)`` and ``pred_boxes (B, Q, 4)`` (normalized cxcywh), scaled to
+        ``target_sizes (B, 2)`` ``(height, width)`` -> ``B`` dicts with ``scores (N,)``, ``labels (N,)``,
+        ``boxes (N, 4)`` absolute xyxy and ``queries (N,)``, the query of each detection. ``N = Q`` in
+        query order for ``softmax``; ``N = min(top_k, Q x C)`` best first for ``sigmoid``."""
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         if len(logits) != len(target_sizes):
             raise ValueError(f"{len(logits)} outputs but {len(target_sizes)} target sizes")

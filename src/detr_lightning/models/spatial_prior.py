@@ -1,18 +1,14 @@
 """A Gaussian spatial prior per object query (``model.spatial_prior=gaussian``; not in the official model).
 
-Each query owns a learned anchor point ``(cx, cy)`` and spread ``(sx, sy)`` in image-relative units.
-Two things follow from it, as in SMCA (Gao et al., ICCV 2021, "Fast convergence of DETR with spatially
-modulated co-attention"):
+Each query owns a learned anchor ``(cx, cy)`` and spread ``(sx, sy)`` in image-relative units. As in SMCA
+(Gao et al., ICCV 2021), the query's decoder cross-attention gets the additive bias
+``-((x - cx)^2 / (2 sx^2) + (y - cy)^2 / (2 sy^2))`` over the feature-map positions of the unpadded image
+(``-inf`` on padding), and its box centre is read relative to the anchor:
+``box = sigmoid(bbox_embed(hs) + (logit(cx), logit(cy), 0, 0))``.
 
-- the decoder cross-attention of the query gets the additive bias
-  ``-((x - cx)^2 / (2 sx^2) + (y - cy)^2 / (2 sy^2))`` over the feature-map positions ``(x, y)`` of the
-  unpadded image (``-inf`` on padding), so from the first step each query looks around its anchor;
-- the predicted box centre is read relative to the anchor:
-  ``box = sigmoid(bbox_embed(hs) + (logit(cx), logit(cy), 0, 0))``.
-
-Vanilla DETR must first learn where to look before its box loss can reward looking there; trained
+Why: vanilla DETR must first learn where to look before its box loss can reward looking there; trained
 from scratch on a small set it stays on the plateau where every query predicts a fixed box (see
-experiments/convergence). The anchors are image-independent, so inference cost stays that of DETR.
+experiments/convergence). The anchors do not depend on the image, so inference costs what DETR's does.
 """
 
 from __future__ import annotations
@@ -52,17 +48,9 @@ class GaussianSpatialPrior(nn.Module):
         return torch.cat([centre_logits, torch.zeros_like(centre_logits)], dim=-1)
 
     def attention_bias(self, feature_mask: Tensor, num_queries: int, num_heads: int) -> Tensor:
-        """The cross-attention bias of the first ``num_queries`` queries.
-
-        Args:
-            feature_mask: ``(B, h, w)`` bool, True on padding (padding at the bottom and right, as the
-                batching pads).
-            num_queries: ``Q`` (times the groups in training).
-            num_heads: attention heads (the bias is the same for every head).
-
-        Returns:
-            ``(B * num_heads, Q, h * w)`` float, 0 at the anchor, ``-inf`` on padded positions.
-        """
+        """The cross-attention bias of the first ``num_queries`` queries, the same for all ``num_heads``:
+        ``feature_mask (B, h, w)`` True on padding (bottom and right, as the batching pads) ->
+        ``(B * num_heads, Q, h * w)`` float, 0 at the anchor, ``-inf`` on padded positions."""
         batch, height, width = feature_mask.shape
         valid = ~feature_mask
         valid_rows = valid[:, :, 0].sum(dim=1).clamp(min=1).to(self.anchor_logits.dtype)  # (B,)

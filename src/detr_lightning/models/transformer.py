@@ -14,29 +14,9 @@ from torch import Tensor, nn
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "glu": F.glu}
 
-
-def _attend(
-    attention: nn.MultiheadAttention,
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    key_padding_mask: Tensor | None = None,
-    attn_mask: Tensor | None = None,
-    need_weights: bool = False,
-) -> Tensor:
-    """Multi-head attention returning only the output ``(L, B, D)``.
-
-    Without ``need_weights`` PyTorch takes its scaled-dot-product kernel; with it, the explicit path
-    that also returns head-averaged weights (forward hooks on ``attention`` then see them).
-    """
-    return attention(
-        query,
-        key,
-        value,
-        key_padding_mask=key_padding_mask,
-        attn_mask=attn_mask,
-        need_weights=need_weights,
-    )[0]
+# Attention modules are called with ``need_weights`` False, so PyTorch takes its scaled-dot-product kernel,
+# unless a layer's ``need_weights`` asks for the explicit path that also returns head-averaged weights
+# (forward hooks on the module then see them: ``attention.capture_attention``).
 
 
 def _with_pos(tensor: Tensor, pos: Tensor | None) -> Tensor:
@@ -69,29 +49,22 @@ class TransformerEncoderLayer(nn.Module):
         #: Set to True (e.g. by an attention-map tool) to make ``self_attn`` also return its weights.
         self.need_weights = False
 
+    def _self_attention(self, x: Tensor, key_padding_mask: Tensor | None, pos: Tensor | None) -> Tensor:
+        q = k = _with_pos(x, pos)
+        attended = self.self_attn(q, k, x, key_padding_mask=key_padding_mask, need_weights=self.need_weights)
+        return self.dropout1(attended[0])
+
     def _feed_forward(self, x: Tensor) -> Tensor:
-        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+        return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
 
     def forward(self, src: Tensor, src_key_padding_mask: Tensor | None, pos: Tensor | None) -> Tensor:
-        """``src (S, B, D)``, ``src_key_padding_mask (B, S)`` (True = padding), ``pos (S, B, D)``.
-
-        Returns ``(S, B, D)``.
-        """
+        """``src (S, B, D)``, ``src_key_padding_mask (B, S)`` (True = padding), ``pos (S, B, D)`` ->
+        ``(S, B, D)``."""
         if self.normalize_before:
-            x = self.norm1(src)
-            q = k = _with_pos(x, pos)
-            src = src + self.dropout1(
-                _attend(self.self_attn, q, k, x, src_key_padding_mask, need_weights=self.need_weights)
-            )
-            return src + self.dropout2(self._feed_forward(self.norm2(src)))
-        q = k = _with_pos(src, pos)
-        src = self.norm1(
-            src
-            + self.dropout1(
-                _attend(self.self_attn, q, k, src, src_key_padding_mask, need_weights=self.need_weights)
-            )
-        )
-        return self.norm2(src + self.dropout2(self._feed_forward(src)))
+            src = src + self._self_attention(self.norm1(src), src_key_padding_mask, pos)
+            return src + self._feed_forward(self.norm2(src))
+        src = self.norm1(src + self._self_attention(src, src_key_padding_mask, pos))
+        return self.norm2(src + self._feed_forward(src))
 
 
 class TransformerDecoderLayer(nn.Module):
@@ -123,8 +96,31 @@ class TransformerDecoderLayer(nn.Module):
         #: Set to True to make ``multihead_attn`` (cross-attention) also return its weights.
         self.need_weights = False
 
+    def _self_attention(self, x: Tensor, query_pos: Tensor | None, attn_mask: Tensor | None) -> Tensor:
+        q = k = _with_pos(x, query_pos)
+        return self.dropout1(self.self_attn(q, k, x, attn_mask=attn_mask, need_weights=False)[0])
+
+    def _cross_attention(
+        self,
+        x: Tensor,
+        memory: Tensor,
+        key_padding_mask: Tensor | None,
+        pos: Tensor | None,
+        query_pos: Tensor | None,
+        attn_bias: Tensor | None,
+    ) -> Tensor:
+        attended = self.multihead_attn(
+            _with_pos(x, query_pos),
+            _with_pos(memory, pos),
+            memory,
+            key_padding_mask=key_padding_mask,
+            attn_mask=attn_bias,
+            need_weights=self.need_weights,
+        )
+        return self.dropout2(attended[0])
+
     def _feed_forward(self, x: Tensor) -> Tensor:
-        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+        return self.dropout3(self.linear2(self.dropout(self.activation(self.linear1(x)))))
 
     def forward(
         self,
@@ -140,36 +136,14 @@ class TransformerDecoderLayer(nn.Module):
         ``query_pos (Q, B, D)``, optional ``self_attn_mask (Q, Q)`` (True = blocked) and
         ``cross_attn_bias (B * nhead, Q, S)`` (float, added to the cross-attention logits)
         -> ``(Q, B, D)``."""
+        cross = (memory, memory_key_padding_mask, pos, query_pos, cross_attn_bias)
         if self.normalize_before:
-            x = self.norm1(tgt)
-            q = k = _with_pos(x, query_pos)
-            tgt = tgt + self.dropout1(_attend(self.self_attn, q, k, x, attn_mask=self_attn_mask))
-            x = self.norm2(tgt)
-            tgt = tgt + self.dropout2(
-                _attend(
-                    self.multihead_attn,
-                    _with_pos(x, query_pos),
-                    _with_pos(memory, pos),
-                    memory,
-                    memory_key_padding_mask,
-                    cross_attn_bias,
-                    need_weights=self.need_weights,
-                )
-            )
-            return tgt + self.dropout3(self._feed_forward(self.norm3(tgt)))
-        q = k = _with_pos(tgt, query_pos)
-        tgt = self.norm1(tgt + self.dropout1(_attend(self.self_attn, q, k, tgt, attn_mask=self_attn_mask)))
-        cross = _attend(
-            self.multihead_attn,
-            _with_pos(tgt, query_pos),
-            _with_pos(memory, pos),
-            memory,
-            memory_key_padding_mask,
-            cross_attn_bias,
-            need_weights=self.need_weights,
-        )
-        tgt = self.norm2(tgt + self.dropout2(cross))
-        return self.norm3(tgt + self.dropout3(self._feed_forward(tgt)))
+            tgt = tgt + self._self_attention(self.norm1(tgt), query_pos, self_attn_mask)
+            tgt = tgt + self._cross_attention(self.norm2(tgt), *cross)
+            return tgt + self._feed_forward(self.norm3(tgt))
+        tgt = self.norm1(tgt + self._self_attention(tgt, query_pos, self_attn_mask))
+        tgt = self.norm2(tgt + self._cross_attention(tgt, *cross))
+        return self.norm3(tgt + self._feed_forward(tgt))
 
 
 class TransformerEncoder(nn.Module):
@@ -182,10 +156,9 @@ class TransformerEncoder(nn.Module):
 
     def forward(self, src: Tensor, src_key_padding_mask: Tensor | None, pos: Tensor | None) -> Tensor:
         """``(S, B, D)`` -> ``(S, B, D)``."""
-        output = src
         for layer in self.layers:
-            output = layer(output, src_key_padding_mask, pos)
-        return output if self.norm is None else self.norm(output)
+            src = layer(src, src_key_padding_mask, pos)
+        return src if self.norm is None else self.norm(src)
 
 
 class TransformerDecoder(nn.Module):
@@ -213,13 +186,10 @@ class TransformerDecoder(nn.Module):
         if cross_attn_bias is not None:
             cross_attn_bias = cross_attn_bias.to(memory.dtype)
             memory_key_padding_mask = None
-        output = tgt
         intermediate = []
         for layer in self.layers:
-            output = layer(
-                output, memory, memory_key_padding_mask, pos, query_pos, self_attn_mask, cross_attn_bias
-            )
-            intermediate.append(self.norm(output))
+            tgt = layer(tgt, memory, memory_key_padding_mask, pos, query_pos, self_attn_mask, cross_attn_bias)
+            intermediate.append(self.norm(tgt))
         return torch.stack(intermediate)
 
 
@@ -240,16 +210,12 @@ class Transformer(nn.Module):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
-        encoder_layer = TransformerEncoderLayer(
-            d_model, nhead, dim_feedforward, dropout, activation, normalize_before
+        layer = (d_model, nhead, dim_feedforward, dropout, activation, normalize_before)
+        encoder_norm = nn.LayerNorm(d_model) if normalize_before else None
+        self.encoder = TransformerEncoder(TransformerEncoderLayer(*layer), num_encoder_layers, encoder_norm)
+        self.decoder = TransformerDecoder(
+            TransformerDecoderLayer(*layer), num_decoder_layers, nn.LayerNorm(d_model)
         )
-        decoder_layer = TransformerDecoderLayer(
-            d_model, nhead, dim_feedforward, dropout, activation, normalize_before
-        )
-        self.encoder = TransformerEncoder(
-            encoder_layer, num_encoder_layers, nn.LayerNorm(d_model) if normalize_before else None
-        )
-        self.decoder = TransformerDecoder(decoder_layer, num_decoder_layers, nn.LayerNorm(d_model))
         self.d_model = d_model
         self.nhead = nhead
         for param in self.parameters():
@@ -284,8 +250,8 @@ class Transformer(nn.Module):
         pos_embed = pos_embed.flatten(2).permute(2, 0, 1)  # (S, B, D)
         query_pos = query_embed.unsqueeze(1).expand(-1, batch, -1)  # (Q, B, D)
         mask = mask.flatten(1)  # (B, S)
-        tgt = torch.zeros_like(query_pos)
         memory = self.encoder(src, src_key_padding_mask=mask, pos=pos_embed)
+        tgt = torch.zeros_like(query_pos)
         hs = self.decoder(
             tgt, memory, mask, pos_embed, query_pos, self_attn_mask, cross_attn_bias
         )  # (L, Q, B, D)

@@ -7,7 +7,6 @@ official DETR files carry (``argparse.Namespace``) are accepted, so a file canno
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import pickle
 import re
@@ -19,8 +18,6 @@ from urllib.parse import urlparse
 
 import torch
 from torch import Tensor
-
-log = logging.getLogger(__name__)
 
 #: The four official COCO detection models (facebookresearch/detr, 500-epoch schedule).
 OFFICIAL_DETR_URLS = {
@@ -47,19 +44,14 @@ class WeightsUnavailableError(CheckpointError):
     """Weights that are neither on disk nor downloadable (typically: no network)."""
 
 
-def hub_checkpoint_path(url: str) -> Path:
-    """Where torch hub keeps the download of ``url``: ``<torch hub dir>/checkpoints/<file name>``."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
-
-
 def download_weights(url: str) -> Path:
-    """Return the cached file of ``url``, downloading it into the torch hub cache when missing.
+    """The file of ``url`` in the torch hub cache (``<hub dir>/checkpoints/<name>``), downloaded if missing.
 
     The 8 hex digits before ``.pth`` in official file names are the SHA-256 prefix and are checked.
     Offline (or with ``DETR_LIGHTNING_OFFLINE=1``) this fails fast with a message naming the URL and
     where to put the file by hand.
     """
-    destination = hub_checkpoint_path(url)
+    destination = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
     if destination.is_file():
         return destination
     how_to_fix = (

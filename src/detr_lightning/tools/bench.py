@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from detr_lightning.batching import pad_images_to_batch
+from detr_lightning.models import PostProcess, ResNetBackbone, build_detr
 from detr_lightning.speed import COMPILE_MODES, apply_speed_options
 
 PRECISIONS = {"32": None, "32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
@@ -68,6 +70,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def time_calls(fn: Callable[[], Any], steps: int, warmup: int, device: torch.device) -> list[float]:
     """Seconds of each of ``steps`` calls of ``fn`` after ``warmup`` untimed ones."""
     for _ in range(warmup):
@@ -95,11 +102,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available here (use --device cpu)")
     return device
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -139,8 +141,6 @@ def prepare(model: nn.Module, args: argparse.Namespace) -> nn.Module:
 
 def prepare_ours(model: nn.Module, args: argparse.Namespace) -> nn.Module:
     """Our DETR with the official code's execution if asked, then channels_last / compile, in place."""
-    from detr_lightning.models.backbone import ResNetBackbone
-
     if not args.fold_norm:  # the official layout: frozen norms run after their convolutions
         model.backbone[0] = ResNetBackbone(R50_MODEL["backbone"], fold_frozen_norm=False)
     if args.attention_weights:  # the official attention: weights materialized, no fused SDPA kernel
@@ -191,8 +191,6 @@ def model_figures(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- train-step
 def train_batch(device: torch.device, channels_last: bool) -> tuple[Tensor, Tensor, list[dict]]:
     """Padded images ``(2, 3, 512, 681)``, their ``(2, 512, 681)`` mask and the targets."""
-    from detr_lightning.batching import pad_images_to_batch
-
     generator = torch.Generator().manual_seed(0)
     batch, mask = pad_images_to_batch([torch.randn(shape, generator=generator) for shape in TRAIN_SHAPES])
     targets = []
@@ -306,8 +304,6 @@ def bench_train_step(args: argparse.Namespace) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- inference
 def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
-    from detr_lightning.models import PostProcess, build_detr
-
     device = resolve_device(args.device)
     torch.manual_seed(0)
     if args.impl == "huggingface":

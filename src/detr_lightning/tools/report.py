@@ -5,12 +5,10 @@ it started and how long it took, the 12 pycocotools lines of ``metrics.json`` (v
 test: the best checkpoint), AP per class, the best and last epochs of ``metrics.csv``, and the plots.
 Several runs get a side-by-side table and a plot of their validation curves; a sweep folder stands for
 its jobs plus its ``summary.csv``; runs that differ only in ``seed`` are pooled into variants
-(`report_variants`). ``--brief`` leaves out the per-run sections. Figures are rounded to 3 decimals
-(COCOeval's -1 reads ``n/a``); plots outside the report's folder are copied into ``plots/`` beside it.
+(`report_variants`). Plots outside the report's folder are copied into ``plots/`` beside it.
 
 Writing into an existing file replaces only the text between the ``report:begin`` and ``report:end``
-markers; a file without them keeps its text as the introduction. ``--notes FILE`` sets the introduction,
-``--title`` the ``# `` title.
+markers; a file without them keeps its text as the introduction.
 """
 
 from __future__ import annotations
@@ -36,7 +34,9 @@ from detr_lightning.runs import (
     SUMMARY_FILE,
     Run,
     best_of_epochs,
+    command_line,
     differing_keys,
+    epoch_number,
     epoch_series,
     find_job_dirs,
     first_epoch_reaching,
@@ -71,10 +71,11 @@ _BEGIN_PATTERN = re.compile(r"<!-- report:begin\b.*?-->", re.DOTALL)
 COCO_KEYS = (
     "map map_50 map_75 map_small map_medium map_large mar_1 mar_10 mar_100 mar_small mar_medium mar_large"
 ).split()
-#: The figures of the comparison table, per split: (key after ``<split>/``, label).
 COMPARISON_PLOT = "comparison.png"
+#: The validation curves plotted for several runs: (metrics.csv column, title).
 COMPARISON_FIGURES = [("val/map", "validation mAP"), ("val/map_50", "validation mAP@0.5")]
 COMPARISON_CAPTION = "Validation mAP and mAP@0.5 per epoch, every run"
+#: The final figures of the comparison table, per split: (key after ``<split>/``, label).
 MAIN_FIGURES = [("map", "mAP"), ("map_50", "mAP@0.5"), ("map_75", "mAP@0.75"), ("mar_100", "AR@100")]
 #: Columns of the epochs table: (metrics.csv column, header).
 EPOCH_COLUMNS = [
@@ -111,13 +112,11 @@ def read_sweep(path: Path, metric: str | None = None, mode: str | None = None) -
     multirun = read_sweep_config(path).get("hydra") or {}
     task = [str(o) for o in (multirun.get("overrides") or {}).get("task") or []]
     job_name = str((multirun.get("job") or {}).get("name") or "train")
-    command = " ".join(["python", f"{job_name}.py", "-m", *(shlex.quote(o) for o in task)])
-    summary = read_csv_rows(path / SUMMARY_FILE)
     runs = [
         read_run(job, f"{path.name}/{job.relative_to(path).as_posix()}", metric, mode)
         for job in find_job_dirs(path)
     ]
-    return Sweep(path, command, summary, runs)
+    return Sweep(path, command_line(job_name, task, multirun=True), read_csv_rows(path / SUMMARY_FILE), runs)
 
 
 def collect(
@@ -132,9 +131,8 @@ def collect(
                 f"{directory} is not a folder: pass a run folder (outputs/...) or a sweep folder"
             )
         if is_sweep_dir(directory):
-            sweep = read_sweep(directory, metric, mode)
-            sweeps.append(sweep)
-            runs.extend(sweep.runs)
+            sweeps.append(read_sweep(directory, metric, mode))
+            runs.extend(sweeps[-1].runs)
         elif is_run_dir(directory):
             runs.append(read_run(directory, metric=metric, mode=mode))
         else:
@@ -168,142 +166,76 @@ def coco_lines(figures: dict[str, float], split: str) -> list[str] | None:
 
 
 class Renderer:
-    """Markdown of runs and sweeps, with image links relative to ``out_dir`` (plots outside it copied)."""
+    """Markdown of runs and sweeps, with image links relative to ``out_dir`` (plots outside it copied).
+
+    Without ``out_dir`` (standard output) links are relative to the working directory and no plot is
+    drawn. ``brief`` leaves out the section of each run. Sections are lists of blocks (a heading, a
+    paragraph, a table, ...), which the document separates by blank lines.
+    """
 
     def __init__(self, out_dir: Path | None, brief: bool = False) -> None:
-        self.out_dir = out_dir
+        self.out_dir = out_dir.resolve() if out_dir is not None else None
         self.brief = brief
         self.several_runs = False
 
     def document_body(self, sweeps: Sequence[Sweep], runs: Sequence[Run], command: str) -> str:
         self.several_runs = len(runs) > 1
-        parts = [BEGIN_MARKER, ""]
+        blocks = [BEGIN_MARKER]
         variants = group_by_seed(runs)
         if has_seed_groups(variants):
-            parts += self.variants_section(variants)
+            blocks += self.variants_section(variants)
         elif len(runs) > 1:
-            parts += self.comparison(runs)
+            blocks += self.comparison(runs)
         for sweep in sweeps:
-            parts += self.sweep_section(sweep)
+            blocks += self.sweep_section(sweep)
         if not self.brief:
             for run in runs:
-                parts += self.run_section(run)
-        parts += [f"_Written by `{command}` from the files of the run folders._", "", END_MARKER]
-        return "\n".join(parts)
+                blocks += self.run_section(run)
+        blocks += [f"_Written by `{command}` from the files of the run folders._", END_MARKER]
+        return "\n\n".join(blocks)
 
     # ------------------------------------------------------------------ sections
     def comparison(self, runs: Sequence[Run]) -> list[str]:
-        rows: list[list[str]] = []
         values = [run.override_values() for run in runs]
-        for key in differing_keys(values):
-            rows.append([f"`{key}`", *(_cell(v.get(key, "")) for v in values)])
+        rows = [[f"`{key}`", *(_cell(v.get(key, "")) for v in values)] for key in differing_keys(values)]
         if any(run.status for run in runs):
             rows.append(["status", *(run.status or "" for run in runs)])
         rows.append(["epochs", *(str(len(run.epochs)) for run in runs)])
-        metrics = {run.metric for run in runs}
-        for metric in sorted(metrics):
-            cells = [_best_text(run, metric, run.mode) for run in runs]
-            rows.append([f"best `{metric}` over the epochs", *cells])
+        for metric in sorted({run.metric for run in runs}):
+            rows.append(
+                [f"best `{metric}` over the epochs", *(_best_text(run, metric, run.mode) for run in runs)]
+            )
         for split in ("val", "test"):
-            if not any(f"{split}/map" in run.final for run in runs):
-                continue
-            for key, label in MAIN_FIGURES:
-                name = f"{split}/{key}"
-                rows.append(
-                    [f"{split} {label} (`{name}`)", *(format_figure(run.final.get(name)) for run in runs)]
-                )
+            if any(f"{split}/map" in run.final for run in runs):
+                for key, label in MAIN_FIGURES:
+                    name = f"{split}/{key}"
+                    rows.append(
+                        [f"{split} {label} (`{name}`)", *(format_figure(run.final.get(name)) for run in runs)]
+                    )
         reference = runs[0]
         reference_best = best_of_epochs(reference.epochs, reference.metric, reference.mode)
         if reference_best is not None:
-            cells = []
-            for run in runs:
-                epoch = first_epoch_reaching(run.epochs, reference.metric, reference_best[0], reference.mode)
-                cells.append("not reached" if epoch is None else f"epoch {epoch}")
-            rows.append(
-                [
-                    f"first epoch at `{reference.label}`'s best `{reference.metric}` "
-                    f"({format_figure(reference_best[0])})",
-                    *cells,
-                ]
+            target = reference_best[0]
+            reached = [
+                first_epoch_reaching(run.epochs, reference.metric, target, reference.mode) for run in runs
+            ]
+            label = (
+                f"first epoch at `{reference.label}`'s best `{reference.metric}` ({format_figure(target)})"
             )
+            rows.append([label, *("not reached" if epoch is None else f"epoch {epoch}" for epoch in reached)])
         rows.append(["duration", *(_duration_text(run) for run in runs)])
-        header = ["", *(_cell(f"`{run.label}`") for run in runs)]
-        lines = [
-            "## Comparison",
-            "",
+        intro = (
             f"Final figures from each run's `{METRICS_FILE}` (val: the last validation, test: the best "
-            f"checkpoint), best epochs from `{EPOCH_METRICS_FILE}`; the first run is the reference.",
-            "",
-            *_table(header, rows),
-            "",
-        ]
-        curves = self.comparison_plot(runs)
-        if curves is not None:
-            lines += [f"![{COMPARISON_CAPTION}]({curves})", ""]
-        return lines
+            f"checkpoint), best epochs from `{EPOCH_METRICS_FILE}`; the first run is the reference."
+        )
+        header = ["", *(_cell(f"`{run.label}`") for run in runs)]
+        return ["## Comparison", intro, _table(header, rows), *self.comparison_plot(runs)]
 
-    def variants_section(self, variants: Sequence[Variant]) -> list[str]:
-        reference = variants[0].runs[0]
-        metric, mode = reference.metric, reference.mode
-        header, rows, budget = variants_table(variants, COMPARISON_FIGURES, metric, mode)
-        lines = [
-            "## Variants (seeds pooled)",
-            "",
-            f"Runs whose configuration differs only in `{SEED_KEY}` (or in output paths, loggers and the "
-            "progress bar) are one variant. Every figure is taken within the same "
-            f"budget of {budget} epochs (0 to {budget - 1}: the fewest any run reached); the first variant "
-            "is the reference.",
-            "",
-            *_table(header, rows),
-            "",
-        ]
-        if self.out_dir is not None:
-            target = self.out_dir.resolve() / PLOTS_DIR / VARIANTS_PLOT
-            variants_plot(variants, COMPARISON_FIGURES, budget, target)
-            lines += [f"![{VARIANTS_CAPTION}]({target.relative_to(self.out_dir.resolve()).as_posix()})", ""]
-        values = [run_settings(variant.runs[0]) for variant in variants]
-        keys = differing_keys(values)
-        if keys:
-            settings = [
-                [f"`{variant.label}`", *(_cell(v.get(key, "")) for key in keys)]
-                for variant, v in zip(variants, values, strict=True)
-            ]
-            source = "composed configs" if all(run.config for run in variants[0].runs) else "overrides"
-            lines += [
-                f"Settings that differ between the variants ({source}):",
-                "",
-                *_table(["variant", *(f"`{key}`" for key in keys)], settings),
-                "",
-            ]
-        per_run = []
-        for variant in variants:
-            for run, seed in zip(variant.runs, variant.seeds, strict=True):
-                map_50 = epoch_values(run, "val/map_50")
-                last_map_50 = map_50[max(map_50)] if map_50 else None
-                per_run.append(
-                    [
-                        f"`{run.label}`",
-                        f"`{variant.label}`",
-                        seed,
-                        str(len(run.epochs)),
-                        _best_text(run, metric, mode),
-                        format_figure(last_map_50),
-                        format_figure(run.final.get("test/map_50")),
-                        _duration_text(run),
-                    ]
-                )
-        header = ["run", "variant", "seed", "epochs", f"best `{metric}`", "last `val/map_50`"]
-        header += ["test mAP@0.5 (best checkpoint)", "duration"]
-        lines += ["Every run (all its epochs):", "", *_table(header, per_run), ""]
-        commands = [f"{run.command}" for variant in variants for run in variant.runs]
-        lines += ["Commands:", "", "```bash", *commands, "```", ""]
-        return lines
-
-    def comparison_plot(self, runs: Sequence[Run]) -> str | None:
-        """``plots/comparison.png`` beside the report: validation mAP and mAP@0.5 per epoch, one line
-        per run; its link, or None without an output folder or epoch figures."""
+    def comparison_plot(self, runs: Sequence[Run]) -> list[str]:
+        """``plots/comparison.png`` beside the report, one line per run, and its link (nothing without an
+        output folder or epoch figures)."""
         if self.out_dir is None or not any(run.epochs for run in runs):
-            return None
+            return []
 
         def draw(axis: Any, key: str) -> None:
             for run in runs:
@@ -311,64 +243,107 @@ class Renderer:
                 if points:
                     axis.plot(*zip(*points, strict=True), marker=".", label=run.label)
 
-        target = self.out_dir.resolve() / PLOTS_DIR / COMPARISON_PLOT
-        save_curves(COMPARISON_FIGURES, draw, target, figsize=(11, 4))
-        return target.relative_to(self.out_dir.resolve()).as_posix()
+        save_curves(COMPARISON_FIGURES, draw, self.out_dir / PLOTS_DIR / COMPARISON_PLOT, figsize=(11, 4))
+        return [f"![{COMPARISON_CAPTION}]({PLOTS_DIR}/{COMPARISON_PLOT})"]
+
+    def variants_section(self, variants: Sequence[Variant]) -> list[str]:
+        reference = variants[0].runs[0]
+        metric, mode = reference.metric, reference.mode
+        header, rows, budget = variants_table(variants, COMPARISON_FIGURES, metric, mode)
+        intro = (
+            f"Runs whose configuration differs only in `{SEED_KEY}` (or in output paths, loggers and the "
+            "progress bar) are one variant. Every figure is taken within the same "
+            f"budget of {budget} epochs (0 to {budget - 1}: the fewest any run reached); the first variant "
+            "is the reference."
+        )
+        blocks = ["## Variants (seeds pooled)", intro, _table(header, rows)]
+        if self.out_dir is not None:
+            variants_plot(variants, COMPARISON_FIGURES, budget, self.out_dir / PLOTS_DIR / VARIANTS_PLOT)
+            blocks.append(f"![{VARIANTS_CAPTION}]({PLOTS_DIR}/{VARIANTS_PLOT})")
+        settings = [run_settings(variant.runs[0]) for variant in variants]
+        keys = differing_keys(settings)
+        if keys:
+            rows = [
+                [f"`{variant.label}`", *(_cell(values.get(key, "")) for key in keys)]
+                for variant, values in zip(variants, settings, strict=True)
+            ]
+            source = "composed configs" if all(run.config for run in variants[0].runs) else "overrides"
+            blocks.append(f"Settings that differ between the variants ({source}):")
+            blocks.append(_table(["variant", *(f"`{key}`" for key in keys)], rows))
+        rows = []
+        for variant in variants:
+            for run, seed in zip(variant.runs, variant.seeds, strict=True):
+                map_50 = epoch_values(run, "val/map_50")
+                rows.append(
+                    [
+                        f"`{run.label}`",
+                        f"`{variant.label}`",
+                        seed,
+                        str(len(run.epochs)),
+                        _best_text(run, metric, mode),
+                        format_figure(map_50[max(map_50)] if map_50 else None),
+                        format_figure(run.final.get("test/map_50")),
+                        _duration_text(run),
+                    ]
+                )
+        header = ["run", "variant", "seed", "epochs", f"best `{metric}`", "last `val/map_50`"]
+        header += ["test mAP@0.5 (best checkpoint)", "duration"]
+        commands = [run.command for variant in variants for run in variant.runs]
+        return [
+            *blocks,
+            "Every run (all its epochs):",
+            _table(header, rows),
+            "Commands:",
+            _fence("bash", commands),
+        ]
 
     def sweep_section(self, sweep: Sweep) -> list[str]:
-        lines = [f"## Sweep `{sweep.path.name}`", "", f"Command: `{sweep.command}`", ""]
-        lines.append(f"Folder: `{_shown_path(sweep.path)}`, {len(sweep.runs)} jobs.")
-        lines.append("")
-        if sweep.summary:
-            columns = [c for c in sweep.summary[0] if c != "overrides"]
-            if all(not row.get("error") for row in sweep.summary):
-                columns = [c for c in columns if c != "error"]
-            rows = [
-                [_summary_cell(column, row.get(column, "")) for column in columns] for row in sweep.summary
-            ]
-            lines += [f"Summary (`{SUMMARY_FILE}`, best first):", "", *_table(columns, rows), ""]
-        else:
+        blocks = [
+            f"## Sweep `{sweep.path.name}`",
+            f"Command: `{sweep.command}`",
+            f"Folder: `{_shown_path(sweep.path)}`, {len(sweep.runs)} jobs.",
+        ]
+        if not sweep.summary:
             command = f"python -m detr_lightning.tools.sweep_summary {_shown_path(sweep.path)}"
-            lines += [f"No `{SUMMARY_FILE}`: `{command}` writes it.", ""]
-        return lines
+            return [*blocks, f"No `{SUMMARY_FILE}`: `{command}` writes it."]
+        with_errors = any(row.get("error") for row in sweep.summary)
+        columns = [c for c in sweep.summary[0] if c != "overrides" and (with_errors or c != "error")]
+        rows = [[_summary_cell(column, row.get(column, "")) for column in columns] for row in sweep.summary]
+        return [*blocks, f"Summary (`{SUMMARY_FILE}`, best first):", _table(columns, rows)]
 
     def run_section(self, run: Run) -> list[str]:
-        lines = [f"## Run `{run.label}`", ""]
         facts = [["command", _cell(f"`{run.command}`")]]
         if run.choices:
             facts.append(["config groups", _cell(", ".join(f"{k}={v}" for k, v in run.choices.items()))])
-        facts.append(["started", run.started or "–"])
-        facts.append(["duration", _duration_text(run)])
+        facts += [["started", run.started or "–"], ["duration", _duration_text(run)]]
         if run.status:
             facts.append(["status", run.status])
         facts.append(["folder", _cell(f"`{_shown_path(run.path)}`")])
-        lines += [*_table(["", ""], facts), ""]
-        lines += self.coco_section(run)
-        lines += self.per_class_section(run)
-        lines += self.epochs_section(run)
-        lines += self.plots_section(run)
-        return lines
+        blocks = [f"## Run `{run.label}`", _table(["", ""], facts)]
+        blocks += self.coco_section(run) + self.per_class_section(run) + self.epochs_section(run)
+        if run.plots:
+            blocks.append("### Plots")
+            blocks += [
+                f"![{PLOT_CAPTIONS.get(plot.name, plot.stem)}]({self.link(plot, run)})" for plot in run.plots
+            ]
+        return blocks
 
     def coco_section(self, run: Run) -> list[str]:
-        lines = [f"### COCO box figures (`{METRICS_FILE}`)", ""]
+        heading = f"### COCO box figures (`{METRICS_FILE}`)"
         notes = SPLIT_NOTES.get(run.job_name, SPLIT_NOTES["train"])
-        blocks = []
+        lines = []
         for split in ("val", "test"):
             summary = coco_lines(run.final, split)
             if summary is not None:
-                blocks += [f"{split}: {notes[split]}", *summary]
-        if not blocks:
-            return [*lines, f"No `{METRICS_FILE}` figures: the run has not finished (or failed).", ""]
-        return [*lines, "```text", *blocks, "```", ""]
+                lines += [f"{split}: {notes[split]}", *summary]
+        if not lines:
+            return [heading, f"No `{METRICS_FILE}` figures: the run has not finished (or failed)."]
+        return [heading, _fence("text", lines)]
 
     def per_class_section(self, run: Run) -> list[str]:
-        names: list[str] = []
         splits = [split for split in ("val", "test") if any(k.startswith(f"{split}/ap/") for k in run.final)]
-        for split in splits:
-            prefix = f"{split}/ap/"
-            names.extend(
-                k[len(prefix) :] for k in run.final if k.startswith(prefix) and k[len(prefix) :] not in names
-            )
+        prefixes = [f"{split}/ap/" for split in splits]
+        names = dict.fromkeys(k[len(p) :] for p in prefixes for k in run.final if k.startswith(p))
         if not names:
             return []
         rows = [
@@ -376,13 +351,13 @@ class Renderer:
             for name in names
         ]
         header = ["class", *(f"{split} AP@[.50:.95]" for split in splits)]
-        return ["### AP per class", "", *_table(header, rows), ""]
+        return ["### AP per class", _table(header, rows)]
 
     def epochs_section(self, run: Run) -> list[str]:
         if not run.epochs:
             return []
         columns = [(key, header) for key, header in EPOCH_COLUMNS if any(row.get(key) for row in run.epochs)]
-        numbered = [(_epoch_of(row, index), row) for index, row in enumerate(run.epochs)]
+        numbered = [(epoch_number(row, index), row) for index, row in enumerate(run.epochs)]
         chosen: list[tuple[str, int, dict[str, str]]] = []
         best = best_of_epochs(run.epochs, run.metric, run.mode)
         if best is not None:
@@ -393,36 +368,23 @@ class Renderer:
             [label, str(epoch), *(format_figure(to_float(row.get(key))) for key, _ in columns)]
             for label, epoch, row in chosen
         ]
-        return [
-            f"### Epochs (`{EPOCH_METRICS_FILE}`, {len(run.epochs)} rows)",
-            "",
-            *_table(["", "epoch", *(header for _, header in columns)], rows),
-            "",
-        ]
-
-    def plots_section(self, run: Run) -> list[str]:
-        if not run.plots:
-            return []
-        lines = ["### Plots", ""]
-        for plot in run.plots:
-            lines += [f"![{PLOT_CAPTIONS.get(plot.name, plot.stem)}]({self.link(plot, run)})", ""]
-        return lines
+        header = ["", "epoch", *(header for _, header in columns)]
+        return [f"### Epochs (`{EPOCH_METRICS_FILE}`, {len(run.epochs)} rows)", _table(header, rows)]
 
     def link(self, plot: Path, run: Run) -> str:
         """The plot's link from the report: relative when inside the report's folder, else copied there."""
         if self.out_dir is None:
             return _shown_path(plot)
-        out_dir = self.out_dir.resolve()
         try:
-            return plot.resolve().relative_to(out_dir).as_posix()
+            return plot.resolve().relative_to(self.out_dir).as_posix()
         except ValueError:
             pass
-        target_dir = out_dir / PLOTS_DIR
+        target_dir = self.out_dir / PLOTS_DIR
         if self.several_runs:
             target_dir = target_dir / re.sub(r"[^A-Za-z0-9._-]+", "_", run.label)
         target_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(plot, target_dir / plot.name)
-        return (target_dir / plot.name).relative_to(out_dir).as_posix()
+        return (target_dir / plot.name).relative_to(self.out_dir).as_posix()
 
 
 # ---------------------------------------------------------------------------------------------- document
@@ -440,20 +402,17 @@ def compose_document(
     """
     if notes is not None:
         notes_title, notes_body = _split_title(notes)
-        if notes_title is not None:  # a notes file with its own "# " title: the title, unless --title
+        if notes_title is not None:
             title, notes = title or notes_title, notes_body
-    if existing is not None:
-        begin = _BEGIN_PATTERN.search(existing)
-        end = existing.find(END_MARKER, begin.end()) if begin else -1
-        if begin and end >= 0:
-            head, tail = existing[: begin.start()], existing[end + len(END_MARKER) :]
-            if title is not None or notes is not None:
-                old_title, intro = _split_title(head)
-                head = _head(title or old_title or default_title, notes if notes is not None else intro)
+    head, tail = existing or "", "\n"
+    begin = _BEGIN_PATTERN.search(head)
+    end = head.find(END_MARKER, begin.end()) if begin else -1
+    if begin and end >= 0:
+        head, tail = head[: begin.start()], head[end + len(END_MARKER) :]
+        if title is None and notes is None:
             return head + body + tail
-        old_title, intro = _split_title(existing)
-        return _head(title or old_title or default_title, notes if notes is not None else intro) + body + "\n"
-    return _head(title or default_title, notes or "") + body + "\n"
+    old_title, intro = _split_title(head)
+    return _head(title or old_title or default_title, notes if notes is not None else intro) + body + tail
 
 
 def _split_title(text: str) -> tuple[str | None, str]:
@@ -478,17 +437,13 @@ def build_report(
     command: str = "python -m detr_lightning.tools.report",
     brief: bool = False,
 ) -> str:
-    """The report's text (and the plots copied beside ``out``); ``out`` None: links relative to the
-    working directory. Written to ``out`` by `main`, which also keeps what ``out`` holds outside the
-    markers."""
+    """The report's text (and the plots beside ``out``); ``out`` None: links relative to the working
+    directory. What ``out`` holds outside the markers is kept."""
     sweeps, runs = collect(directories, metric, mode)
     if not runs:
         raise ValueError(f"no runs in {', '.join(map(str, directories))}")
-    renderer = Renderer(out.parent if out is not None else None, brief)
-    body = renderer.document_body(sweeps, runs, command)
-    default_title = (
-        f"Training report: {runs[0].label}" if len(runs) == 1 else f"Training report: {len(runs)} runs"
-    )
+    body = Renderer(out.parent if out is not None else None, brief).document_body(sweeps, runs, command)
+    default_title = "Training report: " + (runs[0].label if len(runs) == 1 else f"{len(runs)} runs")
     existing = out.read_text() if out is not None and out.is_file() else None
     return compose_document(existing, body, title, notes, default_title)
 
@@ -534,23 +489,23 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return lines
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def _fence(language: str, lines: Sequence[str]) -> str:
+    return "\n".join([f"```{language}", *lines, "```"])
 
 
 def _without_option(arguments: list[str], option: str) -> list[str]:
     """``arguments`` less ``option VALUE`` and ``option=VALUE``."""
     kept: list[str] = []
-    skip = False
+    value_next = False
     for argument in arguments:
-        if skip:
-            skip = False
-        elif argument == option:
-            skip = True
-        elif not argument.startswith(f"{option}="):
+        if not value_next and argument != option and not argument.startswith(f"{option}="):
             kept.append(argument)
+        value_next = argument == option and not value_next
     return kept
 
 
@@ -559,11 +514,8 @@ def _cell(text: Any) -> str:
 
 
 def _summary_cell(column: str, value: str) -> str:
-    if column.startswith("best ") or "/" in column:
-        number = to_float(value)
-        if number is not None and value.strip():
-            return format_figure(number)
-    return _cell(value)
+    number = to_float(value) if column.startswith("best ") or "/" in column else None
+    return format_figure(number) if number is not None and value.strip() else _cell(value)
 
 
 def _shown_path(path: Path) -> str:
@@ -584,11 +536,6 @@ def _duration_text(run: Run) -> str:
 def _best_text(run: Run, metric: str, mode: str) -> str:
     best = best_of_epochs(run.epochs, metric, mode)
     return "–" if best is None else f"{format_figure(best[0])} (epoch {best[1]})"
-
-
-def _epoch_of(row: dict[str, str], default: int) -> int:
-    value = to_float(row.get("epoch"))
-    return int(value) if value is not None else default
 
 
 if __name__ == "__main__":

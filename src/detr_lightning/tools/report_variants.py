@@ -57,20 +57,12 @@ class Variant:
 
     def values_at(self, key: str, epoch: int) -> list[float]:
         """Each seed's ``key`` at ``epoch`` (0-based), seeds without a figure there left out."""
-        values = []
-        for run in self.runs:
-            value = epoch_values(run, key).get(epoch)
-            if value is not None:
-                values.append(value)
-        return values
+        values = [epoch_values(run, key).get(epoch) for run in self.runs]
+        return [value for value in values if value is not None]
 
     def mean_curve(self, key: str, epochs: int) -> list[float | None]:
         """The mean over seeds of ``key`` at epochs ``0 .. epochs-1`` (None where no seed has it)."""
-        curve: list[float | None] = []
-        for epoch in range(epochs):
-            values = self.values_at(key, epoch)
-            curve.append(statistics.fmean(values) if values else None)
-        return curve
+        return [_mean(self.values_at(key, epoch)) for epoch in range(epochs)]
 
 
 def epoch_values(run: Run, key: str) -> dict[int, float]:
@@ -87,10 +79,7 @@ def run_seed(run: Run) -> str:
 def run_settings(run: Run) -> dict[str, str]:
     """The settings that make a variant: the flattened composed configuration (else the overrides),
     less the seed and `RESULT_NEUTRAL_KEYS`."""
-    if run.config:
-        values = _flatten(run.config)
-    else:
-        values = {key: value for key, value in run.override_values().items() if key != SEED_KEY}
+    values = _flatten(run.config) if run.config else run.override_values()
     return {
         key: value
         for key, value in values.items()
@@ -158,26 +147,24 @@ def variants_table(
     header = ["variant", "seeds"]
     header += [f"`{key}` at epoch {last} (mean; per seed)" for key, _ in keys]
     header += [f"best `{metric}` within the budget (mean over seeds)"]
-    reference_text = "–" if reference is None else format_figure(reference)
-    header += [f"first epoch at `{variants[0].label}`'s `{metric}` at epoch {last} ({reference_text})"]
+    header += [
+        f"first epoch at `{variants[0].label}`'s `{metric}` at epoch {last} ({format_figure(reference)})"
+    ]
     rows = []
+    best = max if mode == "max" else min
     for variant in variants:
         row = [f"`{variant.label}`", ", ".join(variant.seeds)]
         for key, _ in keys:
             values = variant.values_at(key, last)
             per_seed = "; ".join(format_figure(value) for value in values)
-            row.append(f"{format_figure(statistics.fmean(values))} ({per_seed})" if values else "–")
-        bests = []
-        for run in variant.runs:
-            within = [value for epoch, value in epoch_values(run, metric).items() if epoch <= last]
-            if within:
-                bests.append(max(within) if mode == "max" else min(within))
-        row.append(format_figure(statistics.fmean(bests)) if bests else "–")
-        reached = (
-            None
-            if reference is None
-            else first_epoch_at_least(variant.mean_curve(metric, budget), reference, mode)
-        )
+            row.append(f"{format_figure(_mean(values))} ({per_seed})" if values else "–")
+        within = [
+            [v for epoch, v in epoch_values(run, metric).items() if epoch <= last] for run in variant.runs
+        ]
+        row.append(format_figure(_mean([best(values) for values in within if values])))
+        reached = None
+        if reference is not None:
+            reached = first_epoch_at_least(variant.mean_curve(metric, budget), reference, mode)
         if reached is None:
             row.append("not reached")
         else:
@@ -230,6 +217,10 @@ def save_curves(
         axis.legend(fontsize="small")
     target.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(target, dpi=100)
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return statistics.fmean(values) if values else None
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, str]:
