@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from detr_lightning.config import register_configs
+from detr_lightning.data.demo import ensure_demo_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("DETR_LIGHTNING_SHARED", REPO_ROOT.parent / "shared"))
@@ -28,3 +32,64 @@ def official_fixtures() -> Path:
     if not (OFFICIAL_FIXTURES / "tiny" / "checkpoint.pth").is_file():
         pytest.skip(f"official DETR fixtures not found at {OFFICIAL_FIXTURES} (../shared is absent)")
     return OFFICIAL_FIXTURES
+
+
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory) -> Path:
+    """The demo dataset with 12/6/6 images (same generator as the built-in one)."""
+    return ensure_demo_dataset(tmp_path_factory.mktemp("data") / "demo", num_train=12, num_val=6, num_test=6)
+
+
+def credential_free_env(home: Path) -> dict[str, str]:
+    """This process's environment without any W&B setting or credential, with HOME in a temporary folder."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "NETRC"}
+    return {**env, "HOME": str(home), "DETR_LIGHTNING_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+
+
+@dataclass
+class DemoSweep:
+    result: subprocess.CompletedProcess
+    path: Path
+    jobs: list[Path]
+
+
+@pytest.fixture(scope="session")
+def demo_sweep(small_demo, tmp_path_factory) -> DemoSweep:
+    """``python train.py -m experiment=demo logger=wandb loss.bbox_loss_coef=2,5``, as a user runs it with no
+    W&B credentials: two jobs of 2 epochs (one training step each, every val/test image in one batch).
+    The one real sweep of the suite: the sweep summary, report, plot and W&B tests all read it."""
+    work_dir = tmp_path_factory.mktemp("demo_sweep")
+    sweep_dir = work_dir / "sweep"
+    arguments = [
+        "-m",
+        "experiment=demo",
+        "logger=wandb",
+        f"data.root={small_demo}",
+        f"hydra.sweep.dir={sweep_dir}",
+        "loss.bbox_loss_coef=2,5",
+        # An untrained model scores low: draw every query in the plots and W&B images.
+        "callbacks.plots.score_threshold=0",
+        "callbacks.wandb_media.score_threshold=0",
+        "callbacks.progress_bar=null",
+        "trainer.accelerator=cpu",
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=1",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
+        "data.batch_size=2",
+        "data.val_batch_size=6",
+        "data.num_workers=0",
+        "data.persistent_workers=false",
+    ]
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "train.py"), *arguments],
+        cwd=work_dir,
+        env=credential_free_env(work_dir / "home"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(path for path in sweep_dir.iterdir() if path.is_dir() and path.name.isdigit())
+    assert [job.name for job in jobs] == ["0", "1"]
+    return DemoSweep(result, sweep_dir, jobs)

@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import DemoSweep as Sweep  # tests/conftest.py
 from detr_lightning.runs import first_epoch_reaching
 from detr_lightning.tools.report import BEGIN_MARKER, COCO_KEYS, END_MARKER, main
-
-from .conftest import Sweep
 
 SPLITS = ("val", "test")
 

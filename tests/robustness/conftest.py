@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.conftest import QUICK, REPO_ROOT, compose_config, run_train_cli, small_demo  # noqa: F401
+from training.conftest import QUICK, REPO_ROOT, compose_config, run_train_cli  # noqa: F401
 
 #: QUICK (3 training batches of 2) for 2 epochs on 64-pixel images, one validation batch, no test or plots.
 FAST = [

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from detr_lightning.tools.bench import synthetic_detections
+from detr_lightning.tools.bench import main, synthetic_detections
 
 
 def test_synthetic_detections_are_valid_xywh():
@@ -18,6 +18,7 @@ def test_synthetic_detections_are_valid_xywh():
 
 
 def run_bench(*args: str) -> dict:
+    """``python -m detr_lightning.tools.bench ARGS`` as a user runs it: the JSON line it ends with."""
     result = subprocess.run(
         [sys.executable, "-m", "detr_lightning.tools.bench", *args],
         capture_output=True,
@@ -26,6 +27,12 @@ def run_bench(*args: str) -> dict:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout.strip().splitlines()[-1])  # the JSON line is always last
+
+
+def bench_in_process(capsys, *args: str) -> dict:
+    """The same, in this process (no second start of torch): ``main(ARGS)``'s last printed line."""
+    main(list(args))
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
 def test_metric_benchmark_backends_agree():
@@ -37,13 +44,14 @@ def test_metric_benchmark_backends_agree():
     assert {"cpu", "cpu_cores", "torch"} <= set(figures)
 
 
-def test_data_benchmark_reports_images_per_second():
-    figures = run_bench("data", "--images", "6", "--workers", "0")
+def test_data_benchmark_reports_images_per_second(capsys):
+    figures = bench_in_process(capsys, "data", "--images", "6", "--workers", "0")
     assert figures["workers0_images_per_s"] > 0
 
 
-def test_train_step_benchmark_runs_one_official_layout_step_with_breakdown():
-    figures = run_bench(
+def test_train_step_benchmark_runs_one_official_layout_step_with_breakdown(capsys):
+    figures = bench_in_process(
+        capsys,
         "train-step",
         *("--steps", "1", "--warmup", "0", "--device", "cpu"),
         *("--breakdown", "--no-flops", "--no-fold-norm", "--attention-weights"),

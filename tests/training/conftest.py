@@ -11,8 +11,6 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from detr_lightning.data.demo import ensure_demo_dataset
-
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "conf"
 
@@ -26,12 +24,6 @@ QUICK = [
     "data.batch_size=2",
     "callbacks.progress_bar=null",
 ]
-
-
-@pytest.fixture(scope="session")
-def small_demo(tmp_path_factory) -> Path:
-    """The demo dataset with 12/6/6 images (same generator as the built-in one)."""
-    return ensure_demo_dataset(tmp_path_factory.mktemp("data") / "demo", num_train=12, num_val=6, num_test=6)
 
 
 @pytest.fixture

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -15,12 +19,21 @@ from detr_lightning import load_detr
 from .conftest import QUICK, run_train_cli
 
 
-def test_demo_run_writes_everything_a_user_looks_for(small_demo, tmp_path):
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def demo_run(small_demo, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """``python train.py experiment=demo`` for one short epoch: its run folder and output. The training run
+    of this module: resumed and evaluated by the tests below."""
+    work_dir = tmp_path_factory.mktemp("demo_run")
+    run_dir = work_dir / "run"
     result = run_train_cli(
-        ["experiment=demo", f"data.root={small_demo}", f"hydra.run.dir={run_dir}", *QUICK], cwd=tmp_path
+        ["experiment=demo", f"data.root={small_demo}", f"hydra.run.dir={run_dir}", *QUICK], cwd=work_dir
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result
+
+
+def test_demo_run_writes_everything_a_user_looks_for(demo_run, small_demo, tmp_path):
+    run_dir, result = demo_run
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in result.stdout
     for name in ("square", "disc", "triangle"):
         assert name in result.stdout  # per-class table with class names
@@ -100,32 +113,11 @@ def test_unknown_config_key_is_rejected(tmp_path):
     assert result.returncode != 0 and "learning_rate" in result.stderr
 
 
-def test_multirun_sweeps_loss_coefficients(small_demo, tmp_path):
-    sweep_dir = tmp_path / "sweep"
-    result = run_train_cli(
-        [
-            "-m",
-            "experiment=demo",
-            f"data.root={small_demo}",
-            f"hydra.sweep.dir={sweep_dir}",
-            "loss.bbox_loss_coef=2,5",
-            "debug=fast_dev_run",
-            *QUICK,
-        ],
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit())
-    assert [p.name for p in jobs] == ["0", "1"]
-    coefficients = [(job / ".hydra" / "overrides.yaml").read_text() for job in jobs]
-    assert "loss.bbox_loss_coef=2" in coefficients[0] and "loss.bbox_loss_coef=5" in coefficients[1]
-
-
-def test_resume_from_last_checkpoint_continues_the_epochs(small_demo, tmp_path):
+def test_resume_from_last_checkpoint_continues_the_epochs(demo_run, small_demo, tmp_path):
     runs = tmp_path / "outputs" / "demo"
     first, second = runs / "2026-01-01_00-00-00", runs / "2026-01-01_01-00-00"
     args = ["experiment=demo", f"data.root={small_demo}", "test=false", *QUICK]
-    assert run_train_cli([*args, f"hydra.run.dir={first}"], cwd=tmp_path).returncode == 0
+    shutil.copytree(demo_run[0], first)  # an earlier run of the same experiment, beside this one
     result = run_train_cli(
         [*args, f"hydra.run.dir={second}", "ckpt_path=last", "trainer.max_epochs=2"], cwd=tmp_path
     )
@@ -186,14 +178,11 @@ def test_fire_extinguishers_fast_dev_run_from_official_format_weights(small_demo
     assert "Re-initialised the class head for num_classes=5" in result.stdout + result.stderr
 
 
-def test_ddp_evaluation_equals_single_process(small_demo, tmp_path):
+def test_ddp_evaluation_equals_single_process(demo_run, tmp_path):
     """The same checkpoint scored by 2 CPU processes (gloo) and by 1: every image once, the same detections
     and the same mAP. One image per batch: DETR's outputs depend on how a batch pads an image (the
     feature grid and its mask), and the two runs batch the images differently."""
-    run_dir = tmp_path / "run"
-    args = ["experiment=demo", f"data.root={small_demo}", "test=false", *QUICK]
-    assert run_train_cli([*args, f"hydra.run.dir={run_dir}"], cwd=tmp_path).returncode == 0
-    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    checkpoint = demo_run[0] / "checkpoints" / "last.ckpt"
     figures, detections = {}, {}
     for devices in (1, 2):
         out = tmp_path / f"eval_{devices}"

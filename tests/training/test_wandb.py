@@ -6,9 +6,6 @@ import json
 import os
 import re
 import socket
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +15,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from pycocotools.coco import COCO
 
+from conftest import DemoSweep  # tests/conftest.py
 from detr_lightning import loggers
 from detr_lightning.callbacks.val_samples import class_labels as wandb_class_labels
 from detr_lightning.callbacks.val_samples import confident_detections, ground_truth_boxes
@@ -28,8 +26,6 @@ from detr_lightning.callbacks.wandb_media import (
     wandb_box_layers,
 )
 from detr_lightning.loggers import resolve_wandb_mode, wandb_credentials_found, wandb_server_reachable
-
-from .conftest import QUICK, REPO_ROOT
 
 SYNC_HINT = re.compile(r"W&B offline \(no W&B credentials found\): run `wandb sync (\S+)` to upload")
 DEMO_CLASS_NAMES = {"square", "disc", "triangle"}
@@ -76,46 +72,10 @@ def logged_values(records: list, kind: str) -> dict[str, object]:
     return values
 
 
-def credential_free_env(home: Path) -> dict[str, str]:
-    """This process's environment without any W&B setting or credential, with HOME in a temporary folder."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "NETRC"}
-    return {**env, "HOME": str(home), "DETR_LIGHTNING_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-
-
-@dataclass
-class Sweep:
-    result: subprocess.CompletedProcess
-    jobs: list[Path]
-
-
 @pytest.fixture(scope="module")
-def wandb_sweep(small_demo, tmp_path_factory) -> Sweep:
-    """``python train.py -m logger=wandb loss.bbox_loss_coef=2,5`` with no credentials: two offline jobs."""
-    work_dir = tmp_path_factory.mktemp("wandb_sweep")
-    sweep_dir = work_dir / "sweep"
-    arguments = [
-        "-m",
-        "experiment=demo",
-        "logger=wandb",
-        f"data.root={small_demo}",
-        f"hydra.sweep.dir={sweep_dir}",
-        "loss.bbox_loss_coef=2,5",
-        "callbacks.wandb_media.score_threshold=0",  # an untrained model scores low: draw every query
-        # One training step and one evaluation batch per split keep the two jobs within seconds.
-        *(override for override in QUICK if not override.startswith("trainer.limit_train_batches=")),
-        "trainer.limit_train_batches=1",
-        "data.val_batch_size=6",
-    ]
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "train.py"), *arguments],
-        cwd=work_dir,
-        env=credential_free_env(work_dir / "home"),
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    jobs = sorted(path for path in sweep_dir.iterdir() if path.is_dir() and path.name.isdigit())
-    return Sweep(result, jobs)
+def wandb_sweep(demo_sweep) -> DemoSweep:
+    """The suite's sweep (tests/conftest.py): ``logger=wandb`` with no credentials, two offline jobs."""
+    return demo_sweep
 
 
 def offline_run_dir(job_dir: Path) -> Path:
@@ -137,19 +97,26 @@ def test_offline_run_holds_config_metrics_images_and_tables(wandb_sweep, small_d
     run_dir = offline_run_dir(wandb_sweep.jobs[0])
     media = run_dir / "files" / "media"
 
-    # One image per validation image (6 < num_images=8), named by image id, with both box layers.
+    # At each of the 2 validations (files <image id>_<step>_<hash>): one image per validation image
+    # (6 < num_images=8), named by image id, with both box layers.
     ground_truth = COCO(str(small_demo / "valid" / "_annotations.coco.json"))
     val_ids = sorted(ground_truth.imgs)
     images = sorted((media / "images" / "val" / "predictions").glob("*.png"))
-    assert sorted({int(path.name.split("_")[0]) for path in images}) == val_ids
+    steps = sorted({int(path.name.split("_")[1]) for path in images})
+    assert len(steps) == 2
+    for step in steps:
+        assert sorted(int(path.name.split("_")[0]) for path in images if f"_{step}_" in path.name) == val_ids
     layers_dir = media / "metadata" / "boxes2D" / "val" / "predictions"
-    layers = [json.loads(path.read_text()) for path in sorted(layers_dir.glob("*.boxes2D.json"))]
+    last = steps[-1]
+    layers = [json.loads(path.read_text()) for path in sorted(layers_dir.glob(f"*_{last}_*.boxes2D.json"))]
     assert len(layers) == 2 * len(val_ids)
     boxes = [box for layer in layers for box in layer["box_data"]]
     assert boxes and all(box["domain"] == "pixel" for box in boxes)
     assert DEMO_CLASS_NAMES <= set(layers[0]["class_labels"].values())
     # The first image: every query drawn with its score (threshold 0, num_queries=20), and the file's boxes.
-    first_image_layers = [json.loads(p.read_text()) for p in layers_dir.glob(f"{val_ids[0]}_*.boxes2D.json")]
+    first_image_layers = [
+        json.loads(p.read_text()) for p in layers_dir.glob(f"{val_ids[0]}_{last}_*.boxes2D.json")
+    ]
     (predicted,) = [layer for layer in first_image_layers if any("scores" in b for b in layer["box_data"])]
     (drawn_truth,) = [layer for layer in first_image_layers if layer is not predicted]
     assert len(predicted["box_data"]) == 20 and all("scores" in box for box in predicted["box_data"])
