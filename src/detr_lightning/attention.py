@@ -1,18 +1,15 @@
 """DETR's attention maps, captured with forward hooks, as probability maps over the original image.
 
-Two views, as in the paper's figures and the official attention notebook:
+Two views, as in the paper's figures and the official attention notebook: the last decoder layer's
+cross-attention (where each object query looks) and the last encoder layer's self-attention at one
+pixel (which regions that pixel's feature attends to).
 
-- decoder cross-attention of the last decoder layer: where each object query looks in the image;
-- encoder self-attention of the last encoder layer at one pixel: which image regions that pixel's
-  feature attends to.
-
-Capture is opt-in and leaves no trace: :func:`capture_attention` sets ``need_weights`` only on the two
-layers it reads and registers hooks only on their attention modules and the backbone, for the duration
-of a ``with`` block; both are undone on exit, so a model outside the block runs its usual fast path.
+Capture is opt-in and leaves no trace: :func:`capture_attention` sets ``need_weights`` and hooks only
+for the duration of a ``with`` block, so a model outside it runs its usual fast path.
 
 Shapes: ``B`` images, ``Q`` queries, ``h x w`` feature map of the padded batch (``S = h * w``),
-``(h', w')`` the valid (unpadded) part of one image's feature map, ``(H_in, W_in)`` the image as fed to
-the model (resized, before padding), ``(H, W)`` the original image.
+``(h', w')`` its valid (unpadded) part for one image, ``(H_in, W_in)`` the image as fed to the model
+(resized, before padding), ``(H, W)`` the original image.
 """
 
 from __future__ import annotations
@@ -33,11 +30,11 @@ class AttentionCapture:
     """What one forward pass inside :func:`capture_attention` recorded (``None`` if not captured).
 
     Attributes:
+        stride: input pixels per feature cell (32, or 16 for DC5 / layer3 backbones).
         feature_mask: ``(B, h, w)`` bool, True on padding, the mask the transformer saw.
         decoder_cross: ``(B, Q, S)`` last decoder layer's cross-attention, heads averaged; each row sums
             to one over the unpadded positions.
         encoder_self: ``(B, S, S)`` last encoder layer's self-attention, heads averaged (query, key).
-        stride: input pixels per feature cell (32, or 16 for DC5 / layer3 backbones).
     """
 
     stride: int
@@ -50,9 +47,8 @@ class AttentionCapture:
 def capture_attention(model: DETR, decoder: bool = True, encoder: bool = True) -> Iterator[AttentionCapture]:
     """Record the attention weights of the next forward pass(es) of ``model`` (the last one wins).
 
-    Sets ``need_weights=True`` on the last decoder layer (``decoder``) and the last encoder layer
-    (``encoder``) only, and hooks their attention modules and the backbone; restores both on exit, even
-    on error. Weights are kept on the model's device, detached.
+    Only the last decoder layer (``decoder``) and the last encoder layer (``encoder``) compute weights;
+    both they and the hooks are restored on exit, even on error. Weights stay on the model's device.
     """
     capture = AttentionCapture(stride=int(model.backbone[0].stride))
     decoder_layer = model.transformer.decoder.layers[-1]
@@ -60,21 +56,19 @@ def capture_attention(model: DETR, decoder: bool = True, encoder: bool = True) -
     layers = ([decoder_layer] if decoder else []) + ([encoder_layer] if encoder else [])
     previous = [layer.need_weights for layer in layers]
 
-    def keep_mask(module, inputs, outputs) -> None:
-        capture.feature_mask = outputs[1].detach()  # BackboneWithPosition: features, mask, pos
+    def keep(name: str):
+        # BackboneWithPosition returns (features, mask, pos), nn.MultiheadAttention (output, weights).
+        def hook(module, inputs, outputs) -> None:
+            setattr(capture, name, outputs[1].detach())
 
-    def keep_cross(module, inputs, outputs) -> None:
-        capture.decoder_cross = outputs[1].detach()  # nn.MultiheadAttention: output, weights (B, Q, S)
+        return hook
 
-    def keep_self(module, inputs, outputs) -> None:
-        capture.encoder_self = outputs[1].detach()  # (B, S, S)
-
-    handles = [model.backbone.register_forward_hook(keep_mask)]
+    handles = [model.backbone.register_forward_hook(keep("feature_mask"))]
     try:
         if decoder:
-            handles.append(decoder_layer.multihead_attn.register_forward_hook(keep_cross))
+            handles.append(decoder_layer.multihead_attn.register_forward_hook(keep("decoder_cross")))
         if encoder:
-            handles.append(encoder_layer.self_attn.register_forward_hook(keep_self))
+            handles.append(encoder_layer.self_attn.register_forward_hook(keep("encoder_self")))
         for layer in layers:
             layer.need_weights = True
         yield capture
@@ -86,32 +80,18 @@ def capture_attention(model: DETR, decoder: bool = True, encoder: bool = True) -
 
 
 def valid_feature_size(feature_mask: Tensor) -> tuple[int, int]:
-    """``(h', w')``: unpadded rows and columns of one image's ``(h, w)`` feature mask (padding is
-    bottom/right only, so the valid part is the top-left block)."""
+    """``(h', w')`` of one image's ``(h, w)`` feature mask (padding is bottom/right only)."""
     valid = ~feature_mask
     return int(valid.any(1).sum()), int(valid.any(0).sum())
 
 
 def feature_maps_to_image(
-    maps: Tensor,
-    feature_mask: Tensor,
-    input_size: Sequence[int],
-    image_size: Sequence[int],
-    stride: int,
+    maps: Tensor, feature_mask: Tensor, input_size: Sequence[int], image_size: Sequence[int], stride: int
 ) -> Tensor:
-    """Turn attention over the padded feature grid into probability maps over the original image.
+    """``(K, h, w)`` attention over the padded feature grid -> ``(K, H, W)`` float32 maps summing to one.
 
-    Args:
-        maps: ``(K, h, w)`` non-negative attention over the batch's feature grid.
-        feature_mask: ``(h, w)`` bool, True on padding, of the same image.
-        input_size: ``(H_in, W_in)`` the image as fed to the model (before padding).
-        image_size: ``(H, W)`` the original image.
-        stride: input pixels per feature cell.
-
-    Returns:
-        ``(K, H, W)`` float32: the valid ``(h', w')`` block, upsampled (bilinear, cell centres at
-        ``(i + 0.5) * stride``) to input pixels, cut to ``(H_in, W_in)``, resized to ``(H, W)`` and
-        normalized so each map sums to one.
+    The valid ``(h', w')`` block is upsampled (bilinear, cell centres at ``(i + 0.5) * stride``) to input
+    pixels, cut to ``input_size`` ``(H_in, W_in)``, then resized to ``image_size`` ``(H, W)``.
     """
     valid_h, valid_w = valid_feature_size(feature_mask)
     cells = maps[:, :valid_h, :valid_w].float()[None]  # (1, K, h', w')
@@ -130,11 +110,7 @@ def decoder_attention_maps(
     input_size: Sequence[int],
     image_size: Sequence[int],
 ) -> Tensor:
-    """``(K, H, W)``: where each of the ``K`` given queries of image ``image_index`` looked, summing to one.
-
-    ``input_size`` is the image's ``(H_in, W_in)`` as fed to the model, ``image_size`` its original
-    ``(H, W)``.
-    """
+    """``(K, H, W)``: where each of the ``K`` given queries of image ``image_index`` looked."""
     if capture.decoder_cross is None or capture.feature_mask is None:
         raise RuntimeError("no decoder attention captured: run the model in capture_attention(decoder=True)")
     feature_mask = capture.feature_mask[image_index]  # (h, w)
@@ -150,8 +126,7 @@ def encoder_attention_map(
     input_size: Sequence[int],
     image_size: Sequence[int],
 ) -> Tensor:
-    """``(H, W)``: the encoder self-attention of the feature cell under ``pixel_xy`` (``(x, y)`` in
-    original-image pixels, clamped to the image), summing to one."""
+    """``(H, W)``: the encoder self-attention of the feature cell under original-image pixel ``(x, y)``."""
     if capture.encoder_self is None or capture.feature_mask is None:
         raise RuntimeError("no encoder attention captured: run the model in capture_attention(encoder=True)")
     feature_mask = capture.feature_mask[image_index]  # (h, w)
@@ -168,7 +143,7 @@ def feature_cell(
     stride: int,
     feature_mask: Tensor,
 ) -> tuple[int, int]:
-    """``(row, column)`` of the valid feature cell holding original-image pixel ``(x, y)``."""
+    """``(row, column)`` of the valid feature cell holding original-image pixel ``(x, y)`` (clamped)."""
     height, width = int(image_size[0]), int(image_size[1])
     x = min(max(float(pixel_xy[0]), 0.0), width - 1e-3)
     y = min(max(float(pixel_xy[1]), 0.0), height - 1e-3)

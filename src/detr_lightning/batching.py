@@ -28,9 +28,8 @@ def pad_images_to_batch(images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     channels = images[0].shape[0]
     max_h = max(int(img.shape[-2]) for img in images)
     max_w = max(int(img.shape[-1]) for img in images)
-    first = images[0]
-    batch = first.new_zeros((len(images), channels, max_h, max_w))
-    mask = torch.ones((len(images), max_h, max_w), dtype=torch.bool, device=first.device)
+    batch = images[0].new_zeros((len(images), channels, max_h, max_w))
+    mask = torch.ones((len(images), max_h, max_w), dtype=torch.bool, device=images[0].device)
     for i, img in enumerate(images):
         if img.dim() != 3 or img.shape[0] != channels:
             raise ValueError(

@@ -1,11 +1,9 @@
-"""One way from a weight file to a ready DETR: an official ``.pth``, a Lightning checkpoint of this
-project, a bare state dict, a URL or an official name.
+"""One way from a weight file (official ``.pth``, Lightning checkpoint of this project, bare state dict,
+URL or official name) to a ready DETR.
 
-The architecture comes from the file: a checkpoint of this project says it in full (its
-``hyper_parameters["model"]``, the :func:`build_detr` arguments it was trained with); an official file
-or a bare state dict is read from its tensor shapes, completed by the ``args`` official files carry
-(heads, dilation, dropout) and by the official name. Reading is always safe
-(:func:`~detr_lightning.models.weight_files.load_weights_file`).
+The architecture comes from the file: a checkpoint of this project holds its :func:`build_detr` arguments
+(``hyper_parameters["model"]``); other files are read from their tensor shapes, completed by the ``args``
+official files carry and by the official name. Reading is always safe (``weights_only``).
 """
 
 from __future__ import annotations
@@ -33,9 +31,6 @@ from detr_lightning.models.weight_files import (
 
 log = logging.getLogger(__name__)
 
-#: What tensor shapes cannot tell about an architecture.
-SHAPELESS_KEYS = ("nheads", "dilation", "dropout", "activation")
-
 _BUILD_ARGUMENTS = set(inspect.signature(build_detr).parameters)
 
 
@@ -44,9 +39,9 @@ def extract_state_dict(checkpoint: Any, path: str | os.PathLike = "<checkpoint>"
     (``["state_dict"]`` with keys ``model.*``) or a bare state dict."""
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a dict of weights.")
-    if "model" in checkpoint and isinstance(checkpoint["model"], Mapping):
+    if isinstance(checkpoint.get("model"), Mapping):
         return dict(checkpoint["model"])
-    if "state_dict" in checkpoint and isinstance(checkpoint["state_dict"], Mapping):
+    if isinstance(checkpoint.get("state_dict"), Mapping):
         prefix = "model."
         state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
         if not state:
@@ -64,10 +59,8 @@ def _layer_count(state_dict: Mapping[str, Tensor], prefix: str) -> int:
 
 
 def infer_architecture(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
-    """Read every :func:`build_detr` argument that tensor shapes determine.
-
-    ``nheads``, ``dilation``, ``dropout`` and ``activation`` leave no trace in shapes and are not returned.
-    """
+    """Every :func:`build_detr` argument that tensor shapes determine (not ``nheads``, ``dilation``,
+    ``dropout`` or ``activation``, which leave no trace in them)."""
     body = "backbone.0.body."
     if f"{body}conv1.weight" not in state_dict or "query_embed.weight" not in state_dict:
         raise CheckpointError("these weights are not a DETR model (no backbone.0.body.conv1 / query_embed)")
@@ -78,22 +71,17 @@ def infer_architecture(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
         raise CheckpointError(
             f"unsupported backbone: layer3 has {layer3_blocks} blocks (bottleneck={bottleneck})"
         )
-    enc_layers = _layer_count(state_dict, "transformer.encoder.layers.")
-    dec_layers = _layer_count(state_dict, "transformer.decoder.layers.")
-    ffn_key = "transformer.decoder.layers.0.linear1.weight"
     num_queries, hidden_dim = state_dict["query_embed.weight"].shape
-    extra_group_queries = (
-        state_dict["query_embed_groups"].shape[0] if "query_embed_groups" in state_dict else 0
-    )
+    extra_group_queries = len(state_dict.get("query_embed_groups", ()))  # (Q * (num_groups - 1), D)
     return {
         "num_groups": 1 + extra_group_queries // int(num_queries),
         "backbone": resnets[(bottleneck, layer3_blocks)],
         "num_classes": state_dict["class_embed.weight"].shape[0] - 1,
         "num_queries": int(num_queries),
         "hidden_dim": int(hidden_dim),
-        "enc_layers": enc_layers,
-        "dec_layers": dec_layers,
-        "dim_feedforward": int(state_dict[ffn_key].shape[0]),
+        "enc_layers": _layer_count(state_dict, "transformer.encoder.layers."),
+        "dec_layers": _layer_count(state_dict, "transformer.decoder.layers."),
+        "dim_feedforward": int(state_dict["transformer.decoder.layers.0.linear1.weight"].shape[0]),
         "pre_norm": "transformer.encoder.norm.weight" in state_dict,
         "backbone_norm": "batch" if any(k.endswith("num_batches_tracked") for k in state_dict) else "frozen",
         "backbone_output_stage": "layer4"
@@ -210,8 +198,7 @@ def build_from_file(
         num_classes: when it differs from the file's, the class head is re-initialised (the usual
             fine-tuning recipe) and everything else is loaded.
         aux_loss: whether the model returns aux outputs (does not change the weights).
-        overrides: further :func:`build_detr` arguments that weights do not fix (``dropout``,
-            ``activation``, ``train_backbone``).
+        overrides: :func:`build_detr` arguments that weights do not fix (``dropout``, ``train_backbone`` ...).
     """
     architecture = {**file.architecture, **overrides, "aux_loss": aux_loss}
     file_classes = int(file.state_dict["class_embed.weight"].shape[0]) - 1

@@ -1,10 +1,8 @@
 """The end of a multi-process run: every rank closes the ``torch.distributed`` process group together.
 
-Lightning opens the process group and, for NCCL only, closes it at interpreter exit; a gloo group (DDP
-on CPUs) is left to the C++ destructors of a process that is shutting down, while the other ranks may
-still hold connections to it. Rank processes that exit at different moments can then abort in gloo's
-teardown (SIGABRT), after all their work is done. `close_process_group` closes the group after a
-barrier, so every rank has finished its collectives before any connection goes away.
+Lightning closes the process group at interpreter exit for NCCL only. A gloo group (DDP on CPUs) is left
+to the C++ destructors, and ranks that exit at different moments can then abort (SIGABRT) in gloo's
+teardown after all their work is done. Closing it after a barrier avoids that.
 """
 
 from __future__ import annotations

@@ -38,14 +38,14 @@ def data_config_for_checkpoint(cfg: DictConfig, ckpt_path: Path, command_line: l
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Run the COCO evaluation of ``cfg.split`` and return the figures (also in ``metrics.json``)."""
     quiet_third_party_logs()
-    if not cfg.get("ckpt_path") and not cfg.model.get("pretrained"):
+    if not cfg.ckpt_path and not cfg.model.pretrained:
         raise CheckpointError(
             "Nothing to evaluate: give ckpt_path=RUN/checkpoints/best.ckpt or model.pretrained=detr_r50."
         )
     if cfg.split not in ("val", "test"):
         raise CheckpointError(f"split={cfg.split!r}: choose val or test.")
     data_cfg = cfg.data
-    if cfg.get("ckpt_path"):
+    if cfg.ckpt_path:
         ckpt_path = Path(cfg.ckpt_path).expanduser()
         if not ckpt_path.is_file():
             raise CheckpointError(
@@ -58,15 +58,15 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(data_cfg)
     if not datamodule.has_split(cfg.split):
         raise CheckpointError(f"{data_cfg.root} has no {cfg.split} split to evaluate.")
-    if cfg.get("ckpt_path"):
+    if cfg.ckpt_path:
         module = load_project_checkpoint(ckpt_path)
     else:
         num_classes = cfg.model.num_classes or datamodule.num_classes
         module = build_module(cfg, num_classes)
         module.load_pretrained()
     datamodule.check_num_classes(module.model.num_classes)
-    apply_speed_config(module.model, cfg.get("speed"))
-    trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=False)
+    apply_speed_config(module.model, cfg.speed)
+    trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.callbacks), logger=False)
     run = trainer.validate if cfg.split == "val" else trainer.test
     results = run(module, datamodule=datamodule, verbose=False)
     close_process_group()

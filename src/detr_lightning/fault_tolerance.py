@@ -30,7 +30,8 @@ from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from detr_lightning.checkpoints import CheckpointError, load_weights_file
+from detr_lightning.files import atomic_writer
+from detr_lightning.models.weight_files import CheckpointError, load_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ SLURM_JOB_ENV = "SLURM_JOB_ID"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` to ``.<name>.<pid>.tmp`` beside the target, ``fsync``, then ``os.replace``.
+    """``torch.save`` through :func:`~detr_lightning.files.atomic_writer`: a temporary file beside the
+    target, ``fsync``, then ``os.replace``.
 
     A reader (or a resumed run) sees the old file or the new one, never a partial one. Temporary files
     of killed writers are removed at the next save of the same name. Remote paths (``s3://`` ...) use
@@ -55,40 +57,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        for stale in target.parent.glob(f".{target.name}.*.tmp"):
-            stale.unlink(missing_ok=True)
-        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
-            with open(temporary, "wb") as file:
-                self.write(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, target)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
-        _fsync_directory(target.parent)
+        with atomic_writer(path, "wb", durable=True, remove_stale=True) as file:  # rank 0 writes
+            self.write(checkpoint, file)
 
     @staticmethod
     def write(checkpoint: dict[str, Any], file: Any) -> None:
         """Serialize ``checkpoint`` into the open temporary ``file`` (a seam for fault-injection tests)."""
         torch.save(checkpoint, file)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
 
 
 def weights_are_finite(module: torch.nn.Module) -> bool:

@@ -12,21 +12,50 @@ from typing import IO, Any
 
 
 @contextmanager
-def atomic_writer(path: str | os.PathLike, mode: str = "w", newline: str | None = None) -> Iterator[IO]:
+def atomic_writer(
+    path: str | os.PathLike,
+    mode: str = "w",
+    newline: str | None = None,
+    durable: bool = False,
+    remove_stale: bool = False,
+) -> Iterator[IO]:
     """Open ``.<name>.<pid>.tmp`` beside ``path`` for writing; on success it is renamed to ``path``.
 
     Readers see the old file or the whole new one, never half of it. On an error the temporary file is
-    removed and ``path`` is left as it was. ``mode`` is ``"w"`` (text) or ``"wb"``.
+    removed and ``path`` is left as it was. ``mode`` is ``"w"`` (text) or ``"wb"``. ``durable``: the file
+    and the rename are synced to disk before returning. ``remove_stale``: first remove the temporary files
+    that killed writers of ``path`` left (only where one process writes ``path``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp") if remove_stale else ():
+        stale.unlink(missing_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(temporary, mode, newline=newline) as handle:
             yield handle
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+    if durable:
+        _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -1,13 +1,8 @@
 """A trained DETR ready for inference: weights, class names and the input resize, whatever the source.
 
-Two sources, as in ``eval.py``:
-
-- a Lightning checkpoint of this project (``ckpt_path``), read by
-  :func:`~detr_lightning.checkpoints.read_detr_file`; nothing is downloaded. Class names and the
-  evaluation resize come from the training run's ``.hydra/config.yaml`` (its data annotations);
-- official weights (``model.pretrained``: a name, URL or file) with the 80 COCO class names.
-
-Used by ``predict.py`` and ``export.py``; plain PyTorch below this module, no Hydra.
+As in ``eval.py``: a Lightning checkpoint of this project (``ckpt_path``; class names and the resize
+from the checkpoint and its run's ``.hydra/config.yaml``), or official weights (``model.pretrained``: a
+name, URL or file) with the 80 COCO class names. Used by ``predict.py`` and ``export.py``.
 """
 
 from __future__ import annotations
@@ -22,6 +17,7 @@ from urllib.parse import urlparse
 
 import torch
 from torch import Tensor
+from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
 from torchvision.transforms.v2 import functional as F
 
 from detr_lightning.checkpoints import build_from_file, read_detr_file, saved_scoring
@@ -43,25 +39,11 @@ from detr_lightning.runs import run_data_config
 
 log = logging.getLogger(__name__)
 
-# fmt: off
-_COCO_NAMES_BY_ID = (
-    "N/A", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "N/A", "stop sign", "parking meter", "bench", "bird", "cat",
-    "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "N/A", "backpack",
-    "umbrella", "N/A", "N/A", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard",
-    "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "N/A", "wine glass", "cup", "fork", "knife", "spoon", "bowl",
-    "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut",
-    "cake", "chair", "couch", "potted plant", "bed", "N/A", "dining table", "N/A", "N/A", "toilet",
-    "N/A", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven",
-    "toaster", "sink", "refrigerator", "N/A", "book", "clock", "vase", "scissors", "teddy bear",
-    "hair drier", "toothbrush",
-)
-# fmt: on
-
 #: COCO 2017 category id -> name: the labels of the official DETR models (ids 0, 12, 26, ... are unused).
 COCO_CLASS_NAMES: dict[int, str] = {
-    category_id: name for category_id, name in enumerate(_COCO_NAMES_BY_ID) if name != "N/A"
+    category_id: name
+    for category_id, name in enumerate(FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
+    if name not in ("__background__", "N/A")
 }
 
 
@@ -71,16 +53,11 @@ class InferenceSettingError(CheckpointError):
 
 @dataclass
 class Detector:
-    """A DETR in eval mode with what inference needs besides the weights.
+    """A DETR in eval mode (no aux outputs) with what inference needs besides the weights.
 
-    Attributes:
-        model: the network (eval mode, no aux outputs).
-        class_names: label -> name; labels without a name are shown as ``class <label>``.
-        scale, max_size: the evaluation resize (shorter side, longer-side cap) the model expects.
-        source: where the weights came from (for the outputs' metadata).
-        score: ``softmax`` (official, ``class_loss=ce``) or ``sigmoid`` (trained with ``focal`` /
-            ``varifocal``): how class scores are read from the logits (see :class:`PostProcess`).
-        top_k: with ``sigmoid``, detections per image (``None``: the number of queries).
+    ``class_names``: label -> name (others are shown as ``class <label>``); ``scale``, ``max_size``: the
+    evaluation resize the model expects; ``source``: where the weights came from; ``score``, ``top_k``:
+    how `PostProcess` reads the logits (``softmax`` for ``class_loss=ce``, ``sigmoid`` for focal losses).
     """
 
     model: DETR
@@ -106,19 +83,12 @@ def load_detector(
     scale: int | None = None,
     max_size: int | None = None,
 ) -> Detector:
-    """Load a project checkpoint (``ckpt_path``) or official weights (``pretrained``) for inference.
+    """Load a project checkpoint (``ckpt_path``) or official weights (``pretrained``: ``detr_r50`` ...,
+    a URL or a ``.pth`` file) for inference.
 
-    Args:
-        ckpt_path: a Lightning checkpoint of this project (``RUN/checkpoints/best.ckpt``).
-        pretrained: official weights: ``detr_r50`` ... ``detr_r101_dc5``, a URL or a ``.pth`` file.
-        class_names: names by label (a list indexed by label or a mapping); overrides what the
-            checkpoint or its run provide.
-        scale, max_size: the input resize; ``None`` takes the run's ``data.val_scale`` /
-            ``data.val_max_size`` (official 800 / 1333 for official weights or a run without config).
-
-    Raises:
-        CheckpointError: neither or both sources given, a missing or unreadable file, weights that do
-            not fit; `WeightsUnavailableError` for official weights that cannot be downloaded.
+    ``class_names`` (a list indexed by label, or a mapping) overrides the checkpoint's; ``scale`` and
+    ``max_size`` override the run's ``data.val_scale`` / ``data.val_max_size`` (official: 800 / 1333).
+    Raises a `CheckpointError` for neither or both sources, an unreadable file or weights that do not fit.
     """
     if bool(ckpt_path) == bool(pretrained):
         raise InferenceSettingError(
@@ -202,8 +172,6 @@ def _run_class_names(run_data: Mapping[str, Any] | None, ckpt_path: Path) -> dic
         mode = run_data.get("label_mapping", "raw")
         if mode == "raw":
             ann_files = ann_files[:1]
-        if not ann_files:
-            raise DataError("no annotation file found")
         sources = [(ann_file, read_annotation_file(ann_file)) for ann_file in ann_files]
         return dict(build_label_map(sources, mode).class_names)
     except DataError as error:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import lightning
@@ -146,32 +146,23 @@ class DETRLitModule(lightning.LightningModule):
         )
         self.class_score = class_score(loss.class_loss)  # softmax | sigmoid: matcher, post-processing follow
         matcher_config = MatcherConfig(**(matcher or {}))
-        default_cost = "focal" if self.class_score == "sigmoid" else "softmax"
+        matcher_config.class_cost = matcher_config.class_cost or (
+            "focal" if self.class_score == "sigmoid" else "softmax"
+        )
+        focal = {"focal_alpha": loss.focal_alpha, "focal_gamma": loss.focal_gamma}
         self.criterion = SetCriterion(
             self.model.num_classes,
-            HungarianMatcher(
-                cost_class=matcher_config.cost_class,
-                cost_bbox=matcher_config.cost_bbox,
-                cost_giou=matcher_config.cost_giou,
-                class_cost=matcher_config.class_cost or default_cost,
-                focal_alpha=loss.focal_alpha,
-                focal_gamma=loss.focal_gamma,
-            ),
+            HungarianMatcher(**asdict(matcher_config), **focal),
             weight_dict,
             eos_coef=loss.eos_coef,
             class_loss=loss.class_loss,
-            focal_alpha=loss.focal_alpha,
-            focal_gamma=loss.focal_gamma,
             varifocal_alpha=loss.varifocal_alpha,
+            **focal,
         )
-        self.prior_prob = loss.prior_prob if self.class_score == "sigmoid" else None
-        self.init_class_prior()
+        if self.class_score == "sigmoid" and loss.prior_prob is not None:
+            # Every class score starts at prior_prob (Deformable DETR's init).
+            torch.nn.init.constant_(self.model.class_embed.bias, prior_class_bias(loss.prior_prob))
         self.postprocess = PostProcess(self.class_score, top_k=PostprocessConfig(**(postprocess or {})).top_k)
-
-    def init_class_prior(self) -> None:
-        """Sigmoid class losses: every class score starts at ``prior_prob`` (Deformable DETR's init)."""
-        if self.prior_prob is not None:
-            torch.nn.init.constant_(self.model.class_embed.bias, prior_class_bias(self.prior_prob))
 
     # ------------------------------------------------------------------ weights
     def load_pretrained(self, source: str | os.PathLike | DETRFile | None = None) -> None:
@@ -224,7 +215,7 @@ class DETRLitModule(lightning.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Label -> class name, so predict/export name classes from the checkpoint alone.
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = getattr(self._trainer, "datamodule", None)
         try:
             names = dict(getattr(datamodule, "class_names", None) or {})
         except Exception:  # a datamodule not set up (or without names): the names stay out
@@ -249,21 +240,13 @@ class DETRLitModule(lightning.LightningModule):
     def _log_losses(self, stage: str, losses: dict[str, Tensor], total: Tensor, batch_size: int) -> None:
         """The official log: scaled losses under their names, every value also ``_unscaled``."""
         weights = self.criterion.weight_dict
-        values = {}
-        values.update({f"{stage}/{k}": v.detach() * weights[k] for k, v in losses.items() if k in weights})
+        values = {f"{stage}/{k}": v.detach() * weights[k] for k, v in losses.items() if k in weights}
         values.update({f"{stage}/{k}_unscaled": v.detach() for k, v in losses.items()})
         values[f"{stage}/class_error"] = losses["class_error"].detach()
-        on_step = stage == "train"
-        self.log_dict(values, on_step=on_step, on_epoch=True, batch_size=batch_size, sync_dist=not on_step)
-        self.log(
-            f"{stage}/loss",
-            total.detach(),
-            prog_bar=True,
-            on_step=on_step,
-            on_epoch=True,
-            batch_size=batch_size,
-            sync_dist=not on_step,
-        )
+        on_step = stage == "train"  # training logs every step; val/test epoch means, synced across ranks
+        options = {"on_step": on_step, "on_epoch": True, "batch_size": batch_size, "sync_dist": not on_step}
+        self.log_dict(values, **options)
+        self.log(f"{stage}/loss", total.detach(), prog_bar=True, **options)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         _, losses, total = self._losses(batch)
@@ -343,16 +326,15 @@ class DETRLitModule(lightning.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int) -> list[dict[str, Tensor]]:
         images, mask, targets = batch
-        outputs = self.model(images, mask)
-        return self.postprocess(outputs, torch.stack([t["orig_size"] for t in targets]))
+        return self.postprocess(self.model(images, mask), torch.stack([t["orig_size"] for t in targets]))
 
     # ------------------------------------------------------------------ optimization
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW with the backbone as its own group (official recipe), StepLR stepped every epoch."""
         settings = self.optimizer_config
-        backbone = [p for n, p in self.model.named_parameters() if "backbone" in n and p.requires_grad]
-        rest = [p for n, p in self.model.named_parameters() if "backbone" not in n and p.requires_grad]
-        groups = [{"params": rest, "name": "transformer"}]
+        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        backbone = [p for n, p in trainable if "backbone" in n]
+        groups = [{"params": [p for n, p in trainable if "backbone" not in n], "name": "transformer"}]
         if backbone:
             groups.append({"params": backbone, "lr": settings.lr_backbone, "name": "backbone"})
         optimizer = torch.optim.AdamW(

@@ -148,11 +148,10 @@ def wandb_credentials_found(base_url: str = WANDB_DEFAULT_BASE_URL) -> bool:
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
     host = urlsplit(base_url).hostname
-    if os.environ.get("NETRC"):  # as wandb: the variable, when set, is the only file read
-        candidates = [Path(os.environ["NETRC"]).expanduser()]
-    else:
-        candidates = [Path("~/.netrc").expanduser(), Path("~/_netrc").expanduser()]
-    netrc_path = next((path for path in candidates if path.is_file()), None)
+    # As wandb: $NETRC, when set, is the only file read.
+    names = [os.environ["NETRC"]] if os.environ.get("NETRC") else ["~/.netrc", "~/_netrc"]
+    paths = [Path(name).expanduser() for name in names]
+    netrc_path = next((path for path in paths if path.is_file()), None)
     if host is None or netrc_path is None:
         return False
     try:

@@ -9,11 +9,9 @@ For an image or a folder of images it writes, into the output folder:
 - with ``attention``: ``attention/<file name>.png``, the last decoder layer's cross-attention of each
   detection and the encoder self-attention at one pixel (see `detr_lightning.attention`).
 
-DETR's output is shown as it is: no NMS, only the score threshold.
-
-Data flow: files -> :class:`ImageFiles` (decode, resize) -> :func:`collate_images` (pad) ->
-``Trainer.predict`` with :class:`DetectorModule` (forward, post-process) -> :class:`PredictionWriter`
-(threshold, files). Lightning chooses the device and shows the progress bar.
+DETR's output is shown as it is: no NMS, only the score threshold. Data flow: :class:`ImageFiles`
+(decode, resize) -> :func:`collate_images` (pad) -> ``Trainer.predict`` with :class:`DetectorModule`
+(forward, post-process) -> :class:`PredictionWriter` (threshold, files).
 """
 
 from __future__ import annotations
@@ -33,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from torchvision.ops import clip_boxes_to_image
 
 from detr_lightning.attention import (
     AttentionCapture,
@@ -104,32 +103,24 @@ def predict(cfg: DictConfig) -> Path:
 
 
 def trainer_device(device: str) -> dict[str, Any]:
-    """The Trainer's ``accelerator`` and ``devices`` for ``device=auto|cpu|cuda|cuda:N``: one device in
-    every case (``auto``: Lightning's choice, CUDA when available; ``cuda``: the first GPU).
-
-    Raises:
-        InferenceSettingError: an unknown device, or a GPU that is not there.
-    """
+    """The Trainer's ``accelerator`` and ``devices`` for ``device=auto|cpu|cuda|cuda:N``: one device
+    (``auto``: Lightning's choice). An `InferenceSettingError` for an unknown device or a missing GPU."""
     if device in ("auto", "cpu"):
         return {"accelerator": device, "devices": 1}
     kind, colon, index = device.partition(":")
     if kind != "cuda" or (colon and not index.isdigit()):
         raise InferenceSettingError(f"device={device!r} is not a device. Fix: auto, cpu or cuda.")
-    if not torch.cuda.is_available() or int(index or 0) >= torch.cuda.device_count():
+    gpu = int(index or 0)
+    if not torch.cuda.is_available() or gpu >= torch.cuda.device_count():
         raise InferenceSettingError(
             f"device={device} but no such CUDA GPU is available. Fix: device=auto or cpu."
         )
-    return {"accelerator": "gpu", "devices": [int(index or 0)]}
+    return {"accelerator": "gpu", "devices": [gpu]}
 
 
 def list_images(input_path: str | Path) -> list[Path]:
-    """The image files at ``input_path`` (one file, or a folder's files, not recursive, sorted).
-
-    Files of a folder that are not decodable images (JPEG, PNG, GIF, WEBP) are skipped with a warning.
-
-    Raises:
-        DataError: a missing path, a single file that is not an image, or a folder without images.
-    """
+    """The image files at ``input_path``: one file, or a folder's (sorted, not recursive, non-images
+    skipped with a warning). A `DataError` for a missing path, a non-image file or no image at all."""
     path = Path(str(input_path)).expanduser()
     if not path.exists():
         raise DataError(f"input={path} does not exist. Fix: give an image file or a folder of images.")
@@ -195,11 +186,9 @@ class ImageFiles(Dataset):
 
 
 class ImageBatch(NamedTuple):
-    """A batch of :class:`ImageFiles`: ``B`` decoded files and the ones that failed to decode.
-
-    ``images`` ``(B, 3, H_max, W_max)`` float32 padded model inputs, ``mask`` ``(B, H_max, W_max)`` bool
-    True on padding, ``sizes`` ``(B, 2)`` int64 original (height, width); all three None when ``B = 0``.
-    """
+    """``B`` decoded files and the failed ones: ``images`` ``(B, 3, H_max, W_max)`` float32 padded inputs,
+    ``mask`` ``(B, H_max, W_max)`` True on padding, ``sizes`` ``(B, 2)`` original (height, width); all
+    three None when ``B = 0``."""
 
     images: Tensor | None
     mask: Tensor | None
@@ -219,8 +208,8 @@ def collate_images(items: list[LoadedImage]) -> ImageBatch:
 
 
 class DetectorModule(lightning.LightningModule):
-    """A :class:`~detr_lightning.inference.Detector`'s model and post-processing, for ``Trainer.predict``
-    (official weights have no :class:`~detr_lightning.lit_module.DETRLitModule` settings)."""
+    """A `Detector`'s model and post-processing for ``Trainer.predict`` (official weights have no
+    `DETRLitModule` settings)."""
 
     def __init__(self, detector: Detector, attention: bool = False) -> None:
         super().__init__()
@@ -239,9 +228,8 @@ class DetectorModule(lightning.LightningModule):
         )
 
     def predict_step(self, batch: ImageBatch) -> tuple[list[dict[str, Tensor]], AttentionCapture | None]:
-        """Per decoded image, every detection (:class:`~detr_lightning.models.PostProcess`: ``scores``
-        ``(N,)``, ``labels`` ``(N,)``, ``boxes`` ``(N, 4)`` xyxy original pixels, ``queries`` ``(N,)``);
-        and the batch's attention with ``attention``, else None."""
+        """Per image ``scores``, ``labels``, ``queries`` ``(N,)`` and ``boxes`` ``(N, 4)`` xyxy original
+        pixels (`PostProcess`); and the batch's attention with ``attention``, else None."""
         if batch.images is None:
             return [], None
         with capture_attention(self.model) if self.attention else nullcontext() as capture:
@@ -250,11 +238,9 @@ class DetectorModule(lightning.LightningModule):
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Keeps the detections scoring at least ``threshold`` and writes the outputs of the module docstring:
-    drawn images (and attention figures) batch by batch, ``predictions.json`` at the end.
-
-    ``attention_pixel`` ``(x, y)``: where the encoder attention is shown (None: centre of the top box).
-    """
+    """Writes the outputs of the module docstring for detections scoring at least ``threshold``: images
+    batch by batch, ``predictions.json`` at the end. ``attention_pixel`` ``(x, y)``: where the encoder
+    attention is shown (None: centre of the top box)."""
 
     def __init__(
         self,
@@ -300,9 +286,7 @@ class PredictionWriter(BasePredictionWriter):
         keep = keep[found["scores"][keep].argsort(descending=True)]  # detection indices, best first
         scores = found["scores"][keep].cpu()
         labels = found["labels"][keep].cpu().tolist()
-        boxes = found["boxes"][keep].cpu()
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+        boxes = clip_boxes_to_image(found["boxes"][keep].cpu(), (height, width))
         names = [self.detector.class_name(label) for label in labels]
         captions = [f"{name} {score:.2f}" for name, score in zip(names, scores.tolist(), strict=True)]
         drawn_path = self.output_dir / DRAWN_DIR / _drawn_name(item.path)

@@ -28,9 +28,6 @@ class OutputDirError(OSError):
     """An output folder that cannot be written or has no room for the checkpoints."""
 
 
-# ----------------------------------------------------------------------------------------- output folders
-
-
 def checkpoint_bytes(module: torch.nn.Module) -> int:
     """About the size of one training checkpoint: all weights and buffers plus AdamW's two moments."""
     weights = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
@@ -45,11 +42,8 @@ def output_dirs(cfg: DictConfig) -> list[Path]:
         for node in (cfg.get(group) or {}).values():
             if isinstance(node, DictConfig):
                 found += [node.get(key) for key in keys]
-    dirs: list[Path] = []
-    for value in found:
-        if value and "://" not in str(value) and Path(str(value)) not in dirs:
-            dirs.append(Path(str(value)))
-    return dirs
+    dirs = [Path(str(value)) for value in found if value and "://" not in str(value)]
+    return list(dict.fromkeys(dirs))  # without repeats, in order
 
 
 def _writable(directory: Path) -> None:
@@ -111,9 +105,6 @@ class RunDirCheck(Callback):
             _writable(Path(str(directory)))
         except OutputDirError as error:
             raise SystemExit(f"error: {error}") from None
-
-
-# ------------------------------------------------------------------------------------------- objects
 
 
 def warn_more_boxes_than_queries(datamodule: Any, num_queries: int) -> int:

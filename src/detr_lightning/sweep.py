@@ -109,12 +109,12 @@ def optimized_value(cfg: DictConfig, metrics: dict[str, float] | None) -> float 
     failed job (``metrics`` None) or a metric that was never logged, so sweepers count the trial as failed;
     None when no ``optimized_metric`` is set.
     """
-    name = cfg.get("optimized_metric")
+    name = cfg.optimized_metric
     if not name:
         return None
     if metrics is None:
         return math.nan
-    mode = check_mode(cfg.get("optimized_metric_mode", "max"), "optimized_metric_mode")
+    mode = str(cfg.optimized_metric_mode)  # max | min, checked by the config schema
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     best = best_of_epochs(read_epoch_rows(job_dir), name, mode)
     if best is not None:

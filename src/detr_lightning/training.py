@@ -68,15 +68,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     quiet_third_party_logs()
     check_values(cfg)
     data = cfg.data
-    if data.root is None and not data.train.ann_file and not data.get("generate_demo"):
+    if data.root is None and not data.train.ann_file and not data.generate_demo:
         raise ConfigError(
             "no training data: pass data.root=DIR (a COCO-format folder: Roboflow export or COCO layout) "
             "for the official DETR-R50 fine-tuning recipe, or experiment=demo for the built-in demo."
         )
-    ckpt_path = resolve_resume_checkpoint(cfg.get("ckpt_path"), cfg.trainer.get("default_root_dir"))
+    ckpt_path = resolve_resume_checkpoint(cfg.ckpt_path, cfg.trainer.default_root_dir)
     if ckpt_path:
         check_resume_checkpoint(ckpt_path)  # weights_only=True + allow-list, before Lightning reads it
-    if cfg.get("seed") is not None:
+    if cfg.seed is not None:
         lightning.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
@@ -89,12 +89,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     warn_more_boxes_than_queries(datamodule, cfg.model.num_queries)
     module = build_module(cfg, num_classes)
     check_run_outputs(cfg, module)  # writable, with room for the checkpoints: not found after an epoch
-    if cfg.model.get("pretrained") and not ckpt_path:
+    if cfg.model.pretrained and not ckpt_path:
         module.load_pretrained()
-    apply_speed_config(module.model, cfg.get("speed"))
+    apply_speed_config(module.model, cfg.speed)
 
-    callbacks = instantiate_group(cfg.get("callbacks"))
-    loggers = instantiate_group(cfg.get("logger"))
+    callbacks = instantiate_group(cfg.callbacks)
+    loggers = instantiate_group(cfg.logger)
     trainer: lightning.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     hyperparameters = group_values(cfg)
     for logger in trainer.loggers:
@@ -108,7 +108,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         )
         raise SystemExit(SIGTERM_EXIT_CODE) from None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if _is_scalar(v)}
-    if cfg.get("test") and datamodule.has_split("test") and not trainer.fast_dev_run:
+    if cfg.test and datamodule.has_split("test") and not trainer.fast_dev_run:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True, verbose=False)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if _is_scalar(v)})

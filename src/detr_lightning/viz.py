@@ -1,10 +1,8 @@
 """Pictures of detections: boxes drawn on the image, and attention heat maps.
 
-Boxes are drawn two ways: `draw_detections` into the pixels of a full-size image (``predict.py``'s drawn
-files), `draw_boxes` onto a matplotlib axis (the attention figures here, ``TrainingPlots``' grid).
-
-Figures are matplotlib ``Figure`` objects rendered by the Agg canvas, never through ``pyplot``, so no
-window or global backend is involved.
+`draw_detections` draws into the pixels of a full-size image (``predict.py``'s drawn files),
+`draw_boxes` onto a matplotlib axis (the attention figures, ``TrainingPlots``' grid). Figures are
+rendered by the Agg canvas, never through ``pyplot``: no window or global backend is involved.
 """
 
 from __future__ import annotations
@@ -69,51 +67,33 @@ def draw_boxes(
     linewidth: float = 2.0,
     linestyle: str = "-",
     caption_at: Literal["above", "below"] = "above",
-    fontsize: float = 6,
 ) -> None:
-    """Draw ``xyxy`` pixel boxes in one colour on a matplotlib axis that shows the image.
+    """Draw ``(K, 4)`` xyxy pixel boxes in one matplotlib ``color`` on an axis showing the image.
 
-    Args:
-        axis: the axis, in image pixel coordinates (after ``imshow``).
-        boxes: ``(K, 4)`` xyxy pixels.
-        color: any matplotlib colour (a name, ``#rrggbb``, an RGB tuple in [0, 1]).
-        captions: one per box (white text on a tag of the box's colour), or None for none.
-        linewidth, linestyle: of the box outline.
-        caption_at: the tag sits on the box's top edge (``"above"``) or hangs from its bottom edge
-            (``"below"``), at its left; tags are clipped to the axis.
+    ``captions`` (one per box) are white text on a tag of the box's colour, at its left, sitting on its
+    top edge (``caption_at="above"``) or hanging from its bottom edge (``"below"``), clipped to the axis.
     """
     rows = boxes.tolist() if isinstance(boxes, Tensor) else list(boxes)
     for box, caption in zip(rows, captions if captions is not None else [None] * len(rows), strict=True):
         x0, y0, x1, y1 = (float(value) for value in box)
-        axis.add_patch(
-            Rectangle(
-                (x0, y0),
-                x1 - x0,
-                y1 - y0,
-                fill=False,
-                edgecolor=color,
-                linewidth=linewidth,
-                linestyle=linestyle,
-            )
+        outline = Rectangle(
+            (x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color, linewidth=linewidth, linestyle=linestyle
         )
+        axis.add_patch(outline)
         if caption is not None:
+            above = caption_at == "above"
+            tag = {"facecolor": color, "alpha": 0.7, "pad": 1, "linewidth": 0}
+            va = "bottom" if above else "top"
             axis.text(
-                x0,
-                y0 if caption_at == "above" else y1,
-                caption,
-                color="white",
-                fontsize=fontsize,
-                va="bottom" if caption_at == "above" else "top",
-                clip_on=True,
-                bbox={"facecolor": color, "alpha": 0.7, "pad": 1, "linewidth": 0},
+                x0, y0 if above else y1, caption, color="white", fontsize=6, va=va, clip_on=True, bbox=tag
             )
 
 
 def save_image(image: Tensor, path: Path) -> None:
-    """Write a ``(3, H, W)`` uint8 image; JPEG for ``.jpg``/``.jpeg`` names, else PNG."""
-    array = image.permute(1, 2, 0).cpu().numpy()
+    """Write a ``(3, H, W)`` uint8 image; JPEG (quality 95) for ``.jpg``/``.jpeg`` names, else PNG."""
     jpeg = path.suffix.lower() in (".jpg", ".jpeg")
-    Image.fromarray(array).save(path, format="JPEG" if jpeg else "PNG", **({"quality": 95} if jpeg else {}))
+    options = {"format": "JPEG", "quality": 95} if jpeg else {"format": "PNG"}
+    Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(path, **options)
 
 
 def save_attention_figure(
@@ -125,21 +105,14 @@ def save_attention_figure(
     labels: Sequence[int],
     encoder_map: Tensor | None,
     encoder_pixel: Sequence[float] | None,
-    columns: int = 4,
 ) -> None:
-    """One PNG: a panel per detection (its decoder cross-attention over the image, with its box), then
-    a panel with the encoder self-attention at ``encoder_pixel`` (marked with a cross).
-
-    Args:
-        image: ``(3, H, W)`` uint8.
-        decoder_maps: one ``(H, W)`` map per detection.
-        boxes: ``(K, 4)`` xyxy pixels; ``captions`` and ``labels`` of length ``K``.
-        encoder_map: ``(H, W)`` or None; ``encoder_pixel`` its ``(x, y)``.
-    """
+    """One PNG: a panel per detection (its ``(H, W)`` decoder map over the ``(3, H, W)`` uint8 image, with
+    its xyxy box of ``(K, 4)`` ``boxes``), then the ``(H, W)`` encoder map at ``encoder_pixel`` (a cross);
+    four panels a row."""
     panels = len(decoder_maps) + (encoder_map is not None)
     if panels == 0:
         return
-    columns = max(1, min(columns, panels))
+    columns = min(4, panels)
     rows = -(-panels // columns)
     height, width = int(image.shape[-2]), int(image.shape[-1])
     # Panels about as large as the image (within 2-4 inches at 100 dpi) and a fixed title band:
