@@ -4,6 +4,7 @@ the base of both."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +36,7 @@ class ValidationSample:
     ground_truth: Mapping[str, Tensor]
 
 
-class ValidationImagesCallback(lightning.Callback):
+class ValidationImagesCallback(lightning.Callback, ABC):
     """Follows the first ``num_images`` validation images (lowest ids of the validation annotation file,
     the same every epoch) and, after every validation epoch but the sanity check, hands them to `show` on
     global rank 0 with the detections scoring at least ``score_threshold``, gathered from every rank.
@@ -63,11 +64,11 @@ class ValidationImagesCallback(lightning.Callback):
         """The images to follow ([] shows nothing); every rank reads the same file, so chooses the same."""
         return sorted(trainer.datamodule.coco_gt("val").imgs)[: self.num_images]
 
+    @abstractmethod
     def show(
         self, trainer: lightning.Trainer, samples: list[ValidationSample], names: dict[int, str]
     ) -> None:
         """Show the followed images that have detections, in id order; ``names``: see `class_labels`."""
-        raise NotImplementedError
 
     def on_validation_epoch_start(
         self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
