@@ -1,11 +1,9 @@
 """DETR's attention maps, captured with forward hooks, as probability maps over the original image.
 
-Two views, as in the paper's figures and the official attention notebook: the last decoder layer's
-cross-attention (where each object query looks) and the last encoder layer's self-attention at one
-pixel (which regions that pixel's feature attends to).
-
-Capture is opt-in and leaves no trace: :func:`capture_attention` sets ``need_weights`` and hooks only
-for the duration of a ``with`` block, so a model outside it runs its usual fast path.
+As in the paper's figures: the last decoder layer's cross-attention (where each object query looks) and
+the last encoder layer's self-attention at one pixel (which regions that pixel's feature attends to).
+:func:`capture_attention` sets ``need_weights`` and hooks only inside its ``with`` block, so a model
+outside it runs its usual fast path.
 
 Shapes: ``B`` images, ``Q`` queries, ``h x w`` feature map of the padded batch (``S = h * w``),
 ``(h', w')`` its valid (unpadded) part for one image, ``(H_in, W_in)`` the image as fed to the model
@@ -15,8 +13,9 @@ Shapes: ``B`` images, ``Q`` queries, ``h x w`` feature map of the padded batch (
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -51,32 +50,25 @@ def capture_attention(model: DETR, decoder: bool = True, encoder: bool = True) -
     both they and the hooks are restored on exit, even on error. Weights stay on the model's device.
     """
     capture = AttentionCapture(stride=int(model.backbone[0].stride))
-    decoder_layer = model.transformer.decoder.layers[-1]
-    encoder_layer = model.transformer.encoder.layers[-1]
-    layers = ([decoder_layer] if decoder else []) + ([encoder_layer] if encoder else [])
-    previous = [layer.need_weights for layer in layers]
-
-    def keep(name: str):
-        # BackboneWithPosition returns (features, mask, pos), nn.MultiheadAttention (output, weights).
-        def hook(module, inputs, outputs) -> None:
-            setattr(capture, name, outputs[1].detach())
-
-        return hook
-
-    handles = [model.backbone.register_forward_hook(keep("feature_mask"))]
-    try:
-        if decoder:
-            handles.append(decoder_layer.multihead_attn.register_forward_hook(keep("decoder_cross")))
-        if encoder:
-            handles.append(encoder_layer.self_attn.register_forward_hook(keep("encoder_self")))
-        for layer in layers:
-            layer.need_weights = True
+    decoder_layer, encoder_layer = model.transformer.decoder.layers[-1], model.transformer.encoder.layers[-1]
+    # (capture field, module whose outputs[1] it is, layer that must compute weights): BackboneWithPosition
+    # returns (features, mask, pos), nn.MultiheadAttention (output, weights).
+    watched = [("feature_mask", model.backbone, None)]
+    if decoder:
+        watched.append(("decoder_cross", decoder_layer.multihead_attn, decoder_layer))
+    if encoder:
+        watched.append(("encoder_self", encoder_layer.self_attn, encoder_layer))
+    with ExitStack() as restore:
+        for name, module, layer in watched:
+            restore.enter_context(module.register_forward_hook(partial(_keep_weights, capture, name)))
+            if layer is not None:
+                restore.callback(setattr, layer, "need_weights", layer.need_weights)
+                layer.need_weights = True
         yield capture
-    finally:
-        for handle in handles:
-            handle.remove()
-        for layer, value in zip(layers, previous, strict=True):
-            layer.need_weights = value
+
+
+def _keep_weights(capture, name, module, inputs, outputs) -> None:
+    setattr(capture, name, outputs[1].detach())
 
 
 def valid_feature_size(feature_mask: Tensor) -> tuple[int, int]:
@@ -99,8 +91,16 @@ def feature_maps_to_image(
     in_pixels = in_pixels[..., : int(input_size[0]), : int(input_size[1])]
     on_image = F.interpolate(in_pixels, size=(int(image_size[0]), int(image_size[1])), mode="bilinear")[0]
     on_image = on_image.clamp_min(0)
-    total = on_image.sum(dim=(1, 2), keepdim=True)
-    return on_image / total.clamp_min(torch.finfo(on_image.dtype).tiny)
+    return on_image / on_image.sum(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(on_image.dtype).tiny)
+
+
+def _captured(capture: AttentionCapture, name: str, image_index: int) -> tuple[Tensor, Tensor]:
+    """Image ``image_index``'s ``(h, w)`` feature mask and its captured ``name`` weights."""
+    weights = getattr(capture, name)
+    if weights is None or capture.feature_mask is None:
+        part = name.split("_")[0]
+        raise RuntimeError(f"no {part} attention captured: run the model in capture_attention({part}=True)")
+    return capture.feature_mask[image_index], weights[image_index]
 
 
 def decoder_attention_maps(
@@ -111,11 +111,9 @@ def decoder_attention_maps(
     image_size: Sequence[int],
 ) -> Tensor:
     """``(K, H, W)``: where each of the ``K`` given queries of image ``image_index`` looked."""
-    if capture.decoder_cross is None or capture.feature_mask is None:
-        raise RuntimeError("no decoder attention captured: run the model in capture_attention(decoder=True)")
-    feature_mask = capture.feature_mask[image_index]  # (h, w)
-    queries = torch.as_tensor(query_indices, dtype=torch.long, device=capture.decoder_cross.device)
-    maps = capture.decoder_cross[image_index, queries].reshape(len(queries), *feature_mask.shape)  # (K, h, w)
+    feature_mask, cross = _captured(capture, "decoder_cross", image_index)  # (h, w), (Q, S)
+    queries = torch.as_tensor(query_indices, dtype=torch.long, device=cross.device)
+    maps = cross[queries].reshape(len(queries), *feature_mask.shape)  # (K, h, w)
     return feature_maps_to_image(maps, feature_mask, input_size, image_size, capture.stride)
 
 
@@ -127,12 +125,9 @@ def encoder_attention_map(
     image_size: Sequence[int],
 ) -> Tensor:
     """``(H, W)``: the encoder self-attention of the feature cell under original-image pixel ``(x, y)``."""
-    if capture.encoder_self is None or capture.feature_mask is None:
-        raise RuntimeError("no encoder attention captured: run the model in capture_attention(encoder=True)")
-    feature_mask = capture.feature_mask[image_index]  # (h, w)
+    feature_mask, self_attention = _captured(capture, "encoder_self", image_index)  # (h, w), (S, S)
     row, col = feature_cell(pixel_xy, input_size, image_size, capture.stride, feature_mask)
-    query = row * feature_mask.shape[1] + col
-    keys = capture.encoder_self[image_index, query].reshape(1, *feature_mask.shape)  # (1, h, w)
+    keys = self_attention[row * feature_mask.shape[1] + col].reshape(1, *feature_mask.shape)  # (1, h, w)
     return feature_maps_to_image(keys, feature_mask, input_size, image_size, capture.stride)[0]
 
 

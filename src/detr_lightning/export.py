@@ -11,11 +11,8 @@ copy gave NaN in ONNX) is in the graph. ONNX Runtime's nearest ``Resize`` comput
 result is a whole number, which would change the feature-level padding mask and with it every output.
 The ONNX graph therefore gets that mask from :func:`nearest_mask`, PyTorch's arithmetic as tensor ops.
 
-ONNX goes through ``torch.onnx.export(dynamo=True)`` (``torch.export``), with dynamic batch, height and
-width; ``onnx_exporter=legacy`` selects the TorchScript-based exporter and ``auto`` falls back to it.
-TorchScript is a ``torch.jit.trace``, which reads sizes from tensors at run time. Every export is run
-again (onnxruntime, ``torch.jit.load``) on a padded batch, and a dynamic one at a second size and
-batch, and compared with PyTorch: outputs finite, max abs difference within ``atol``.
+ONNX goes through ``torch.onnx.export(dynamo=True)`` (``onnx_exporter=legacy``: ``dynamo=False``;
+``auto`` falls back to it); TorchScript is a ``torch.jit.trace``, which reads sizes at run time.
 """
 
 from __future__ import annotations
@@ -24,7 +21,7 @@ import json
 import logging
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -34,6 +31,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from detr_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from detr_lightning.files import atomic_writer
 from detr_lightning.inference import Detector, InferenceSettingError, load_detector
 from detr_lightning.models.detr import DETR
 
@@ -51,19 +49,14 @@ class ExportError(RuntimeError):
 
 
 class ExportableDETR(nn.Module):
-    """DETR with tensor inputs and a tuple of the two final outputs, as exporters want.
-
-    ``forward(images (B, 3, H, W), mask (B, H, W) bool | None) -> (pred_logits, pred_boxes)``; without a
-    mask no pixel is padding.
-    """
+    """DETR as exporters want it: ``(images (B, 3, H, W), mask (B, H, W) bool | None) -> (pred_logits,
+    pred_boxes)``; without a mask no pixel is padding."""
 
     def __init__(self, model: DETR) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, images: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        if mask is None:
-            mask = torch.zeros_like(images[:, 0], dtype=torch.bool)
         outputs = self.model(images, mask)
         return outputs["pred_logits"], outputs["pred_boxes"]
 
@@ -85,20 +78,11 @@ def nearest_mask(mask: Tensor, size: Sequence[int]) -> Tensor:
     return mask.index_select(1, rows).index_select(2, cols)
 
 
-@contextmanager
-def _portable_feature_mask(model: DETR) -> Iterator[None]:
-    """While exporting to ONNX, replace the backbone's down-sampled mask by :func:`nearest_mask` (a
-    forward hook on ``ResNetBackbone``, whose outputs are ``(features, feature_mask)``)."""
-
-    def replace_mask(module: nn.Module, inputs: tuple[Tensor, Tensor], outputs: tuple[Tensor, Tensor]):
-        features = outputs[0]
-        return features, nearest_mask(inputs[1], features.shape[-2:])
-
-    handle = model.backbone[0].register_forward_hook(replace_mask)
-    try:
-        yield
-    finally:
-        handle.remove()
+def _portable_feature_mask(module: nn.Module, inputs: tuple[Tensor, Tensor], outputs: tuple[Tensor, Tensor]):
+    """Forward hook on ``ResNetBackbone`` (outputs ``(features, feature_mask)``) while exporting to ONNX:
+    the down-sampled mask from :func:`nearest_mask`."""
+    features = outputs[0]
+    return features, nearest_mask(inputs[1], features.shape[-2:])
 
 
 @dataclass
@@ -117,23 +101,16 @@ class ExportResult:
 class ExportSettings:
     """What every export format shares: the example input it is traced on, and the check against PyTorch.
 
-    Attributes:
-        height, width, batch_size: the example input (a fixed-size ONNX graph takes exactly this size).
-        dynamic: ONNX: symbolic batch, height and width; both formats: also check a second size.
-        mask_input: take the ``(B, H, W)`` padding mask as a second input (else images only).
-        atol: the largest accepted ``|exported - PyTorch|`` on the check inputs.
-        verify: run the exported model on the check inputs and compare it with PyTorch.
-
     Raises `InferenceSettingError` on an example input too small to export.
     """
 
-    height: int = 800
+    height: int = 800  # the example input (a fixed-size ONNX graph takes exactly this size)
     width: int = 1066
     batch_size: int = 1
-    dynamic: bool = True
-    mask_input: bool = True
-    atol: float = 1e-4
-    verify: bool = True
+    dynamic: bool = True  # ONNX: symbolic batch, height and width; both formats: also check a second size
+    mask_input: bool = True  # take the (B, H, W) padding mask as a second input (else images only)
+    atol: float = 1e-4  # the largest accepted |exported - PyTorch| on the check inputs
+    verify: bool = True  # run the exported model on the check inputs and compare it with PyTorch
 
     def __post_init__(self) -> None:
         if min(self.height, self.width) < 32 or self.batch_size < 1:
@@ -179,15 +156,10 @@ def export(cfg: DictConfig) -> ExportResult:
     else:
         result = export_torchscript(detector.model, output_dir / "model.pt", settings)
     write_export_info(result, detector, settings, output_dir / "export.json")
+    size = "any size" if fmt == "torchscript" else "dynamic size" if settings.dynamic else "fixed size"
     checked = ", ".join(f"{label} {diff:.1e}" for label, diff in result.max_abs_diff.items())
-    log.info(
-        "Exported %s (%s, %s) to %s; %s",
-        result.format,
-        result.exporter,
-        "any size" if fmt == "torchscript" else "dynamic size" if settings.dynamic else "fixed size",
-        result.path,
-        f"max |difference| to PyTorch: {checked}" if checked else "not verified (verify=false)",
-    )
+    verified = f"max |difference| to PyTorch: {checked}" if checked else "not verified (verify=false)"
+    log.info("Exported %s (%s, %s) to %s; %s", result.format, result.exporter, size, result.path, verified)
     return result
 
 
@@ -196,8 +168,7 @@ def example_inputs(
 ) -> tuple[Tensor, ...]:
     """``(images, mask)`` (or ``(images,)``) of random normalized pixels; with a mask and two or more
     images, the second one is padded at the bottom and right (zeros, mask True), as a real batch is."""
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch_size, 3, height, width, generator=generator)
+    images = torch.randn(batch_size, 3, height, width, generator=torch.Generator().manual_seed(seed))
     if not mask_input:
         return (images,)
     mask = torch.zeros(batch_size, height, width, dtype=torch.bool)
@@ -227,58 +198,44 @@ def export_onnx(
     batch_size = max(settings.batch_size, 2) if settings.dynamic else settings.batch_size
     inputs = example_inputs(batch_size, settings.height, settings.width, settings.mask_input)
     dynamo = exporter != "legacy"
-    with _portable_feature_mask(module.model):
-        if dynamo:
-            try:
-                _export_onnx(module, inputs, path, settings, opset, dynamo=True)
-            except Exception as error:  # the exporter raises many types; any failure means "try legacy"
-                if exporter == "dynamo":
-                    raise
-                log.warning("torch.onnx dynamo exporter failed (%s); using the legacy exporter.", error)
-                dynamo = False
-        if not dynamo:
-            _export_onnx(module, inputs, path, settings, opset or LEGACY_OPSET, dynamo=False)
+    with module.model.backbone[0].register_forward_hook(_portable_feature_mask), _quiet_exporters():
+        try:
+            torch.onnx.export(module, inputs, str(path), **_onnx_options(settings, opset, dynamo))
+        except Exception as error:  # the exporter raises many types; any failure means "try legacy"
+            if exporter != "auto":
+                raise
+            log.warning("torch.onnx dynamo exporter failed (%s); using the legacy exporter.", error)
+            dynamo = False
+            torch.onnx.export(module, inputs, str(path), **_onnx_options(settings, opset, dynamo))
     exporter_name = f"torch.onnx.export(dynamo={dynamo})"
     result = ExportResult(path, "onnx", exporter_name, settings.input_names, settings.dynamic)
     if settings.verify:
-        result.max_abs_diff = verify_export(
-            _onnx_runner(path), module, settings.check_inputs(), settings.atol
-        )
+        checks = settings.check_inputs()
+        result.max_abs_diff = verify_export(_onnx_runner(path), module, checks, settings.atol)
     return result
 
 
-def _export_onnx(
-    module: nn.Module,
-    inputs: tuple[Tensor, ...],
-    path: Path,
-    settings: ExportSettings,
-    opset: int | None,
-    dynamo: bool,
-) -> None:
-    """``torch.onnx.export`` with ``dynamo`` or the legacy exporter, each with its own way of naming the
-    dynamic axes."""
+def _onnx_options(settings: ExportSettings, opset: int | None, dynamo: bool) -> dict[str, Any]:
+    """``torch.onnx.export``'s options for ``dynamo`` or the legacy exporter, each with its own way of
+    naming the dynamic axes."""
     axes = {"images": {0: "batch", 2: "height", 3: "width"}, "mask": {0: "batch", 1: "height", 2: "width"}}
     axes = {name: axes[name] for name in settings.input_names}
-    options: dict[str, Any] = {}
-    if dynamo and settings.dynamic:
-        dims = {name: torch.export.Dim(name, min=1) for name in ("batch", "height", "width")}
-        shapes = {name: {axis: dims[dim] for axis, dim in axes[name].items()} for name in axes}
-        options.update(dynamic_shapes=shapes)
-    elif settings.dynamic:
-        options.update(dynamic_axes={**axes, **{name: {0: "batch"} for name in OUTPUT_NAMES}})
+    options: dict[str, Any] = {
+        "input_names": settings.input_names,
+        "output_names": list(OUTPUT_NAMES),
+        "opset_version": opset or (None if dynamo else LEGACY_OPSET),
+        "dynamo": dynamo,
+    }
     if dynamo:
         options.update(external_data=False, verbose=False)
-    with _quiet_exporters():
-        torch.onnx.export(
-            module,
-            inputs,
-            str(path),
-            input_names=settings.input_names,
-            output_names=list(OUTPUT_NAMES),
-            opset_version=opset,
-            dynamo=dynamo,
-            **options,
-        )
+    if dynamo and settings.dynamic:
+        dims = {name: torch.export.Dim(name, min=1) for name in ("batch", "height", "width")}
+        options["dynamic_shapes"] = {
+            name: {axis: dims[dim] for axis, dim in axes[name].items()} for name in axes
+        }
+    elif settings.dynamic:
+        options["dynamic_axes"] = {**axes, **{name: {0: "batch"} for name in OUTPUT_NAMES}}
+    return options
 
 
 def export_torchscript(
@@ -295,10 +252,8 @@ def export_torchscript(
     if settings.verify:
         with _quiet_exporters():
             reloaded = torch.jit.load(str(path))
-            checks = settings.check_inputs()
-            result.max_abs_diff = verify_export(
-                lambda inputs: list(reloaded(*inputs)), module, checks, settings.atol
-            )
+            checks, atol = settings.check_inputs(), settings.atol
+            result.max_abs_diff = verify_export(lambda inputs: reloaded(*inputs), module, checks, atol)
     return result
 
 
@@ -311,18 +266,15 @@ def _exportable(model: DETR, path: Path) -> ExportableDETR:
 @contextmanager
 def _quiet_exporters() -> Iterator[None]:
     """Silence the exporters' progress prints, deprecation notes and tracer warnings (checked anyway)."""
-    quieter = {"onnx_ir": logging.WARNING, "onnxscript": logging.WARNING}
-    quieter["onnxscript.optimizer._constant_folding"] = logging.ERROR  # "Skipping constant folding" per op
-    levels = {name: logging.getLogger(name).level for name in quieter}
-    for name, level in quieter.items():
-        logging.getLogger(name).setLevel(level)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
+    levels = {"onnx_ir": logging.WARNING, "onnxscript": logging.WARNING}
+    levels["onnxscript.optimizer._constant_folding"] = logging.ERROR  # "Skipping constant folding" per op
+    with ExitStack() as restore, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
+            logger = logging.getLogger(name)
+            restore.callback(logger.setLevel, logger.level)
+            logger.setLevel(level)
+        yield
 
 
 def _onnx_runner(path: Path) -> Callable[[tuple[Tensor, ...]], list[Tensor]]:
@@ -409,4 +361,5 @@ def write_export_info(result: ExportResult, detector: Detector, settings: Export
         "class_names": {str(label): name for label, name in sorted(detector.class_names.items())},
         "max_abs_diff_to_pytorch": result.max_abs_diff,
     }
-    path.write_text(json.dumps(info, indent=1))
+    with atomic_writer(path) as handle:
+        json.dump(info, handle, indent=1)

@@ -1,17 +1,8 @@
-"""Interrupted runs lose nothing: complete checkpoints, ``last.ckpt`` at every save point, SIGTERM, SLURM.
+"""Interrupted runs lose nothing: complete checkpoints (:class:`AtomicCheckpointIO`), ``last.ckpt`` at every
+save point and on SIGTERM (:class:`RobustModelCheckpoint`), resuming with ``ckpt_path=last`` or as a
+requeued SLURM job (:func:`resolve_resume_checkpoint`).
 
-- :class:`AtomicCheckpointIO` (``trainer.plugins``) writes every checkpoint to a temporary file in the
-  same folder, syncs it to disk and renames it over the target: a run killed while saving leaves the
-  previous ``last.ckpt`` whole. (Lightning's own writer stages the file in ``$TMPDIR`` and *copies* it
-  when that is another file system, so a kill can leave a truncated file.)
-- :class:`RobustModelCheckpoint` (``callbacks.model_checkpoint``): ``last.ckpt`` at every save point,
-  not only when ``best.ckpt`` improved (Lightning 2.6 skips it otherwise); no checkpoint of weights
-  holding NaN/inf; on SIGTERM (what schedulers send before killing a job) ``last.ckpt`` of the current
-  step, then the run stops (``train.py`` exits with status 143).
-- :func:`resolve_resume_checkpoint`: ``ckpt_path=last`` and the automatic resume of a restarted SLURM
-  job; :func:`check_resume_checkpoint` refuses files that need pickled code before Lightning reads them.
-
-Only public Lightning API is used: the ``TorchCheckpointIO.save_checkpoint`` method, the public hooks of
+Only public Lightning API is used: ``TorchCheckpointIO.save_checkpoint``, the public hooks of
 ``ModelCheckpoint`` and ``Trainer.save_checkpoint``.
 """
 
@@ -23,8 +14,8 @@ from pathlib import Path
 from typing import Any
 from weakref import proxy
 
-import lightning
 import torch
+from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
@@ -38,17 +29,14 @@ log = logging.getLogger(__name__)
 #: Exit status of a run stopped by SIGTERM after saving (128 + 15, the shell's convention).
 SIGTERM_EXIT_CODE = 143
 
-#: Environment variables of a SLURM job (``SLURM_RESTART_COUNT`` is set once the job was requeued).
-SLURM_JOB_ENV = "SLURM_JOB_ID"
-
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``torch.save`` through :func:`~detr_lightning.files.atomic_writer`: a temporary file beside the
-    target, ``fsync``, then ``os.replace``.
+    target, ``fsync``, then ``os.replace``, so a reader (or a resumed run) never sees a partial file.
 
-    A reader (or a resumed run) sees the old file or the new one, never a partial one. Temporary files
-    of killed writers are removed at the next save of the same name. Remote paths (``s3://`` ...) use
-    Lightning's writer.
+    Lightning's own writer stages the file in ``$TMPDIR`` and *copies* it when that is another file
+    system, so a kill can leave a truncated file. Temporary files of killed writers are removed at the
+    next save of the same name. Remote paths (``s3://`` ...) use Lightning's writer.
     """
 
     def save_checkpoint(
@@ -69,23 +57,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def weights_are_finite(module: torch.nn.Module) -> bool:
     """Whether every parameter and floating-point buffer is finite (one host sync)."""
     tensors = [t for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()]
-    if not tensors:
-        return True
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
 
 
 class RobustModelCheckpoint(ModelCheckpoint):
     """:class:`~lightning.pytorch.callbacks.ModelCheckpoint` that keeps ``last.ckpt`` current and sane.
 
     The best (top-k) checkpoints are Lightning's, unchanged. ``last.ckpt`` (``save_last=True``) is written
-    here, with ``Trainer.save_checkpoint``, at every save point:
-
-    - the end of every training epoch (after the best checkpoint, so the state it holds is current),
-      after every validation within an epoch, and every ``every_n_train_steps`` steps, also when the
-      monitored metric did not improve: stock Lightning 2.6 writes it only together with a best
-      checkpoint, and resuming from it would silently repeat epochs;
-    - on SIGTERM, ``last.ckpt`` of the current step, before the run stops.
-
+    here, with ``Trainer.save_checkpoint``, at every save point: the end of every training epoch (after the
+    best checkpoint, so the state it holds is current), after every validation within an epoch, every
+    ``every_n_train_steps`` steps, and on SIGTERM before the run stops. Stock Lightning 2.6 writes it only
+    together with an improved best checkpoint, and resuming from it would silently repeat epochs.
     Nothing is saved (neither best nor last) while the weights hold NaN/inf; a warning says so.
     """
 
@@ -97,24 +79,25 @@ class RobustModelCheckpoint(ModelCheckpoint):
         self._last_saved_step: int | None = None
         self._warned_step: int | None = None
 
-    def _finite_or_warn(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> bool:
+    def _finite_or_warn(self, trainer: Trainer, pl_module: LightningModule) -> bool:
         if weights_are_finite(pl_module):
             return True
         if trainer.is_global_zero and self._warned_step != trainer.global_step:  # once per step
             self._warned_step = trainer.global_step
             log.warning(
-                "Not saving checkpoints at step %d: the model weights hold NaN/inf. The last good "
-                "checkpoint stays in %s.",
-                trainer.global_step,
-                self.dirpath,
+                f"Not saving checkpoints at step {trainer.global_step}: the model weights hold NaN/inf. "
+                f"The last good checkpoint stays in {self.dirpath}."
             )
         return False
 
     @staticmethod
-    def _fitting(trainer: lightning.Trainer) -> bool:
+    def _fitting(trainer: Trainer) -> bool:
         return trainer.state.fn == TrainerFn.FITTING and not (trainer.fast_dev_run or trainer.sanity_checking)
 
-    def _save_last(self, trainer: lightning.Trainer) -> None:
+    def _can_save(self, trainer: Trainer, pl_module: LightningModule) -> bool:
+        return self._fitting(trainer) and self._finite_or_warn(trainer, pl_module)
+
+    def _save_last(self, trainer: Trainer) -> None:
         """Write ``last.ckpt`` of the current step (once per step; every rank calls it)."""
         if not self.keeps_last or self._last_saved_step == trainer.global_step:
             return
@@ -125,58 +108,42 @@ class RobustModelCheckpoint(ModelCheckpoint):
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
 
-    def on_train_batch_end(
-        self,
-        trainer: lightning.Trainer,
-        pl_module: lightning.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         step_save = bool(self.step_interval) and trainer.global_step % self.step_interval == 0
         if (step_save or self.saves_on_a_timer) and not self._finite_or_warn(trainer, pl_module):
             return
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        super().on_train_batch_end(trainer, pl_module, *args)
         if step_save and self._fitting(trainer):
             self._save_last(trainer)
 
-    def on_validation_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
-        if not self._fitting(trainer) or not self._finite_or_warn(trainer, pl_module):
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._can_save(trainer, pl_module):
             return
         super().on_validation_end(trainer, pl_module)
         if not trainer.is_last_batch:  # at an epoch's end, last.ckpt follows on_train_epoch_end's best
             self._save_last(trainer)
 
-    def on_train_epoch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
-        if not self._fitting(trainer) or not self._finite_or_warn(trainer, pl_module):
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._can_save(trainer, pl_module):
             return
         super().on_train_epoch_end(trainer, pl_module)
         self._save_last(trainer)
 
-    def on_exception(
-        self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, exception: BaseException
-    ) -> None:
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         super().on_exception(trainer, pl_module, exception)
-        if not isinstance(exception, SIGTERMException) or not self._fitting(trainer) or not self.keeps_last:
+        if not isinstance(exception, SIGTERMException) or not self.keeps_last:
             return
-        if not self._finite_or_warn(trainer, pl_module):
+        if not self._can_save(trainer, pl_module):
             return
         self._save_last(trainer)
         if trainer.is_global_zero:
             log.info(
-                "SIGTERM: saved %s at epoch %d, step %d; resume with ckpt_path=last (or the same "
-                "hydra.run.dir under SLURM).",
-                self.last_model_path,
-                trainer.current_epoch,
-                trainer.global_step,
+                f"SIGTERM: saved {self.last_model_path} at epoch {trainer.current_epoch}, step "
+                f"{trainer.global_step}; resume with ckpt_path=last (or the same hydra.run.dir under SLURM)."
             )
 
 
 # ---------------------------------------------------------------------------------------------- resuming
-
-
-def _newest(paths: list[Path]) -> Path | None:
-    return max(paths, key=lambda path: path.stat().st_mtime) if paths else None
 
 
 def run_checkpoints(run_dir: Path) -> list[Path]:
@@ -198,18 +165,14 @@ def resolve_resume_checkpoint(ckpt_path: str | None, output_dir: str | None) -> 
     - any other value: a path, used as given.
     """
     if ckpt_path is None:
-        if output_dir is None or not os.environ.get(SLURM_JOB_ENV):
+        if output_dir is None or not os.environ.get("SLURM_JOB_ID"):
             return None
-        found = _newest(run_checkpoints(Path(output_dir)))
+        found = max(run_checkpoints(Path(output_dir)), key=os.path.getmtime, default=None)
         if found is not None:
-            log.info(
-                "SLURM job %s restarted (restart count %s): resuming from %s",
-                os.environ[SLURM_JOB_ENV],
-                os.environ.get("SLURM_RESTART_COUNT", "?"),
-                found,
-            )
-            return str(found)
-        return None
+            restarts = os.environ.get("SLURM_RESTART_COUNT", "?")  # set once the job was requeued
+            job = os.environ["SLURM_JOB_ID"]
+            log.info(f"SLURM job {job} restarted (restart count {restarts}): resuming from {found}")
+        return None if found is None else str(found)
     if ckpt_path != "last":
         if not Path(ckpt_path).expanduser().is_file():
             raise CheckpointError(
@@ -219,7 +182,7 @@ def resolve_resume_checkpoint(ckpt_path: str | None, output_dir: str | None) -> 
     if output_dir is None:
         raise CheckpointError("ckpt_path=last needs the run directory; give the checkpoint's path instead.")
     this_run = Path(output_dir).resolve()
-    latest = _newest(list(this_run.parent.glob("*/checkpoints/last.ckpt")))
+    latest = max(this_run.parent.glob("*/checkpoints/last.ckpt"), key=os.path.getmtime, default=None)
     if latest is None:
         raise CheckpointError(
             f"ckpt_path=last: no earlier run with checkpoints/last.ckpt in {this_run.parent}. "
@@ -230,12 +193,9 @@ def resolve_resume_checkpoint(ckpt_path: str | None, output_dir: str | None) -> 
 
 
 def check_resume_checkpoint(path: str) -> None:
-    """Read ``path`` as ``train.py`` will resume from it, refusing what is unsafe or not a training state.
-
-    The file is loaded with ``torch.load(weights_only=True)`` and the project's allow-list first, so a
-    file that would run code on unpickling is refused with the reason (a :class:`CheckpointError`)
-    instead of a stack trace from inside Lightning.
-    """
+    """Refuse, with the reason (a :class:`CheckpointError`), a checkpoint to resume from that is no training
+    state or would run code on unpickling: read first with ``torch.load(weights_only=True)`` and the
+    project's allow-list, it fails here instead of with a stack trace from inside Lightning."""
     checkpoint = load_weights_file(path)
     keys = set(checkpoint) if isinstance(checkpoint, dict) else set()
     missing = [key for key in ("state_dict", "optimizer_states", "loops") if key not in keys]

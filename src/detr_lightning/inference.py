@@ -1,8 +1,6 @@
-"""A trained DETR ready for inference: weights, class names and the input resize, whatever the source.
-
-As in ``eval.py``: a Lightning checkpoint of this project (``ckpt_path``; class names and the resize
-from the checkpoint and its run's ``.hydra/config.yaml``), or official weights (``model.pretrained``: a
-name, URL or file) with the 80 COCO class names. Used by ``predict.py`` and ``export.py``.
+"""A trained DETR ready for inference (``predict.py``, ``export.py``): weights, class names and the input
+resize, from a checkpoint of this project and its run's ``.hydra/config.yaml`` (``ckpt_path``) or from
+official weights (``model.pretrained``: a name, URL or file) with the 80 COCO class names.
 """
 
 from __future__ import annotations

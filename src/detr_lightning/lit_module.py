@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-import lightning
 import torch
+from lightning import LightningModule
 from torch import Tensor
 
 from detr_lightning.checkpoints import DETRFile, build_from_file, read_detr_file, saved_scoring
@@ -87,7 +87,7 @@ class NonFiniteTrainingError(RuntimeError):
     """Too many consecutive training steps with a NaN/inf loss or gradients: the run cannot recover."""
 
 
-class DETRLitModule(lightning.LightningModule):
+class DETRLitModule(LightningModule):
     """Train and evaluate DETR.
 
     Every argument is a plain mapping (what Hydra composes), so checkpoints hold no pickled objects;
@@ -137,13 +137,9 @@ class DETRLitModule(lightning.LightningModule):
             model_args["train_backbone"] = False
         self.model = build_detr(**model_args)
         loss = self.loss_config
-        weight_dict = build_weight_dict(
-            num_decoder_layers=len(self.model.transformer.decoder.layers),
-            aux_loss=self.model.aux_loss,
-            ce_loss_coef=loss.ce_loss_coef,
-            bbox_loss_coef=loss.bbox_loss_coef,
-            giou_loss_coef=loss.giou_loss_coef,
-        )
+        coefficients = {key: value for key, value in asdict(loss).items() if key.endswith("_loss_coef")}
+        num_layers = len(self.model.transformer.decoder.layers)
+        weight_dict = build_weight_dict(num_layers, self.model.aux_loss, **coefficients)
         self.class_score = class_score(loss.class_loss)  # softmax | sigmoid: matcher, post-processing follow
         matcher_config = MatcherConfig(**(matcher or {}))
         matcher_config.class_cost = matcher_config.class_cost or (
@@ -231,10 +227,11 @@ class DETRLitModule(lightning.LightningModule):
     def forward(self, images: Tensor, mask: Tensor | None = None) -> dict[str, Any]:
         return self.model(images, mask)
 
-    def _losses(self, batch: Any) -> tuple[dict[str, Any], dict[str, Tensor], Tensor]:
+    def _losses(self, batch: Any, training: bool = True) -> tuple[dict[str, Any], dict[str, Tensor], Tensor]:
         images, mask, targets = batch
         outputs = self.model(images, mask)
-        losses = self.criterion(outputs, targets)
+        # Box normalizer over all processes in training only: evaluation shards may differ in length.
+        losses = self.criterion(outputs, targets, across_processes=training)
         return outputs, losses, self.criterion.weighted_total(losses)
 
     def _log_losses(self, stage: str, losses: dict[str, Tensor], total: Tensor, batch_size: int) -> None:
@@ -282,11 +279,8 @@ class DETRLitModule(lightning.LightningModule):
         self._consecutive_skips += 1
         image_ids = [int(i) for i in image_ids]
         log.warning(
-            "Skipped step %d: the loss or gradients are NaN/inf (batch image ids %s; %d in a row, %d in all)",
-            self.global_step,
-            image_ids,
-            self._consecutive_skips,
-            self.skipped_steps,
+            f"Skipped step {self.global_step}: the loss or gradients are NaN/inf (batch image ids "
+            f"{image_ids}; {self._consecutive_skips} in a row, {self.skipped_steps} in all)"
         )
         if self._consecutive_skips >= self.max_consecutive_nonfinite:
             raise NonFiniteTrainingError(
@@ -298,24 +292,19 @@ class DETRLitModule(lightning.LightningModule):
             )
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.log(
-            "train/skipped_steps",
-            float(self.skipped_steps),
-            on_step=False,
-            on_epoch=True,
-            reduce_fx="max",
-            batch_size=1,
-        )
+        skipped = float(self.skipped_steps)
+        self.log("train/skipped_steps", skipped, on_step=False, on_epoch=True, reduce_fx="max", batch_size=1)
+
+    def _detect(self, outputs: dict[str, Any], targets: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        return self.postprocess(outputs, torch.stack([t["orig_size"] for t in targets]))
 
     def _evaluation_step(self, stage: str, batch: Any) -> dict[str, Any]:
-        outputs, losses, total = self._losses(batch)
+        outputs, losses, total = self._losses(batch, training=False)
         targets = batch[2]
         self._log_losses(stage, losses, total, batch_size=len(targets))
-        orig_sizes = torch.stack([t["orig_size"] for t in targets])
-        detections = self.postprocess(outputs, orig_sizes)
         return {
             "image_ids": torch.stack([t["image_id"] for t in targets]).tolist(),  # one host sync
-            "detections": [{k: v.detach() for k, v in d.items()} for d in detections],
+            "detections": [{k: v.detach() for k, v in d.items()} for d in self._detect(outputs, targets)],
         }
 
     def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
@@ -326,7 +315,7 @@ class DETRLitModule(lightning.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int) -> list[dict[str, Tensor]]:
         images, mask, targets = batch
-        return self.postprocess(self.model(images, mask), torch.stack([t["orig_size"] for t in targets]))
+        return self._detect(self.model(images, mask), targets)
 
     # ------------------------------------------------------------------ optimization
     def configure_optimizers(self) -> dict[str, Any]:

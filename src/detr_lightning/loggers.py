@@ -34,13 +34,7 @@ log = logging.getLogger(__name__)
 WANDB_DEFAULT_BASE_URL = "https://api.wandb.ai"
 SERVER_PROBE_TIMEOUT_S = 3.0  # for the W&B server to accept a connection before the run goes offline
 #: ``WANDB_MODE`` values and the mode each one means.
-_ENV_MODES = {
-    "online": "online",
-    "run": "online",
-    "offline": "offline",
-    "dryrun": "offline",
-    "disabled": "disabled",
-}
+_ENV_MODES = dict(online="online", run="online", offline="offline", dryrun="offline", disabled="disabled")
 
 
 class WandbLoggerWithSyncHint(WandbLogger):

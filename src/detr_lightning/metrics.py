@@ -45,11 +45,9 @@ def build_map_metric(
 ) -> MeanAveragePrecision:
     """A box mAP metric that reproduces ``COCOeval`` exactly, fed as :func:`evaluate_coco_detections` does.
 
-    Args:
-        backend: COCOeval implementation; ``faster_coco_eval`` (C++) gives the same numbers.
-        class_metrics: also compute ``map_per_class`` and ``mar_100_per_class`` (a COCOeval run per class).
-        sync_on_compute: gather the states of all ranks in ``compute()``; off when one rank has the whole
-            split, or ``compute()`` waits for the others.
+    ``class_metrics`` adds ``map_per_class`` and ``mar_100_per_class`` (a COCOeval run per class);
+    ``sync_on_compute`` gathers the states of all ranks in ``compute()``: off when one rank has the whole
+    split, or ``compute()`` waits for the others.
     """
     return MeanAveragePrecision(
         box_format="xywh",
@@ -71,24 +69,29 @@ def coco_detections(
     Takes per image ``boxes (Q, 4)`` absolute xyxy, ``scores (Q,)`` and ``labels (Q,)`` model labels;
     returns per image ``boxes (N, 4)`` xywh, ``scores (N,)`` and ``labels (N,)`` int64 category ids. Labels
     without a category id (e.g. the unused slot 0 of a raw COCO mapping) are dropped: COCOeval ignores
-    them anyway, and the results file stays valid. Boxes (made xywh in float32, as the official DETR
-    evaluation does) and scores are float64 holding the shortest decimal that reads back as the same
-    float32 (``452.22375``, not ``452.2237548828125``): short results files, the same numbers as the metric.
+    them anyway. Boxes and scores are float64 holding the shortest decimal of their float32 value
+    (``452.22375``, not ``452.2237548828125``): short results files, the same numbers as the metric.
     """
     converted = []
     for detection in detections:
-        labels = detection["labels"].tolist()
-        keep = torch.tensor([label in label_to_category_id for label in labels], dtype=torch.bool)
-        category_ids = [label_to_category_id[label] for label in labels if label in label_to_category_id]
+        keep, category_ids = map_labels(detection["labels"], label_to_category_id)
         boxes = detection["boxes"].detach().cpu()[keep].float()
         converted.append(
             {
                 "boxes": _shortest_decimal(box_convert(boxes, "xyxy", "xywh")),
                 "scores": _shortest_decimal(detection["scores"].detach().cpu()[keep]),
-                "labels": torch.tensor(category_ids, dtype=torch.int64),
+                "labels": category_ids,
             }
         )
     return converted
+
+
+def map_labels(labels: Tensor, mapping: Mapping[int, int]) -> tuple[Tensor, Tensor]:
+    """``labels (N,)`` through ``mapping``: which of them it maps (``(N,)`` bool) and their values
+    (``(M,)`` int64, in order); labels it lacks are left out."""
+    values = labels.tolist()
+    keep = torch.tensor([value in mapping for value in values], dtype=torch.bool)
+    return keep, torch.tensor([mapping[value] for value in values if value in mapping], dtype=torch.int64)
 
 
 def _shortest_decimal(values: Tensor) -> Tensor:
@@ -98,12 +101,9 @@ def _shortest_decimal(values: Tensor) -> Tensor:
 
 
 def coco_ground_truth(coco_gt: Any, image_ids: Sequence[int]) -> list[dict[str, Tensor]]:
-    """Ground truth of ``image_ids`` from the annotation file's ``COCO`` index, as COCOeval reads it.
-
-    Returns per image ``boxes (M, 4)`` float64 xywh as in the file, ``labels (M,)`` int64 category ids,
-    ``iscrowd (M,)`` int64 and ``area (M,)`` float64 from the file (not the box area); crowd boxes
-    included (COCOeval matches detections to them without counting them as misses).
-    """
+    """Ground truth of ``image_ids`` from the annotation file's ``COCO`` index, as COCOeval reads it: per
+    image ``boxes (M, 4)`` float64 xywh, ``labels (M,)`` int64 category ids, ``iscrowd (M,)`` int64 and
+    ``area (M,)`` float64, as in the file, crowd boxes included."""
     ground_truth = []
     for image_id in image_ids:
         if image_id not in coco_gt.imgs:
@@ -127,11 +127,8 @@ def coco_ground_truth(coco_gt: Any, image_ids: Sequence[int]) -> list[dict[str, 
 def unique_images(
     image_ids: Sequence[int], detections: Sequence[Mapping[str, Tensor]]
 ) -> tuple[list[int], list[Mapping[str, Tensor]]]:
-    """Sort images by id and keep the first entry of a repeated id.
-
-    Distributed samplers repeat images to give every rank as many; COCO counts every image once, and
-    COCOeval goes through images in ascending id.
-    """
+    """Sort images by id and keep the first entry of a repeated id (distributed samplers repeat images to
+    give every rank as many; COCO counts every image once)."""
     first_of_image: dict[int, Mapping[str, Tensor]] = {}
     for image_id, detection in zip(image_ids, detections, strict=True):
         first_of_image.setdefault(int(image_id), detection)
@@ -147,11 +144,9 @@ def evaluate_coco_detections(
     class_metrics: bool = True,
 ) -> dict[str, Tensor]:
     """COCO box mAP of :func:`coco_detections` outputs (one per image id; a repeated id counts once)
-    against the annotation file's ``COCO`` index, all computed in this process.
-
-    Returns torchmetrics' result: 0-dim float32 ``map``, ``map_50``, ..., ``mar_large`` (the 12 COCO stats,
-    -1 where nothing qualifies), and ``map_per_class (K,)``, ``mar_100_per_class (K,)``, ``classes (K,)``.
-    """
+    against the annotation file's ``COCO`` index, computed in this process: torchmetrics' result, 0-dim
+    float32 ``map``, ``map_50``, ..., ``mar_large`` (the 12 COCO stats, -1 where nothing qualifies), and
+    ``map_per_class (K,)``, ``mar_100_per_class (K,)``, ``classes (K,)``."""
     sorted_ids, sorted_detections = unique_images(image_ids, detections)
     metric = build_map_metric(backend=backend, class_metrics=class_metrics, sync_on_compute=False)
     predictions = [{key: d[key].cpu() for key in ("boxes", "scores", "labels")} for d in sorted_detections]
@@ -162,11 +157,8 @@ def evaluate_coco_detections(
 def coco_results(
     image_ids: Sequence[int], detections: Sequence[Mapping[str, Tensor]]
 ) -> list[dict[str, Any]]:
-    """Outputs of :func:`coco_detections`, one per image id, as rows of a COCO results file.
-
-    Rows hold exactly the numbers the metric sees, so re-scoring the file gives the logged figures;
-    rounding them further would move boxes across IoU thresholds and tie scores.
-    """
+    """Outputs of :func:`coco_detections`, one per image id, as rows of a COCO results file: exactly the
+    numbers the metric sees (rounding them further would move boxes across IoU thresholds and tie scores)."""
     rows = []
     for image_id, detection in zip(image_ids, detections, strict=True):
         boxes, scores = detection["boxes"].tolist(), detection["scores"].tolist()
@@ -208,13 +200,9 @@ def per_class_table(result: Mapping[str, Tensor], class_names: Mapping[int, str]
     table.add_column("class")
     for column in ("id", "AP@[.50:.95]", f"AR@{COCO_MAX_DETECTIONS[-1]}"):
         table.add_column(column, justify="right")
-    for category_id, average_precision, average_recall in per_class_values(result):
-        table.add_row(
-            escape(str(class_names.get(category_id, category_id))),
-            str(category_id),
-            "-" if average_precision < 0 else f"{average_precision:0.3f}",
-            "-" if average_recall < 0 else f"{average_recall:0.3f}",
-        )
+    for category_id, *values in per_class_values(result):
+        figures = ["-" if value < 0 else f"{value:0.3f}" for value in values]  # AP, AR
+        table.add_row(escape(str(class_names.get(category_id, category_id))), str(category_id), *figures)
     return table
 
 

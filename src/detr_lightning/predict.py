@@ -1,17 +1,13 @@
 """Detect objects in image files: what ``predict.py`` runs.
 
-For an image or a folder of images it writes, into the output folder:
+For an image or a folder of images it writes, into the output folder: ``predictions.json`` (per image
+its file, size and the detections scoring at least the threshold, best first: xyxy ``boxes`` in
+original-image pixels clipped to the image, ``scores``, ``labels``, ``names``), ``images/<file name>``
+(the boxes drawn) and, with ``attention``, ``attention/<file name>.png`` (`detr_lightning.attention`).
+DETR's output is shown as it is: no NMS, only the score threshold.
 
-- ``predictions.json``: per image its file, ``width``/``height`` and the detections scoring at least
-  the threshold, best first: ``boxes`` (xyxy, original-image pixels, clipped to the image), ``scores``,
-  ``labels`` (the model's label ids) and ``names``;
-- ``images/<file name>``: the image with its boxes, class names and scores drawn;
-- with ``attention``: ``attention/<file name>.png``, the last decoder layer's cross-attention of each
-  detection and the encoder self-attention at one pixel (see `detr_lightning.attention`).
-
-DETR's output is shown as it is: no NMS, only the score threshold. Data flow: :class:`ImageFiles`
-(decode, resize) -> :func:`collate_images` (pad) -> ``Trainer.predict`` with :class:`DetectorModule`
-(forward, post-process) -> :class:`PredictionWriter` (threshold, files).
+Data flow: :class:`ImageFiles` (decode, resize) -> :func:`collate_images` (pad) -> ``Trainer.predict``
+with :class:`DetectorModule` (forward, post-process) -> :class:`PredictionWriter` (threshold, files).
 """
 
 from __future__ import annotations
@@ -42,6 +38,7 @@ from detr_lightning.attention import (
 from detr_lightning.batching import pad_images_to_batch
 from detr_lightning.data.errors import DataError
 from detr_lightning.data.images import DECODABLE_FORMATS, read_image_header, read_image_rgb
+from detr_lightning.files import atomic_writer
 from detr_lightning.inference import Detector, InferenceSettingError, load_detector, preprocess_image
 from detr_lightning.viz import draw_detections, save_attention_figure, save_image
 
@@ -54,34 +51,29 @@ ATTENTION_DIR = "attention"
 
 def predict(cfg: DictConfig) -> Path:
     """Run the configured model on ``cfg.input`` and write the outputs; returns ``predictions.json``."""
-    threshold = float(cfg.threshold)
+    threshold, pixel = float(cfg.threshold), cfg.get("attention_pixel")
     if not 0.0 <= threshold <= 1.0:
         raise InferenceSettingError(f"threshold={threshold} must be between 0 and 1 (a class probability).")
     if int(cfg.batch_size) < 1:
         raise InferenceSettingError(f"batch_size={cfg.batch_size} must be at least 1.")
-    pixel = cfg.get("attention_pixel")
     if pixel is not None and not (isinstance(pixel, Sequence) and len(pixel) == 2):
         raise InferenceSettingError(f"attention_pixel={pixel} must be [x, y] in image pixels.")
     if OmegaConf.is_missing(cfg, "input") or cfg.input is None:
         raise DataError("input is not set. Fix: input=IMAGE_FILE or input=FOLDER_OF_IMAGES.")
     files = list_images(cfg.input)  # before loading the model: a wrong path is reported at once
     device = trainer_device(str(cfg.device))
-    class_names = cfg.get("class_names")
     detector = load_detector(
         ckpt_path=cfg.get("ckpt_path"),
         pretrained=cfg.model.get("pretrained"),
-        class_names=OmegaConf.to_container(class_names) if class_names is not None else None,
+        class_names=cfg.get("class_names"),
         scale=cfg.get("scale"),
         max_size=cfg.get("max_size"),
     )
     pixel = tuple(float(v) for v in pixel) if pixel is not None else None
     writer = PredictionWriter(detector, Path(cfg.output_dir).expanduser(), threshold, pixel)
-    loader = DataLoader(
-        ImageFiles(files, detector.scale, detector.max_size),
-        batch_size=int(cfg.batch_size),
-        num_workers=int(cfg.num_workers),
-        collate_fn=collate_images,
-    )
+    images = ImageFiles(files, detector.scale, detector.max_size)
+    batch_size, num_workers = int(cfg.batch_size), int(cfg.num_workers)
+    loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images)
     lightning_log = logging.getLogger("lightning.pytorch")
     level = lightning_log.level
     lightning_log.setLevel(logging.WARNING)  # no device report or logger tip on every run
@@ -94,9 +86,8 @@ def predict(cfg: DictConfig) -> Path:
             enable_progress_bar=bool(cfg.progress),
             callbacks=[writer, RichProgressBar()] if cfg.progress else [writer],
         )
-        module = DetectorModule(detector, attention=bool(cfg.attention))
         # Not returned: Lightning would keep every batch's outputs, attention maps included, until the end.
-        trainer.predict(module, loader, return_predictions=False)
+        trainer.predict(DetectorModule(detector, bool(cfg.attention)), loader, return_predictions=False)
     finally:
         lightning_log.setLevel(level)
     return writer.output_dir / PREDICTIONS_FILE
@@ -125,14 +116,12 @@ def list_images(input_path: str | Path) -> list[Path]:
     if not path.exists():
         raise DataError(f"input={path} does not exist. Fix: give an image file or a folder of images.")
     if path.is_file():
-        problem = _not_an_image(path)
-        if problem:
+        if problem := _not_an_image(path):
             raise DataError(f"input={path} {problem}. Fix: give a JPEG, PNG, GIF or WEBP image, or a folder.")
         return [path]
     images = []
     for candidate in sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")):
-        problem = _not_an_image(candidate)
-        if problem:
+        if problem := _not_an_image(candidate):
             log.warning("Skipping %s: it %s.", candidate, problem)
         else:
             images.append(candidate)
@@ -154,8 +143,7 @@ def _not_an_image(path: Path) -> str | None:
     return None
 
 
-@dataclass
-class LoadedImage:
+class LoadedImage(NamedTuple):
     """One decoded file: ``image`` ``(3, H, W)`` uint8 RGB and ``pixels`` ``(3, H_in, W_in)`` the model
     input; both None and ``error`` set when decoding failed."""
 
@@ -165,13 +153,13 @@ class LoadedImage:
     error: str | None = None
 
 
+@dataclass
 class ImageFiles(Dataset):
     """Decode (EXIF orientation applied; gray, RGBA and palette images become RGB) and preprocess."""
 
-    def __init__(self, paths: Sequence[Path], scale: int, max_size: int | None) -> None:
-        self.paths = list(paths)
-        self.scale = scale
-        self.max_size = max_size
+    paths: Sequence[Path]
+    scale: int
+    max_size: int | None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -281,7 +269,7 @@ class PredictionWriter(BasePredictionWriter):
         self, item: LoadedImage, found: dict[str, Tensor], capture: AttentionCapture | None, index: int
     ) -> dict[str, Any]:
         """Draw image ``index`` of the batch (and its attention figure); its record in predictions.json."""
-        height, width = (int(v) for v in item.image.shape[-2:])
+        height, width = item.image.shape[-2:]
         keep = (found["scores"] >= self.threshold).nonzero().flatten()
         keep = keep[found["scores"][keep].argsort(descending=True)]  # detection indices, best first
         scores = found["scores"][keep].cpu()
@@ -304,23 +292,23 @@ class PredictionWriter(BasePredictionWriter):
         if capture is not None:
             figure_path = self.output_dir / ATTENTION_DIR / f"{item.path.name}.png"
             pixel = self.attention_pixel or _top_box_centre(boxes, width, height)
-            input_size, image_size = tuple(item.pixels.shape[-2:]), (height, width)
+            sizes = (item.pixels.shape[-2:], (height, width))  # the model input's and the image's
             # One map at a time: K full-resolution maps of a large image would take K * H * W * 4 bytes.
             decoder_maps = [
-                decoder_attention_maps(capture, index, [query], input_size, image_size)[0].cpu()
+                decoder_attention_maps(capture, index, [query], *sizes)[0].cpu()
                 for query in found["queries"][keep].tolist()  # the decoder query behind each detection
             ]
-            encoder_map = encoder_attention_map(capture, index, pixel, input_size, image_size).cpu()
+            encoder_map = encoder_attention_map(capture, index, pixel, *sizes).cpu()
             save_attention_figure(
                 item.image, figure_path, decoder_maps, boxes, captions, labels, encoder_map, pixel
             )
             record["attention"] = str(figure_path.relative_to(self.output_dir))
-            record["attention_pixel"] = [float(v) for v in pixel]
+            record["attention_pixel"] = list(pixel)
         return record
 
     def on_predict_end(self, trainer: lightning.Trainer, pl_module: DetectorModule) -> None:
         """``predictions.json``: the run's settings and every image's record."""
-        detector = self.detector
+        detector, path = self.detector, self.output_dir / PREDICTIONS_FILE
         content = {
             "model": detector.source,
             "threshold": self.threshold,
@@ -329,8 +317,8 @@ class PredictionWriter(BasePredictionWriter):
             "class_names": {str(label): name for label, name in sorted(detector.class_names.items())},
             "images": self.records,
         }
-        path = self.output_dir / PREDICTIONS_FILE
-        path.write_text(json.dumps(content, indent=1))
+        with atomic_writer(path) as handle:
+            json.dump(content, handle, indent=1)
         log.info(
             "%d detection(s) in %d image(s): %s (drawn images in %s)",
             sum(len(record["scores"]) for record in self.records),
@@ -347,7 +335,5 @@ def _drawn_name(path: Path) -> str:
 
 def _top_box_centre(boxes: Tensor, width: int, height: int) -> tuple[float, float]:
     """Centre of the best detection's box, or of the image when nothing was detected."""
-    if len(boxes) == 0:
-        return width / 2, height / 2
-    x0, y0, x1, y1 = boxes[0].tolist()
+    x0, y0, x1, y1 = boxes[0].tolist() if len(boxes) else (0, 0, width, height)
     return (x0 + x1) / 2, (y0 + y1) / 2

@@ -1,17 +1,12 @@
-"""Checks that run before anything is built, so a bad setting fails in seconds with one clear message.
-
-- :func:`check_output_dirs`: every output folder can be created and written, and the checkpoint folder
-  has room for the checkpoints (not discovered after the first epoch).
-- :class:`RunDirCheck`: the Hydra callback that does the same for ``hydra.run.dir`` before Hydra
-  creates it (Hydra itself reports that failure with a stack trace).
-- :func:`warn_more_boxes_than_queries`: images with more objects than the model has queries.
-"""
+"""Checks that run before anything is built, so a bad setting fails in seconds with one clear message:
+output folders that cannot be written or have no room for the checkpoints (found now, not after the first
+epoch), images with more objects than the model has queries."""
 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -49,9 +44,7 @@ def output_dirs(cfg: DictConfig) -> list[Path]:
 def _writable(directory: Path) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
+        tempfile.TemporaryFile(dir=directory).close()
     except OSError as error:
         raise OutputDirError(
             f"output folder {directory} cannot be written ({error.strerror or error}). Fix: choose a "
@@ -60,11 +53,8 @@ def _writable(directory: Path) -> None:
 
 
 def check_output_dirs(dirs: Iterable[Path], checkpoint_dir: Path | None, checkpoint_size: int) -> None:
-    """Every folder of ``dirs`` is writable; ``checkpoint_dir`` has room for best + last + a temporary copy.
-
-    Raises:
-        OutputDirError: naming the folder, the reason and the fix.
-    """
+    """Every folder of ``dirs`` is writable and ``checkpoint_dir`` has room for best + last + a temporary
+    copy, or an `OutputDirError` names the folder, the reason and the fix."""
     for directory in dirs:
         _writable(directory)
     if checkpoint_dir is None:
@@ -90,8 +80,8 @@ def check_run_outputs(cfg: DictConfig, module: torch.nn.Module) -> None:
 
 
 class RunDirCheck(Callback):
-    """Hydra callback: fail with one line (no stack trace) when ``hydra.run.dir``/``sweep.dir`` cannot be
-    created or written, before Hydra tries to create it."""
+    """Hydra callback: fail with one line when ``hydra.run.dir``/``sweep.dir`` cannot be created or written,
+    before Hydra tries to create it (and reports that failure with a stack trace)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config.hydra.run.dir)
@@ -108,11 +98,8 @@ class RunDirCheck(Callback):
 
 
 def warn_more_boxes_than_queries(datamodule: Any, num_queries: int) -> int:
-    """Warn (once per split) about images with more objects than ``num_queries``; return the largest count.
-
-    Each query predicts one box, so such an image can never have all its objects found: the extra
-    targets stay unmatched in the loss and count as misses in mAP. Training still runs.
-    """
+    """Warn (once per split) about images with more objects than ``num_queries``, which can never have all
+    their objects found (the extra targets stay unmatched and count as misses); return the largest count."""
     largest = 0
     for name in datamodule.layout.splits:
         split = datamodule.checked_split(name)
@@ -123,16 +110,9 @@ def warn_more_boxes_than_queries(datamodule: Any, num_queries: int) -> int:
         image_id, count = max(over.items(), key=lambda item: item[1])
         largest = max(largest, count)
         log.warning(
-            "data: %s: image id %d has %d boxes, more than model.num_queries=%d (%d image(s) of the %s split "
-            "exceed it): one query predicts one box, so at most %d of them can be found. Fix: set "
-            "model.num_queries=%d or more.",
-            split.files.ann_file,
-            image_id,
-            count,
-            num_queries,
-            len(over),
-            name,
-            num_queries,
-            count,
+            f"data: {split.files.ann_file}: image id {image_id} has {count} boxes, more than "
+            f"model.num_queries={num_queries} ({len(over)} image(s) of the {name} split exceed it): one "
+            f"query predicts one box, so at most {num_queries} of them can be found. Fix: set "
+            f"model.num_queries={count} or more."
         )
     return largest

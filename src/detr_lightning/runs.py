@@ -11,8 +11,10 @@ from __future__ import annotations
 import datetime
 import logging
 import math
+import os
 import re
 import shlex
+import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,8 +93,8 @@ def read_run(path: Path, label: str | None = None, metric: str | None = None, mo
             if option is not None and not str(group).startswith("hydra/")
         },
         config=config,
-        status=status.get("status"),
-        error=str(status.get("error", "")),
+        status="failed" if _killed(status) else status.get("status"),
+        error=_killed_error(status) if _killed(status) else str(status.get("error", "")),
         started=_started(path, job_name, status),
         duration_s=_duration(path, status),
         duration_measured=is_number(status.get("duration_s")),
@@ -242,6 +244,33 @@ def _read_yaml(path: Path) -> Any:
 
 def _mapping(content: Any) -> dict[str, Any]:
     return content if isinstance(content, dict) else {}
+
+
+def _killed(status: dict[str, Any]) -> bool:
+    """Whether a job recorded as ``running`` on this machine has no process any more: it was killed (out of
+    memory, SIGKILL, a lost launcher worker) before it could record its end. Other machines' jobs (SLURM)
+    cannot be checked from here and stay ``running``."""
+    pid = status.get("pid")
+    if (
+        status.get("status") != "running"
+        or status.get("host") != socket.gethostname()
+        or not isinstance(pid, int)
+    ):
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it exists, under another user
+        return False
+    return False
+
+
+def _killed_error(status: dict[str, Any]) -> str:
+    return (
+        f"killed: its process ({status['pid']} on {status['host']}) ended without recording an end "
+        "(out of memory, SIGKILL or a lost launcher worker); see the job's log"
+    )
 
 
 def _started(path: Path, job_name: str, status: dict[str, Any]) -> str | None:

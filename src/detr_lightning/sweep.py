@@ -1,10 +1,11 @@
 """Hydra multirun sweeps: every job's outcome in its folder, and a ranked summary of the whole sweep.
 
 ``python train.py -m ...`` runs each job through `run_sweep_job`, which records it in
-``<job dir>/job_status.json`` (``running``, then ``ok``, ``failed`` or ``interrupted``) and keeps a failing
-job from stopping the sweep. After each job the Hydra callback `SweepSummary` writes ``summary.csv`` into
-the sweep folder (swept values, best epoch of the optimized metric, final figures; best job first,
-unfinished jobs last) and prints it when the sweep ends; ``python -m detr_lightning.tools.sweep_summary
+``<job dir>/job_status.json`` (``running``, then ``ok``, ``failed`` or ``interrupted``, and the
+``optimized_value`` returned to the sweeper) and keeps a failing job from stopping the sweep. After each
+job the Hydra callback `SweepSummary` writes ``summary.csv`` into the sweep folder (swept values, best
+epoch of the optimized metric, final figures; best job first, unfinished jobs last) and prints it when the
+sweep ends, with the best job as a single-run command line; ``python -m detr_lightning.tools.sweep_summary
 SWEEP_DIR`` does it for a stopped sweep.
 """
 
@@ -15,6 +16,8 @@ import gc
 import json
 import logging
 import math
+import os
+import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -31,11 +34,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from detr_lightning.files import atomic_writer, format_duration
+from detr_lightning.files import atomic_writer, format_duration, read_json
 from detr_lightning.runs import (
     JOB_STATUS_FILE,
     SUMMARY_FILE,
     best_of_epochs,
+    command_line,
     differing_keys,
     find_job_dirs,
     override_values,
@@ -74,6 +78,9 @@ def run_sweep_job(
         "status": "running",
         "overrides": list(hydra_config.overrides.task),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        # Who runs it: a job whose process is gone without recording its end was killed (runs.read_run).
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
     }
     write_job_status(job_dir, record)
     start = time.monotonic()
@@ -105,15 +112,15 @@ def optimized_value(cfg: DictConfig, metrics: dict[str, float] | None) -> float 
     """What ``train.py`` returns to a sweeper: the best ``cfg.optimized_metric`` of this job, as a float.
 
     Best over the epochs of the job's ``metrics.csv`` (in the direction ``cfg.optimized_metric_mode``, max
-    by default), as for ``best.ckpt`` and the sweep summary; else its final value in ``metrics``. NaN for a
-    failed job (``metrics`` None) or a metric that was never logged, so sweepers count the trial as failed;
-    None when no ``optimized_metric`` is set.
+    by default), as for ``best.ckpt`` and the sweep summary; else its final value in ``metrics``. None for a
+    failed job (``metrics`` None), a metric that was never logged, or no ``optimized_metric``: the Optuna
+    sweeper counts a trial without a float as failed and goes on (it stops the whole search on a NaN).
     """
     name = cfg.optimized_metric
     if not name:
         return None
     if metrics is None:
-        return math.nan
+        return None
     mode = str(cfg.optimized_metric_mode)  # max | min, checked by the config schema
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     best = best_of_epochs(read_epoch_rows(job_dir), name, mode)
@@ -121,13 +128,29 @@ def optimized_value(cfg: DictConfig, metrics: dict[str, float] | None) -> float 
         return best[0]
     if name not in metrics:
         log.warning(
-            "optimized_metric=%s was never logged, so the sweeper gets NaN; logged: %s. "
+            "optimized_metric=%s was never logged, so the sweeper counts the job as failed; logged: %s. "
             "Fix: set optimized_metric to one of these.",
             name,
             ", ".join(sorted(metrics)) or "nothing",
         )
-        return math.nan
+        return None
     return float(metrics[name])
+
+
+def record_optimized_value(value: float | None) -> float | None:
+    """Add ``value`` (what ``train.py`` returns to the sweeper) to the running job's ``job_status.json``
+    as ``"optimized_value"``, and return it.
+
+    A failed job's None (and a NaN or infinite value, which JSON cannot hold) is written as null. Global
+    rank 0 only, as `write_job_status`.
+    """
+    if rank_zero_only.rank == 0:
+        job_dir = Path(HydraConfig.get().runtime.output_dir)
+        record = read_json(job_dir / JOB_STATUS_FILE)
+        finite = value is not None and math.isfinite(value)
+        record["optimized_value"] = float(value) if finite else None
+        write_job_status(job_dir, record)
+    return value
 
 
 def write_job_status(job_dir: Path, record: dict[str, Any]) -> None:
@@ -173,6 +196,7 @@ class JobResult:
     final: dict[str, float] = field(default_factory=dict)  # the figures of metrics.json
     duration_s: float | None = None
     error: str = ""  # the one-line error of a job that did not end ok
+    job_name: str = "train"  # the entry point that ran it (train.py)
 
 
 def read_job(job_dir: Path, sweep_dir: Path, metric: str, mode: str) -> JobResult:
@@ -186,6 +210,7 @@ def read_job(job_dir: Path, sweep_dir: Path, metric: str, mode: str) -> JobResul
         final=run.final,
         duration_s=run.duration_s if run.duration_measured else None,
         error=run.error,
+        job_name=run.job_name,
     )
     best = best_of_epochs(run.epochs, metric, mode)
     if best is not None:
@@ -286,6 +311,30 @@ def summary_table(
     return table
 
 
+def single_run_overrides(overrides: Sequence[str]) -> list[str]:
+    """A job's overrides without those of Hydra itself (``hydra.*``, ``hydra/...``: sweep folder, sweeper,
+    launcher), which say how the sweep ran, not what the job trained."""
+    kept = []
+    for override in overrides:
+        key = override.partition("=")[0].lstrip("+~")
+        if not (key == "hydra" or key.startswith(("hydra.", "hydra/"))):
+            kept.append(override)
+    return kept
+
+
+def best_job(jobs: Sequence[JobResult]) -> JobResult | None:
+    """The first job of ``jobs`` (ranked best first, as `summarize_sweep` returns them) that finished with
+    a value of the metric; None without one."""
+    return next((job for job in jobs if job.status == "ok" and job.best is not None), None)
+
+
+def best_command(jobs: Sequence[JobResult]) -> str | None:
+    """The :func:`best_job` as a single-run command, ``python train.py OVERRIDES`` quoted for a shell
+    (without ``-m`` and Hydra's own overrides); None without a best job."""
+    best = best_job(jobs)
+    return None if best is None else command_line(best.job_name, single_run_overrides(best.overrides))
+
+
 def print_summary(
     jobs: Sequence[JobResult],
     metric: str,
@@ -294,7 +343,8 @@ def print_summary(
     csv_path: Path | None = None,
     console: Console | None = None,
 ) -> None:
-    """Print :func:`summary_table`, captioned with the path of ``summary.csv``."""
+    """Print :func:`summary_table`, captioned with the path of ``summary.csv``, and the best job as a
+    single-run command (:func:`best_command`)."""
     console = console or Console()
     table = summary_table(jobs, metric, mode, final_metrics)
     if csv_path is not None:
@@ -303,6 +353,11 @@ def print_summary(
         unbounded = console.options.update_width(sys.maxsize)
         console.width = max(console.width, console.measure(table, options=unbounded).maximum)
     console.print(table)
+    best, command = best_job(jobs), best_command(jobs)
+    if best is not None and command is not None:
+        console.print(Text(f"Best job ({best.job}, {metric} {_format_figure(best.best)}) as a single run:"))
+        # One line, never wrapped by rich: it pastes into a shell as it is.
+        console.print(Text(command), soft_wrap=True)
 
 
 # ------------------------------------------------------------------------------------- Hydra callback

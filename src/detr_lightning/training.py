@@ -14,7 +14,14 @@ from omegaconf import DictConfig
 
 from detr_lightning.config import ConfigError, check_values, group_values
 from detr_lightning.data.errors import DataError
-from detr_lightning.distributed import close_process_group
+from detr_lightning.distributed import (
+    StoppedByRankZero,
+    close_process_group,
+    init_launched_process_group,
+    on_rank_zero_first,
+    process_group_backend,
+    started_by_lightning_launcher,
+)
 from detr_lightning.fault_tolerance import (
     SIGTERM_EXIT_CODE,
     check_resume_checkpoint,
@@ -33,7 +40,16 @@ log = logging.getLogger(__name__)
 
 #: Errors a user causes (data, weights, config values) or a run that diverged for good: reported as one
 #: message, no traceback.
-USER_ERRORS = (DataError, CheckpointError, ConfigError, OutputDirError, NonFiniteTrainingError)
+#: A rank stopped because rank 0 failed (``StoppedByRankZero``) counts as one too: a sweep records the
+#: job as failed and goes on with the next, in step with rank 0.
+USER_ERRORS = (
+    DataError,
+    CheckpointError,
+    ConfigError,
+    OutputDirError,
+    NonFiniteTrainingError,
+    StoppedByRankZero,
+)
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -78,15 +94,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         check_resume_checkpoint(ckpt_path)  # weights_only=True + allow-list, before Lightning reads it
     if cfg.seed is not None:
         lightning.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()
-    num_classes = cfg.model.num_classes
-    if num_classes is None:
-        num_classes = datamodule.num_classes
-        log.info("model.num_classes=%d from the data (%s)", num_classes, datamodule.label_mapping)
-    datamodule.check_num_classes(num_classes)
-    datamodule.setup("fit")  # the whole data check (images included) before anything is built
-    warn_more_boxes_than_queries(datamodule, cfg.model.num_queries)
+    datamodule, num_classes = checked_data(cfg)
     module = build_module(cfg, num_classes)
     check_run_outputs(cfg, module)  # writable, with room for the checkpoints: not found after an epoch
     if cfg.model.pretrained and not ckpt_path:
@@ -116,6 +124,50 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def checked_data(cfg: DictConfig) -> tuple[Any, int]:
+    """The data module of ``cfg`` and the number of classes, after the data check; in one process only.
+
+    Under ``torchrun``/``srun`` every rank runs this, so the process group is opened here: global rank 0
+    runs the check while the others wait for its verdict. A bad dataset then stops every rank with rank
+    0's one message (the others print one short line) instead of one traceback per rank. Processes that
+    Lightning's DDP launcher starts come to life only after their launcher (rank 0 of the node) passed
+    the check, so they skip it. The other ranks still read the annotation files and image headers in
+    Lightning's ``setup``: their datasets need what the check learns (repaired boxes, images to read
+    without their EXIF rotation).
+    """
+    if started_by_lightning_launcher():
+        return _data_checked_by_rank_zero(cfg)
+    device = init_launched_process_group(process_group_backend(cfg.trainer.accelerator, cfg.trainer.strategy))
+    checked = on_rank_zero_first(lambda: _check_data(cfg), device=device)
+    return checked if checked is not None else _data_checked_by_rank_zero(cfg)
+
+
+def _check_data(cfg: DictConfig) -> tuple[Any, int]:
+    """The whole data check (images included) before anything is built: every split that will be used."""
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    num_classes = cfg.model.num_classes
+    if num_classes is None:
+        num_classes = datamodule.num_classes
+        log.info("model.num_classes=%d from the data (%s)", num_classes, datamodule.label_mapping)
+    datamodule.check_num_classes(num_classes)
+    datamodule.setup("fit")
+    if cfg.test and not cfg.trainer.get("fast_dev_run") and datamodule.has_split("test"):
+        # Now, not after training: a bad test image stops the run in seconds, and under DDP with rank 0's
+        # one message (in trainer.test every rank would find it and report it).
+        datamodule.setup("test")
+    warn_more_boxes_than_queries(datamodule, cfg.model.num_queries)
+    return datamodule, num_classes
+
+
+def _data_checked_by_rank_zero(cfg: DictConfig) -> tuple[Any, int]:
+    """The data module and number of classes of a rank whose data rank 0 checked (nothing is re-checked
+    or re-logged here; the class count reads the annotation files, as Lightning's ``setup`` will)."""
+    datamodule = instantiate(cfg.data)
+    num_classes = cfg.model.num_classes
+    return datamodule, num_classes if num_classes is not None else datamodule.num_classes
+
+
 def _is_scalar(value: Any) -> bool:
     return getattr(value, "numel", lambda: 1)() == 1
 
@@ -125,6 +177,8 @@ def exit_on_user_error() -> Iterator[None]:
     """Turn a user-caused error into its message on stderr and exit status 1 (no traceback)."""
     try:
         yield
+    except StoppedByRankZero as stop:  # rank 0 prints the error: one short line here
+        raise SystemExit(str(stop)) from None
     except USER_ERRORS as error:
         log.error("%s", error)
         raise SystemExit(f"error: {error}") from None

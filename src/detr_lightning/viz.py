@@ -14,7 +14,6 @@ from typing import Any, Literal
 
 import matplotlib
 import numpy as np
-import torch
 from matplotlib import font_manager
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -45,7 +44,7 @@ def draw_detections(image: Tensor, boxes: Tensor, labels: Sequence[int], caption
     """``(3, H, W)`` uint8 image with each ``xyxy`` pixel box drawn in its class colour and captioned."""
     if len(boxes) == 0:
         return image
-    short_side = min(int(image.shape[-2]), int(image.shape[-1]))
+    short_side = min(image.shape[-2:])
     font = _label_font()
     return draw_bounding_boxes(
         image,
@@ -74,6 +73,7 @@ def draw_boxes(
     top edge (``caption_at="above"``) or hanging from its bottom edge (``"below"``), clipped to the axis.
     """
     rows = boxes.tolist() if isinstance(boxes, Tensor) else list(boxes)
+    tag = {"facecolor": color, "alpha": 0.7, "pad": 1, "linewidth": 0}
     for box, caption in zip(rows, captions if captions is not None else [None] * len(rows), strict=True):
         x0, y0, x1, y1 = (float(value) for value in box)
         outline = Rectangle(
@@ -81,12 +81,8 @@ def draw_boxes(
         )
         axis.add_patch(outline)
         if caption is not None:
-            above = caption_at == "above"
-            tag = {"facecolor": color, "alpha": 0.7, "pad": 1, "linewidth": 0}
-            va = "bottom" if above else "top"
-            axis.text(
-                x0, y0 if above else y1, caption, color="white", fontsize=6, va=va, clip_on=True, bbox=tag
-            )
+            y, va = (y0, "bottom") if caption_at == "above" else (y1, "top")
+            axis.text(x0, y, caption, color="white", fontsize=6, va=va, clip_on=True, bbox=tag)
 
 
 def save_image(image: Tensor, path: Path) -> None:
@@ -114,16 +110,16 @@ def save_attention_figure(
         return
     columns = min(4, panels)
     rows = -(-panels // columns)
-    height, width = int(image.shape[-2]), int(image.shape[-1])
+    height, width = image.shape[-2:]
     # Panels about as large as the image (within 2-4 inches at 100 dpi) and a fixed title band:
     # no tight_layout, which renders the figure twice.
     panel_w = min(max(width / 100, 2.0), 4.0)
     panel_h = panel_w * height / width
     title_h, margin = 0.3, 0.05
-    figure = Figure(figsize=(panel_w * columns + 2 * margin, (panel_h + title_h) * rows + margin))
+    fig_w, fig_h = panel_w * columns + 2 * margin, (panel_h + title_h) * rows + margin
+    figure = Figure(figsize=(fig_w, fig_h))
     FigureCanvasAgg(figure)
-    axes = figure.subplots(rows, columns, squeeze=False)
-    fig_w, fig_h = figure.get_size_inches()
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
     figure.subplots_adjust(
         left=margin / fig_w,
         right=1 - margin / fig_w,
@@ -133,14 +129,14 @@ def save_attention_figure(
         hspace=title_h / panel_h,
     )
     pixels = image.permute(1, 2, 0).cpu().numpy()
-    for ax in axes.flat:
+    for ax in axes:
         ax.axis("off")
-    for ax, heat, box, caption, label in zip(axes.flat, decoder_maps, boxes, captions, labels, strict=False):
+    for ax, heat, box, caption, label in zip(axes, decoder_maps, boxes, captions, labels, strict=False):
         _overlay(ax, pixels, heat)
         draw_boxes(ax, box[None], color=np.array(class_color(label)) / 255, linewidth=2)
         ax.set_title(f"decoder: {caption}", fontsize=9)
     if encoder_map is not None:
-        ax = axes.flat[len(decoder_maps)]
+        ax = axes[len(decoder_maps)]
         _overlay(ax, pixels, encoder_map)
         if encoder_pixel is not None:
             ax.plot([encoder_pixel[0]], [encoder_pixel[1]], marker="x", color="white", markersize=10, mew=2)
@@ -150,4 +146,4 @@ def save_attention_figure(
 
 def _overlay(ax: Axes, pixels: np.ndarray, heat: Tensor) -> None:
     ax.imshow(pixels)
-    ax.imshow(heat.to(torch.float32).cpu().numpy(), cmap="inferno", alpha=0.55)
+    ax.imshow(heat.float().cpu().numpy(), cmap="inferno", alpha=0.55)

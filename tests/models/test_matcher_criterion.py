@@ -166,6 +166,12 @@ def _count_boxes_in_process(rank, world_size, port, results):
         boxes_per_rank = [3, 0]  # rank 0 has 3 boxes, rank 1 none
         targets = [{"labels": torch.zeros(boxes_per_rank[rank], dtype=torch.int64)}]
         results[rank] = float(count_target_boxes(targets, torch.device("cpu")))
+        # Evaluation: rank 1 runs one batch more than rank 0 (uneven shards). Without a collective per
+        # step, each rank counts its own boxes and none waits for a peer that never comes.
+        extra_batches = 1 if rank == 1 else 0
+        for _ in range(1 + extra_batches):
+            local = float(count_target_boxes(targets, torch.device("cpu"), across_processes=False))
+        results[f"eval{rank}"] = local
     finally:
         dist.destroy_process_group()
 
@@ -176,5 +182,6 @@ def test_box_normalizer_counts_all_processes():
         port = s.getsockname()[1]
     results = mp.Manager().dict()
     mp.spawn(_count_boxes_in_process, args=(2, port, results), nprocs=2)
-    assert dict(results) == {0: 1.5, 1: 1.5}  # (3 + 0) / 2 on both ranks, so both scale losses alike
+    # Training: (3 + 0) / 2 on both ranks; evaluation: each its own.
+    assert dict(results) == {0: 1.5, 1: 1.5, "eval0": 3.0, "eval1": 1.0}
     assert float(count_target_boxes([{"labels": torch.zeros(0)}], torch.device("cpu"))) == 1.0  # clamped

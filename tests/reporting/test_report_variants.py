@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from detr_lightning.tools.report import collect, main
-from detr_lightning.tools.report_variants import common_budget, first_epoch_at_least, group_by_seed
+from detr_lightning.tools.report import collect, common_budget, first_epoch_at_least, group_by_seed, main
 
 from .test_report import table
 

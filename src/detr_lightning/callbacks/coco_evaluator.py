@@ -15,11 +15,12 @@ the numbers are those of the whole split counted once.
 from __future__ import annotations
 
 import json
+from itertools import chain
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning
 import torch
+from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from rich.console import Console
@@ -43,26 +44,36 @@ Split = Literal["val", "test"]
 PREDICTIONS_FILES: dict[str, str] = {"val": "predictions.coco.json", "test": "predictions_test.coco.json"}
 
 
-class CocoEvaluator(lightning.Callback):
+class EvaluationEndCallback(Callback):
+    """Calls `on_evaluation_end` once at the end of fit and stand-alone validate (``val``) and of test."""
+
+    def on_evaluation_end(self, split: Split, trainer: Trainer) -> None:
+        """What to do with the last ``split`` evaluation."""
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING:  # stand-alone trainer.validate(); fit ends in on_fit_end
+            self.on_evaluation_end("val", trainer)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.on_evaluation_end("val", trainer)
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.on_evaluation_end("test", trainer)
+
+
+class CocoEvaluator(EvaluationEndCallback):
     """Scores validation and test detections with COCO box mAP/AR, logs, prints and saves the figures.
 
-    Logs ``val/map``, ``val/map_50``, ``val/map_75``, ``val/map_small|medium|large``, ``val/mar_1|10|100``,
-    ``val/mar_small|medium|large`` and ``val/ap/<class name>`` (``test/...`` in test), equal to
-    ``pycocotools`` ``COCOeval`` on the annotation file. On global rank 0 it prints the 12-line COCO summary
-    after every evaluation and a per-class table for the final one, and writes into ``output_dir``:
+    Logs ``<split>/map``, ``map_50``, ..., ``mar_large`` (the 12 COCO figures) and ``<split>/ap/<class
+    name>`` (``class_metrics``: one more COCOeval pass per class), equal to ``pycocotools`` ``COCOeval`` on
+    the annotation file with either ``backend``. On global rank 0 it prints the 12-line COCO summary after
+    every evaluation (``print_summary``) and a per-class table after fit, test and stand-alone validate
+    (``print_per_class``), and then writes into ``output_dir`` (default: ``trainer.default_root_dir``):
 
-    - ``metrics.json``: the last val and/or test figures as logged (after fit, test and stand-alone validate);
-    - ``predictions.coco.json`` (last val epoch) and ``predictions_test.coco.json``: detections in the COCO
-      results format with original category ids, which any COCO tool re-scores to the same numbers.
-
-    Args:
-        backend: COCOeval implementation, ``faster_coco_eval`` (default) or ``pycocotools``: same numbers.
-        class_metrics: compute per-class AP (one more COCOeval pass per class).
-        print_summary: print the 12-line COCO summary after each val epoch and test.
-        print_per_class: print the per-class table after fit, test and stand-alone validate.
-        write_metrics: write ``metrics.json``.
-        write_predictions: write the predictions files.
-        output_dir: where the files go; ``trainer.default_root_dir`` when ``None``.
+    - ``metrics.json`` (``write_metrics``): the last val and/or test figures as logged;
+    - ``predictions.coco.json`` (last val epoch) and ``predictions_test.coco.json`` (``write_predictions``):
+      detections in the COCO results format with original category ids, which any COCO tool re-scores to
+      the same numbers.
 
     Attributes:
         figures: the last figures per split, as logged (every rank).
@@ -95,49 +106,23 @@ class CocoEvaluator(lightning.Callback):
         self._detections: dict[str, tuple[list[int], list[dict[str, Tensor]]]] = {}  # behind `results`
 
     def on_validation_batch_end(
-        self,
-        trainer: lightning.Trainer,
-        pl_module: lightning.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *_: Any
     ) -> None:
         # The sanity check scores two batches: numbers nobody should read, and Lightning drops its logs.
         if not trainer.sanity_checking:
             self._collect("val", trainer, outputs)
 
-    def on_validation_epoch_end(
-        self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
-    ) -> None:
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.sanity_checking:
             self._evaluate("val", trainer, pl_module)
 
-    def on_validation_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
-        if trainer.state.fn == TrainerFn.VALIDATING:  # stand-alone trainer.validate(); fit ends in on_fit_end
-            self._finish("val", trainer)
-
-    def on_fit_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
-        self._finish("val", trainer)
-
-    def on_test_batch_end(
-        self,
-        trainer: lightning.Trainer,
-        pl_module: lightning.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
+    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *_: Any) -> None:
         self._collect("test", trainer, outputs)
 
-    def on_test_epoch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._evaluate("test", trainer, pl_module)
 
-    def on_test_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
-        self._finish("test", trainer)
-
-    def _collect(self, split: Split, trainer: lightning.Trainer, outputs: Any) -> None:
+    def _collect(self, split: Split, trainer: Trainer, outputs: Any) -> None:
         """Keep a batch's detections, in COCO terms, on the CPU."""
         if not isinstance(outputs, dict) or "image_ids" not in outputs or "detections" not in outputs:
             raise TypeError(
@@ -145,17 +130,12 @@ class CocoEvaluator(lightning.Callback):
                 f"list[dict]}} (boxes xyxy in original pixels, scores, labels); got {type(outputs).__name__}"
                 + (f" with keys {sorted(outputs)}" if isinstance(outputs, dict) else "")
             )
-        image_ids, detections = outputs["image_ids"], outputs["detections"]
-        converted = coco_detections(detections, _datamodule(trainer).label_to_category_id)
-        self._epoch_records[split].extend(zip(map(int, image_ids), converted, strict=True))
+        converted = coco_detections(outputs["detections"], _datamodule(trainer).label_to_category_id)
+        self._epoch_records[split].extend(zip(map(int, outputs["image_ids"]), converted, strict=True))
 
-    def _evaluate(
-        self, split: Split, trainer: lightning.Trainer, pl_module: lightning.LightningModule
-    ) -> None:
+    def _evaluate(self, split: Split, trainer: Trainer, pl_module: LightningModule) -> None:
         """Gather, score on rank 0, share and log the figures of one epoch."""
-        records = [
-            record for rank in gather_from_ranks(trainer, self._epoch_records[split]) for record in rank
-        ]
+        records = list(chain.from_iterable(gather_from_ranks(trainer, self._epoch_records[split])))
         self._epoch_records[split] = []
         figures: dict[str, float] = {}
         if trainer.is_global_zero and records:
@@ -180,13 +160,12 @@ class CocoEvaluator(lightning.Callback):
         pl_module.log_dict({k: v for k, v in figures.items() if k != f"{split}/map"}, **log_options)
         self.figures[split] = figures
         if trainer.is_global_zero and self.print_summary:
-            title = f"COCO box evaluation, {split}" + (
-                f" (epoch {trainer.current_epoch})" if trainer.state.fn == TrainerFn.FITTING else ""
-            )
-            summary = Text("\n".join([title, *coco_summary_lines(self.results[split])]))
-            Console().print(summary, soft_wrap=True)
+            fitting = trainer.state.fn == TrainerFn.FITTING
+            title = f"COCO box evaluation, {split}" + (f" (epoch {trainer.current_epoch})" if fitting else "")
+            lines = [title, *coco_summary_lines(self.results[split])]
+            Console().print(Text("\n".join(lines)), soft_wrap=True)
 
-    def _finish(self, split: Split, trainer: lightning.Trainer) -> None:
+    def on_evaluation_end(self, split: Split, trainer: Trainer) -> None:
         """After fit, test or validate: print the per-class table and write the files (rank 0)."""
         if not trainer.is_global_zero or split not in self.results:
             return
@@ -203,7 +182,7 @@ class CocoEvaluator(lightning.Callback):
                 json.dump(coco_results(*self._detections[split]), file)
 
 
-def gather_from_ranks(trainer: lightning.Trainer, value: Any) -> list[Any]:
+def gather_from_ranks(trainer: Trainer, value: Any) -> list[Any]:
     """``value`` of every rank, in rank order (pickled, so CPU tensors cross any backend); a collective."""
     if trainer.world_size == 1:
         return [value]
@@ -212,7 +191,7 @@ def gather_from_ranks(trainer: lightning.Trainer, value: Any) -> list[Any]:
     return per_rank
 
 
-def _datamodule(trainer: lightning.Trainer) -> Any:
+def _datamodule(trainer: Trainer) -> Any:
     """The trainer's datamodule, checked for what the evaluator reads."""
     datamodule = trainer.datamodule
     if not (hasattr(datamodule, "coco_gt") and hasattr(datamodule, "label_to_category_id")):

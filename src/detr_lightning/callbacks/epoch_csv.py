@@ -8,14 +8,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-import lightning
+from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
 from detr_lightning.files import atomic_writer, to_float
 from detr_lightning.runs import EPOCH_METRICS_FILE
 
 
-def epoch_row(trainer: lightning.Trainer) -> dict[str, Any]:
+def epoch_row(trainer: Trainer) -> dict[str, Any]:
     """``epoch``, ``step``, ``lr/<param group>`` and the epoch figures of ``trainer.callback_metrics``.
 
     Train figures are the epoch means (Lightning's ``*_epoch`` values, without the suffix), per-step values
@@ -31,14 +31,10 @@ def epoch_row(trainer: lightning.Trainer) -> dict[str, Any]:
     return row
 
 
-class EpochMetricsCSV(lightning.Callback):
-    """Write an `epoch_row` per epoch to ``<output_dir>/metrics.csv``, rewritten whole and atomically as
-    columns appear, so the file is always complete.
-
-    Args:
-        output_dir: folder of ``metrics.csv``; defaults to the trainer's ``default_root_dir``.
-        filename: the file name.
-    """
+class EpochMetricsCSV(Callback):
+    """Write an `epoch_row` per epoch to ``<output_dir>/<filename>`` (default: ``metrics.csv`` in the
+    trainer's ``default_root_dir``), rewritten whole and atomically as columns appear, so the file is
+    always complete."""
 
     def __init__(
         self, output_dir: str | os.PathLike | None = None, filename: str = EPOCH_METRICS_FILE
@@ -48,7 +44,7 @@ class EpochMetricsCSV(lightning.Callback):
         self.rows: list[dict[str, Any]] = []
 
     @rank_zero_only
-    def on_train_epoch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:
             return
         self.rows.append(epoch_row(trainer))
@@ -57,7 +53,7 @@ class EpochMetricsCSV(lightning.Callback):
         with atomic_writer(path, newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=columns)
             writer.writeheader()
-            for row in self.rows:
+            for row in self.rows:  # NaN as a blank cell
                 writer.writerow(
                     {k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
                 )

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning
 import torch
+from lightning import Callback, LightningModule, Trainer
 
 from detr_lightning.data.samplers import sample_seed
 
 
-class EpochSeed(lightning.Callback):
+class EpochSeed(Callback):
     """``torch.manual_seed(f(seed, epoch, rank))`` before the first training batch of every epoch.
 
     The first batch, not ``on_train_epoch_start``: creating the epoch's data loader iterator may draw from
@@ -31,7 +31,7 @@ class EpochSeed(lightning.Callback):
         self.seed = int(seed)
 
     def on_train_batch_start(
-        self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, batch: Any, batch_idx: int
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if batch_idx == 0:
             torch.manual_seed(sample_seed(self.seed, trainer.current_epoch, trainer.global_rank))

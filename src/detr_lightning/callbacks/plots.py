@@ -1,8 +1,6 @@
 """Training plots in the run directory: ``plots/metrics.png`` (the curves of every epoch) and
 ``plots/val_predictions.png`` (validation images with boxes), drawn off-screen with matplotlib's Agg.
-
-`plot_metrics` and `plot_predictions` work without a Trainer, e.g. on the rows of a run's ``metrics.csv``
-(`detr_lightning.runs.read_epoch_rows`).
+`plot_metrics` and `plot_predictions` work without a Trainer, e.g. on the rows of a run's ``metrics.csv``.
 """
 
 from __future__ import annotations
@@ -13,16 +11,15 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning
-import numpy as np
+from lightning import LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
 from detr_lightning.callbacks.epoch_csv import EpochMetricsCSV, epoch_row
-from detr_lightning.callbacks.val_samples import ValidationImagesCallback, ValidationSample
-from detr_lightning.files import atomic_writer, to_float
-from detr_lightning.runs import METRICS_PLOT, PLOTS_DIR, PREDICTIONS_PLOT, epoch_series
+from detr_lightning.callbacks.val_samples import ValidationImagesCallback, ValidationSample, box_captions
+from detr_lightning.files import atomic_writer
+from detr_lightning.runs import METRICS_PLOT, PLOTS_DIR, PREDICTIONS_PLOT, epoch_number, epoch_series
 
 WANDB_KEYS = {METRICS_PLOT: "plots/metrics", PREDICTIONS_PLOT: "plots/val_predictions"}
 #: Loss panels of ``metrics.png``: (name after ``train/``/``val/``, panel title).
@@ -51,19 +48,13 @@ PredictionPanel = ValidationSample
 class TrainingPlots(ValidationImagesCallback):
     """Keep ``plots/metrics.png`` and ``plots/val_predictions.png`` up to date in the run directory.
 
-    ``metrics.png`` is redrawn after every training epoch from the figures of ``metrics.csv``; the history
-    is part of the checkpoint, so a resumed run plots its earlier epochs too. ``val_predictions.png`` is
-    drawn after every validation epoch. With a `WandbLogger`, both are also logged under `WANDB_KEYS`.
-    Global rank 0 draws and logs; a figure that cannot be drawn or logged is a warning, never a failure.
-
-    Args:
-        output_dir: folder of the PNG files; ``<trainer.default_root_dir>/plots`` when ``None``.
-        metrics: draw ``metrics.png``.
-        predictions: draw ``val_predictions.png`` (needs the project's datamodule).
-        num_images: validation images in the grid.
-        score_threshold: predictions scoring below it are not drawn.
-        log_to_wandb: also log the figures to W&B when a `WandbLogger` is in use.
-        dpi: resolution of the PNG files.
+    ``metrics.png`` (``metrics``) is redrawn after every training epoch from the figures of ``metrics.csv``;
+    the history is part of the checkpoint, so a resumed run plots its earlier epochs too.
+    ``val_predictions.png`` (``predictions``; needs the project's datamodule) is drawn after every
+    validation epoch: ``num_images`` images, their predictions scoring at least ``score_threshold``. Both go
+    to ``output_dir`` (default ``<trainer.default_root_dir>/plots``) at ``dpi``, and with a `WandbLogger`
+    and ``log_to_wandb`` to W&B under `WANDB_KEYS`. Global rank 0 draws and logs; a figure that cannot be
+    drawn or logged is a warning, never a failure.
     """
 
     def __init__(
@@ -84,17 +75,15 @@ class TrainingPlots(ValidationImagesCallback):
         self.dpi = dpi
         self.rows: list[dict[str, Any]] = []  # an `epoch_row` per finished training epoch
 
-    def on_train_epoch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.metrics or trainer.sanity_checking or not trainer.is_global_zero:
             return
         row = epoch_row(trainer)
-        epoch = row["epoch"]
         # Resumed from a checkpoint without this callback's rows: those EpochMetricsCSV restored fill them in.
         csv_rows = next((c.rows for c in trainer.callbacks if isinstance(c, EpochMetricsCSV)), [])
-        known = {_epoch_of(r) for r in self.rows}
-        earlier = [r for r in csv_rows if _epoch_of(r) < epoch and _epoch_of(r) not in known]
-        kept = [r for r in self.rows if _epoch_of(r) != epoch]
-        self.rows = sorted([*kept, *earlier, row], key=_epoch_of)
+        by_epoch = {epoch_number(r, -1): r for r in csv_rows if epoch_number(r, -1) < row["epoch"]}
+        by_epoch.update({epoch_number(r, -1): r for r in [*self.rows, row]})
+        self.rows = [by_epoch[epoch] for epoch in sorted(by_epoch)]
         self._draw(trainer, METRICS_PLOT, lambda path: plot_metrics(self.rows, path, dpi=self.dpi))
 
     def state_dict(self) -> dict[str, Any]:
@@ -103,7 +92,7 @@ class TrainingPlots(ValidationImagesCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rows = list(state_dict.get("rows", []))
 
-    def choose_images(self, trainer: lightning.Trainer) -> list[int]:
+    def choose_images(self, trainer: Trainer) -> list[int]:
         if not self.predictions:
             return []
         try:
@@ -115,20 +104,16 @@ class TrainingPlots(ValidationImagesCallback):
             )
             return []
 
-    def show(
-        self, trainer: lightning.Trainer, samples: list[ValidationSample], names: dict[int, str]
-    ) -> None:
+    def show(self, trainer: Trainer, samples: list[ValidationSample], names: dict[int, str]) -> None:
         fitting = trainer.state.fn == TrainerFn.FITTING
         title = f"Validation images, {f'epoch {trainer.current_epoch}' if fitting else str(trainer.state.fn)}"
-        self._draw(
-            trainer,
-            PREDICTIONS_PLOT,
-            lambda path: plot_predictions(
-                samples, path, names, self.score_threshold, title=title, dpi=self.dpi
-            ),
-        )
 
-    def _draw(self, trainer: lightning.Trainer, name: str, plot: Callable[[Path], Path]) -> None:
+        def plot(path: Path) -> Path:
+            return plot_predictions(samples, path, names, self.score_threshold, title=title, dpi=self.dpi)
+
+        self._draw(trainer, PREDICTIONS_PLOT, plot)
+
+    def _draw(self, trainer: Trainer, name: str, plot: Callable[[Path], Path]) -> None:
         """Draw one figure into the plots folder and log it to W&B; any error becomes a warning."""
         try:
             path = plot((self.output_dir or Path(trainer.default_root_dir) / PLOTS_DIR) / name)
@@ -208,13 +193,10 @@ def plot_predictions(
 
     from detr_lightning.viz import draw_boxes
 
-    def name(label: int) -> str:
-        return class_names.get(int(label), f"label {label}")
-
     columns = max(1, min(columns, len(panels)))
     rows = max(1, math.ceil(len(panels) / columns))
     figure = Figure(figsize=(CELL_INCHES * columns, CELL_INCHES * rows + 0.9), layout="constrained")
-    axes = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).reshape(-1)
+    axes = figure.subplots(rows, columns, squeeze=False).reshape(-1)
     for axis in axes:
         axis.set_axis_off()
     for axis, panel in zip(axes, panels, strict=False):
@@ -223,25 +205,13 @@ def plot_predictions(
         enlarged = max(panel.pixels.shape[:2]) <= CELL_INCHES * dpi
         axis.imshow(panel.pixels, interpolation="nearest" if enlarged else "antialiased")
         truth = panel.ground_truth
-        crowd = truth["iscrowd"].tolist() if "iscrowd" in truth else [0] * len(truth["labels"])
-        truth_captions = [
-            name(label) + (" (crowd)" if is_crowd else "")
-            for label, is_crowd in zip(truth["labels"].tolist(), crowd, strict=True)
-        ]
-        draw_boxes(
-            axis, truth["boxes"], GROUND_TRUTH_COLOR, truth_captions, linewidth=1.6, caption_at="below"
-        )
+        captions = box_captions(truth, class_names)
+        draw_boxes(axis, truth["boxes"], GROUND_TRUTH_COLOR, captions, linewidth=1.6, caption_at="below")
         scores = panel.predictions["scores"]
         order = scores.argsort(descending=True, stable=True)[:MAX_DRAWN_PREDICTIONS]
-        captions = [
-            f"{name(label)} {score:.2f}"
-            for label, score in zip(
-                panel.predictions["labels"][order].tolist(), scores[order].tolist(), strict=True
-            )
-        ]
-        draw_boxes(
-            axis, panel.predictions["boxes"][order], PREDICTION_COLOR, captions, linewidth=1.2, linestyle="--"
-        )
+        shown = {key: panel.predictions[key][order] for key in ("boxes", "scores", "labels")}
+        captions = box_captions(shown, class_names)
+        draw_boxes(axis, shown["boxes"], PREDICTION_COLOR, captions, linewidth=1.2, linestyle="--")
         drawn = f"{len(order)} of {len(scores)}" if len(order) < len(scores) else str(len(scores))
         axis.set_title(f"image {panel.image_id}: {drawn} predicted, {len(truth['labels'])} true", fontsize=8)
     if not panels:
@@ -258,8 +228,7 @@ def plot_predictions(
 
 def _finish_axis(axis: Any, title: str, ylabel: str) -> None:
     axis.set_title(title, fontsize=10)
-    axis.set_xlabel("epoch")
-    axis.set_ylabel(ylabel)
+    axis.set(xlabel="epoch", ylabel=ylabel)
     axis.grid(True, alpha=0.3)
     if axis.lines:
         axis.legend(fontsize=8)
@@ -278,11 +247,6 @@ def _save(figure: Any, path: str | os.PathLike, dpi: int) -> Path:
     with atomic_writer(path, "wb") as handle:
         figure.savefig(handle, format="png", dpi=dpi)
     return Path(path)
-
-
-def _epoch_of(row: Mapping[str, Any]) -> int:
-    epoch = to_float(row.get("epoch"))
-    return int(epoch) if epoch is not None and math.isfinite(epoch) else -1
 
 
 def _describe(error: BaseException) -> str:

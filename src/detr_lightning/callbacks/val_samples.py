@@ -1,6 +1,5 @@
-"""The few validation images that `TrainingPlots` (a PNG grid) and `WandbPredictionImages` (W&B images)
-show after every validation epoch, with their detections and ground truth: `ValidationImagesCallback`,
-the base of both."""
+"""`ValidationImagesCallback`, the base of `TrainingPlots` (a PNG grid) and `WandbPredictionImages` (W&B
+images): a few validation images with their detections and ground truth, after every validation epoch."""
 
 from __future__ import annotations
 
@@ -9,14 +8,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import lightning
 import numpy as np
-import torch
+from lightning import Callback, LightningModule, Trainer
 from torch import Tensor
 from torchvision.ops import box_convert
 
 from detr_lightning.callbacks.coco_evaluator import gather_from_ranks
-from detr_lightning.metrics import coco_ground_truth
+from detr_lightning.metrics import coco_ground_truth, map_labels
 
 
 @dataclass
@@ -36,7 +34,7 @@ class ValidationSample:
     ground_truth: Mapping[str, Tensor]
 
 
-class ValidationImagesCallback(lightning.Callback, ABC):
+class ValidationImagesCallback(Callback, ABC):
     """Follows the first ``num_images`` validation images (lowest ids of the validation annotation file,
     the same every epoch) and, after every validation epoch but the sanity check, hands them to `show` on
     global rank 0 with the detections scoring at least ``score_threshold``, gathered from every rank.
@@ -60,60 +58,46 @@ class ValidationImagesCallback(lightning.Callback, ABC):
         self._pixels: dict[int, np.ndarray] = {}
         self._ground_truth: dict[int, dict[str, Tensor]] = {}
 
-    def choose_images(self, trainer: lightning.Trainer) -> list[int]:
+    def choose_images(self, trainer: Trainer) -> list[int]:
         """The images to follow ([] shows nothing); every rank reads the same file, so chooses the same."""
         return sorted(trainer.datamodule.coco_gt("val").imgs)[: self.num_images]
 
     @abstractmethod
-    def show(
-        self, trainer: lightning.Trainer, samples: list[ValidationSample], names: dict[int, str]
-    ) -> None:
+    def show(self, trainer: Trainer, samples: list[ValidationSample], names: dict[int, str]) -> None:
         """Show the followed images that have detections, in id order; ``names``: see `class_labels`."""
 
-    def on_validation_epoch_start(
-        self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
-    ) -> None:
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._epoch_detections = {}
         if self._image_ids is None and not trainer.sanity_checking:
             self._image_ids = self.choose_images(trainer)
 
     def on_validation_batch_end(
-        self,
-        trainer: lightning.Trainer,
-        pl_module: lightning.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *_: Any
     ) -> None:
         """Keep the detections of the followed images from the step's ``{"image_ids", "detections"}``."""
         if trainer.sanity_checking or not self._image_ids or not isinstance(outputs, Mapping):
             return
-        wanted = set(self._image_ids)
         found = zip(outputs.get("image_ids", []), outputs.get("detections", []), strict=True)
         for image_id, detection in found:
-            if int(image_id) in wanted:
+            if int(image_id) in self._image_ids:
                 self._epoch_detections[int(image_id)] = confident_detections(detection, self.score_threshold)
 
-    def on_validation_epoch_end(
-        self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
-    ) -> None:
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or not self._image_ids:
             return
         per_rank = gather_from_ranks(trainer, self._epoch_detections)  # a collective: every rank calls it
         detections = {image_id: found for rank in per_rank for image_id, found in rank.items()}
         self._epoch_detections = {}
         if trainer.is_global_zero and detections:
-            samples = [
-                self._sample(trainer.datamodule, i, detections[i]) for i in self._image_ids if i in detections
-            ]
+            datamodule = trainer.datamodule
+            samples = [self._sample(datamodule, i, detections[i]) for i in self._image_ids if i in detections]
             labels = {
                 int(label)
                 for sample in samples
                 for boxes in (sample.predictions, sample.ground_truth)
                 for label in boxes["labels"].tolist()
             }
-            self.show(trainer, samples, class_labels(trainer.datamodule.class_names, labels))
+            self.show(trainer, samples, class_labels(datamodule.class_names, labels))
 
     def _sample(self, datamodule: Any, image_id: int, detections: Mapping[str, Tensor]) -> ValidationSample:
         """The image with its pixels and ground truth, read from disk on first use, then cached."""
@@ -135,6 +119,16 @@ def class_labels(class_names: Mapping[int, str], labels: set[int]) -> dict[int, 
     return dict(sorted(names.items()))
 
 
+def box_captions(boxes: Mapping[str, Tensor], names: Mapping[int, str]) -> list[str]:
+    """A caption per box: ``<name> <score>`` for detections (with ``scores``), else ``<name>``, or
+    ``<name> (crowd)`` for a crowd box (``iscrowd``); a label without a name is ``label <n>``."""
+    labels = [names.get(label, f"label {label}") for label in boxes["labels"].tolist()]
+    if "scores" in boxes:
+        return [f"{name} {score:.2f}" for name, score in zip(labels, boxes["scores"].tolist(), strict=True)]
+    crowd = boxes["iscrowd"].tolist() if "iscrowd" in boxes else [0] * len(labels)
+    return [name + (" (crowd)" if is_crowd else "") for name, is_crowd in zip(labels, crowd, strict=True)]
+
+
 def confident_detections(detection: Mapping[str, Tensor], score_threshold: float) -> dict[str, Tensor]:
     """One image's ``boxes (Q, 4)``, ``scores (Q,)``, ``labels (Q,)`` scoring at least ``score_threshold``
     (``P <= Q`` of them, in order), detached, on the CPU."""
@@ -150,11 +144,9 @@ def ground_truth_boxes(
     boxes included; annotations of categories without a label are left out."""
     category_to_label = {int(category_id): int(label) for label, category_id in label_to_category_id.items()}
     (truth,) = coco_ground_truth(coco_gt, [image_id])
-    category_ids = truth["labels"].tolist()
-    keep = torch.tensor([c in category_to_label for c in category_ids], dtype=torch.bool)
-    labels = [category_to_label[c] for c in category_ids if c in category_to_label]
+    keep, labels = map_labels(truth["labels"], category_to_label)
     return {
         "boxes": box_convert(truth["boxes"][keep], "xywh", "xyxy"),
-        "labels": torch.tensor(labels, dtype=torch.int64),
+        "labels": labels,
         "iscrowd": truth["iscrowd"][keep],
     }

@@ -1,8 +1,7 @@
 """Weights & Biases media: validation images with predicted and ground-truth boxes, and the COCO tables.
 
-The callback is inert unless a `WandbLogger` is among the trainer's loggers, so it can sit in the default
-callbacks: ``logger=wandb`` alone turns it on. Boxes are drawn by W&B itself (one toggleable layer for
-predictions and one for ground truth, with class names and a score filter).
+Inert without a `WandbLogger`, so it sits in the default callbacks: ``logger=wandb`` alone turns it on.
+Boxes are drawn by W&B itself (toggleable layers for predictions and ground truth, with a score filter).
 """
 
 from __future__ import annotations
@@ -10,14 +9,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import lightning
+from lightning import LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from detr_lightning.callbacks.coco_evaluator import CocoEvaluator
-from detr_lightning.callbacks.val_samples import ValidationImagesCallback, ValidationSample
+from detr_lightning.callbacks.coco_evaluator import CocoEvaluator, EvaluationEndCallback, Split
+from detr_lightning.callbacks.val_samples import ValidationImagesCallback, ValidationSample, box_captions
 from detr_lightning.coco_summary import COCO_MAX_DETECTIONS, COCO_SUMMARY_KEYS, coco_summary_lines
 from detr_lightning.metrics import category_names, per_class_values
 
@@ -25,18 +23,15 @@ IMAGES_KEY = "val/predictions"
 _REQUIRED_DATAMODULE = ("coco_gt", "dataset", "class_names", "label_to_category_id")
 
 
-class WandbPredictionImages(ValidationImagesCallback):
+class WandbPredictionImages(ValidationImagesCallback, EvaluationEndCallback):
     """Log validation images with boxes after every validation epoch, and the COCO tables at the end.
 
-    - After each validation epoch: ``val/predictions/<image id>``, the first ``num_images`` images of the
-      validation file at their original size, with the predictions scoring at least ``score_threshold``
-      and the ground truth as W&B boxes.
-    - After fit, stand-alone validate and test (if ``log_tables``): ``<split>/coco_per_class`` (class,
-      category id, AP, AR@100) and ``<split>/coco_summary`` (the 12 COCO figures), from the
-      `CocoEvaluator`'s last results.
-
-    Does nothing without a `WandbLogger` (or under ``fast_dev_run``, which swaps loggers out); logs on
-    global rank 0 only. Needs the project's datamodule.
+    After each validation epoch, ``val/predictions/<image id>``: the first ``num_images`` images of the
+    validation file at their original size, with the predictions scoring at least ``score_threshold`` and
+    the ground truth as W&B boxes. After fit, stand-alone validate and test (``log_tables``), the
+    `CocoEvaluator`'s last results as ``<split>/coco_per_class`` (class, category id, AP, AR@100) and
+    ``<split>/coco_summary`` (the 12 COCO figures). Does nothing without a `WandbLogger` (or under
+    ``fast_dev_run``, which swaps loggers out); logs on global rank 0 only. Needs the project's datamodule.
     """
 
     def __init__(self, num_images: int = 8, score_threshold: float = 0.5, log_tables: bool = True) -> None:
@@ -44,7 +39,7 @@ class WandbPredictionImages(ValidationImagesCallback):
         self.log_tables = log_tables
         self._wandb: WandbLogger | None = None
 
-    def setup(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, stage: str) -> None:
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._wandb = next((logger for logger in trainer.loggers if isinstance(logger, WandbLogger)), None)
         missing = [name for name in _REQUIRED_DATAMODULE if not hasattr(trainer.datamodule, name)]
         if self._wandb is not None and missing:
@@ -54,12 +49,10 @@ class WandbPredictionImages(ValidationImagesCallback):
             )
             self._wandb = None
 
-    def choose_images(self, trainer: lightning.Trainer) -> list[int]:
+    def choose_images(self, trainer: Trainer) -> list[int]:
         return super().choose_images(trainer) if self._wandb is not None else []
 
-    def show(
-        self, trainer: lightning.Trainer, samples: list[ValidationSample], names: dict[int, str]
-    ) -> None:
+    def show(self, trainer: Trainer, samples: list[ValidationSample], names: dict[int, str]) -> None:
         """Log each image under its own key: their sizes differ, and one panel per image shows how its
         predictions change from epoch to epoch."""
         import wandb
@@ -76,17 +69,7 @@ class WandbPredictionImages(ValidationImagesCallback):
         }
         self._wandb.log_metrics(images, step=trainer.global_step)
 
-    def on_validation_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
-        if trainer.state.fn == TrainerFn.VALIDATING:  # stand-alone trainer.validate(); fit ends in on_fit_end
-            self._log_coco_tables("val", trainer)
-
-    def on_fit_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
-        self._log_coco_tables("val", trainer)
-
-    def on_test_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
-        self._log_coco_tables("test", trainer)
-
-    def _log_coco_tables(self, split: str, trainer: lightning.Trainer) -> None:
+    def on_evaluation_end(self, split: Split, trainer: Trainer) -> None:
         """Log the per-class and summary tables of the evaluator's last ``split`` result, if there is one."""
         if self._wandb is None or not self.log_tables or not trainer.is_global_zero:
             return
@@ -118,8 +101,8 @@ def wandb_box_layers(
     Takes ``predictions`` ``boxes (P, 4)`` xyxy original-image pixels, ``scores (P,)``, ``labels (P,)``;
     ``ground_truth`` ``boxes (G, 4)``, ``labels (G,)``, optional ``iscrowd (G,)``; and a name for every
     label present. Each box is ``{"position": {"minX", "minY", "maxX", "maxY"}, "domain": "pixel",
-    "class_id", "box_caption"}``; predictions also carry ``"scores": {"score": s}`` (the W&B UI filters on
-    it) and show the score in their caption; crowd boxes are captioned ``"<name> (crowd)"``.
+    "class_id", "box_caption"}`` (the captions of `box_captions`); predictions also carry
+    ``"scores": {"score": s}``, which the W&B UI filters on.
     """
     names = {int(label): str(name) for label, name in class_labels.items()}
 
@@ -128,24 +111,18 @@ def wandb_box_layers(
         position = {"minX": x0, "minY": y0, "maxX": x1, "maxY": y1}
         return {"position": position, "domain": "pixel", "class_id": int(label), "box_caption": caption}
 
-    predicted = [
-        {**box(xyxy, label, f"{names[int(label)]} {score:.2f}"), "scores": {"score": float(score)}}
-        for xyxy, score, label in zip(
-            predictions["boxes"].tolist(),
-            predictions["scores"].tolist(),
-            predictions["labels"].tolist(),
-            strict=True,
-        )
-    ]
-    labels = ground_truth["labels"].tolist()
-    crowd = ground_truth["iscrowd"].tolist() if "iscrowd" in ground_truth else [0] * len(labels)
-    annotated = [
-        box(xyxy, label, names[int(label)] + (" (crowd)" if is_crowd else ""))
-        for xyxy, label, is_crowd in zip(ground_truth["boxes"].tolist(), labels, crowd, strict=True)
-    ]
+    def layer(boxes: Mapping[str, Tensor]) -> list[dict[str, Any]]:
+        captions = box_captions(boxes, names)
+        return [
+            box(*row) for row in zip(boxes["boxes"].tolist(), boxes["labels"].tolist(), captions, strict=True)
+        ]
+
+    predicted = layer(predictions)
+    for box_data, score in zip(predicted, predictions["scores"].tolist(), strict=True):
+        box_data["scores"] = {"score": float(score)}
     return {
         "predictions": {"box_data": predicted, "class_labels": names},
-        "ground_truth": {"box_data": annotated, "class_labels": names},
+        "ground_truth": {"box_data": layer(ground_truth), "class_labels": names},
     }
 
 

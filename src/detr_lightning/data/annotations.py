@@ -13,8 +13,7 @@ import json
 import math
 import posixpath
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import astuple, dataclass
+from collections.abc import Callable, Sized
 from pathlib import Path, PureWindowsPath
 from typing import Any
 
@@ -57,30 +56,25 @@ REQUIRED_FIELDS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
         "bbox": (_is_box, "[x, y, width, height] in pixels (4 finite numbers)"),
     },
 }
-REPAIR_PHRASES = (  # (one, several) per field of RepairCounts
-    ("box with negative width/height made positive", "boxes with negative width/height made positive"),
-    ("box clamped to the image", "boxes clamped to the image"),
-    ("zero-area box dropped", "zero-area boxes dropped"),
-    ("missing area filled from the box", "missing areas filled from the boxes"),
-)
+#: The repairs `validate_annotations` counts, in report order: kind -> (one, several).
+REPAIRS = {
+    "negative_size": (
+        "box with negative width/height made positive",
+        "boxes with negative width/height made positive",
+    ),
+    "clamped": ("box clamped to the image", "boxes clamped to the image"),
+    "zero_area": ("zero-area box dropped", "zero-area boxes dropped"),
+    "area_filled": ("missing area filled from the box", "missing areas filled from the boxes"),
+}
 
 
-@dataclass
-class RepairCounts:
-    """How many annotations `validate_annotations` repaired, by kind of repair."""
-
-    negative_size_fixed: int = 0
-    boxes_clamped: int = 0
-    zero_area_dropped: int = 0
-    area_filled: int = 0
-
-    def total(self) -> int:
-        return sum(astuple(self))
+class RepairCounts(Counter):
+    """How many annotations `validate_annotations` repaired, per kind of `REPAIRS`."""
 
     def describe(self) -> str:
         """E.g. ``"2 boxes clamped to the image, 1 zero-area box dropped"`` (non-zero counts only)."""
-        counts = zip(astuple(self), REPAIR_PHRASES, strict=True)
-        return ", ".join(f"{n} {one if n == 1 else several}" for n, (one, several) in counts if n)
+        counts = [(self[kind], phrases) for kind, phrases in REPAIRS.items() if self[kind]]
+        return ", ".join(f"{n} {one if n == 1 else several}" for n, (one, several) in counts)
 
 
 def read_annotation_file(ann_file: Path) -> dict[str, Any]:
@@ -119,8 +113,9 @@ def read_annotation_file(ann_file: Path) -> dict[str, Any]:
     return data
 
 
-def _more(bad: list) -> str:
-    return f" (and {len(bad) - 1} more like it)" if len(bad) > 1 else ""
+def more_like_it(found: Sized) -> str:
+    """What follows the first of ``found`` problems in a message."""
+    return f" (and {len(found) - 1} more like it)" if len(found) > 1 else ""
 
 
 def _leaves_folder(file_name: str) -> bool:
@@ -142,7 +137,7 @@ def _validate_records(ann_file: Path, data: dict[str, Any]) -> None:
                 value = repr(record[key]) if key in record else "missing"
                 name = f"{section}[{bad[0]}]" + (f" (id {record['id']!r})" if "id" in record else "")
                 raise DataError(
-                    f"{ann_file}: {name} has '{key}' {value}, expected {expected}{_more(bad)}. "
+                    f"{ann_file}: {name} has '{key}' {value}, expected {expected}{more_like_it(bad)}. "
                     f"Fix: {FIX_RECORD}."
                 )
     for section in REQUIRED_KEYS:
@@ -151,7 +146,7 @@ def _validate_records(ann_file: Path, data: dict[str, Any]) -> None:
         if repeated:
             raise DataError(
                 f"{ann_file}: {section} id {repeated[0]} is used {counts[repeated[0]]} times"
-                f"{_more(repeated)}. Fix: give every {section} record a unique id."
+                f"{more_like_it(repeated)}. Fix: give every {section} record a unique id."
             )
     if not data["categories"]:
         raise DataError(
@@ -162,7 +157,7 @@ def _validate_records(ann_file: Path, data: dict[str, Any]) -> None:
     if bad:
         raise DataError(
             f"{ann_file}: image id {bad[0]['id']} has file_name {bad[0]['file_name']!r}, which leaves the "
-            f"image folder{_more(bad)}. "
+            f"image folder{more_like_it(bad)}. "
             "Fix: use paths relative to the image folder, without '..' or a leading '/'."
         )
     image_ids = {image["id"] for image in data["images"]}
@@ -170,7 +165,7 @@ def _validate_records(ann_file: Path, data: dict[str, Any]) -> None:
     if bad:
         raise DataError(
             f"{ann_file}: annotation id {bad[0]['id']} points at image id {bad[0]['image_id']}, which is "
-            f"not in 'images'{_more(bad)}. Fix: add the image record or delete the annotation."
+            f"not in 'images'{more_like_it(bad)}. Fix: add the image record or delete the annotation."
         )
     category_ids = {category["id"] for category in data["categories"]}
     bad = [ann for ann in data["annotations"] if ann["category_id"] not in category_ids]
@@ -178,12 +173,17 @@ def _validate_records(ann_file: Path, data: dict[str, Any]) -> None:
         raise DataError(
             f"{ann_file}: annotation id {bad[0]['id']} (image id {bad[0]['image_id']}) has category_id "
             f"{bad[0]['category_id']}, which is not in 'categories' (ids {sorted(category_ids)})"
-            f"{_more(bad)}. Fix: add the category or correct the annotation."
+            f"{more_like_it(bad)}. Fix: add the category or correct the annotation."
         )
 
 
-def _repair_boxes(data: dict[str, Any]) -> RepairCounts:
-    """Make widths/heights positive, clamp boxes to their image, drop empty ones, fill missing areas."""
+def validate_annotations(data: dict[str, Any], ann_file: Path) -> RepairCounts:
+    """Check the records of a parsed COCO file (fields, unique ids, known image and category ids, file
+    names inside the image folder) and repair its boxes in place: negative sizes made positive (same
+    pixels), boxes clamped to the image, then empty ones dropped, missing ``area`` set to the box area,
+    ``iscrowd`` defaulted to 0."""
+    _validate_records(ann_file, data)
+    data.setdefault("info", {})  # pycocotools 2.0.9/2.0.10 ``loadRes`` needs it
     counts = RepairCounts()
     image_sizes = {image["id"]: (image["width"], image["height"]) for image in data["images"]}
     kept = []
@@ -192,37 +192,23 @@ def _repair_boxes(data: dict[str, Any]) -> RepairCounts:
         if w < 0 or h < 0:
             x, w = (x + w, -w) if w < 0 else (x, w)
             y, h = (y + h, -h) if h < 0 else (y, h)
-            counts.negative_size_fixed += 1
+            counts["negative_size"] += 1
         image_w, image_h = image_sizes[ann["image_id"]]
         x0, y0 = min(max(x, 0.0), image_w), min(max(y, 0.0), image_h)
         x1, y1 = min(max(x + w, 0.0), image_w), min(max(y + h, 0.0), image_h)
         if x1 <= x0 or y1 <= y0:
-            counts.zero_area_dropped += 1
+            counts["zero_area"] += 1
             continue
         if (x0, y0, x1, y1) != (x, y, x + w, y + h):
-            counts.boxes_clamped += 1
+            counts["clamped"] += 1
         ann["bbox"] = [x0, y0, x1 - x0, y1 - y0]
         if not _is_number(ann.get("area")):
             ann["area"] = (x1 - x0) * (y1 - y0)
-            counts.area_filled += 1
+            counts["area_filled"] += 1
         ann["iscrowd"] = 1 if ann.get("iscrowd") else 0
         kept.append(ann)
     data["annotations"] = kept
     return counts
-
-
-def validate_annotations(data: dict[str, Any], ann_file: Path) -> RepairCounts:
-    """Check the records of a parsed COCO file and repair its boxes in place.
-
-    Errors (`DataError`): records without the fields COCO requires, duplicate ids, annotations pointing at
-    unknown images or categories, file names that leave the image folder. Repairs: negative width/height
-    made positive (same pixels), boxes clamped to the image, then empty ones dropped, missing ``area``
-    set to the box area, ``iscrowd`` defaulted to 0, and a missing ``info`` added (pycocotools
-    2.0.9/2.0.10 ``loadRes`` needs it).
-    """
-    _validate_records(ann_file, data)
-    data.setdefault("info", {})
-    return _repair_boxes(data)
 
 
 def build_coco(data: dict[str, Any]) -> COCO:

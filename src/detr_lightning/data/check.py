@@ -1,12 +1,8 @@
 """The data check: every split's annotation file and images, with one clear message per problem.
 
-Runs before training (from `CocoDataModule.setup`) and alone::
+Runs before training (from `CocoDataModule.setup`) and alone, where errors exit with code 2::
 
     python -m detr_lightning.data.check DIR [--label-mapping contiguous] [--skip-images]
-
-Errors (exit code 2, no traceback) name the file, the record and the fix; repairs (clamped boxes,
-dropped zero-area boxes, negative sizes) are counted in one warning line per split; the report lists
-images, boxes and boxes per class for each split.
 """
 
 from __future__ import annotations
@@ -117,16 +113,8 @@ def render_report(splits: dict[str, CheckedSplit], label_map: LabelMap, console:
         boxes_per_label[name] = Counter(label_map.category_to_label[ann["category_id"]] for ann in regular)
         without_boxes = len(images) - len({ann["image_id"] for ann in regular})
         crowd = len(annotations) - len(regular)
-        cells = (
-            name,
-            split.files.ann_file,
-            len(images),
-            without_boxes,
-            len(regular),
-            crowd,
-            split.repairs.total(),
-        )
-        summary.add_row(*(escape(str(cell)) for cell in cells))
+        counts = (len(images), without_boxes, len(regular), crowd, split.repairs.total())
+        summary.add_row(escape(name), escape(str(split.files.ann_file)), *(str(count) for count in counts))
     category_ids = label_map.label_to_category_id
     for label, class_name in label_map.class_names.items():
         counts = [str(boxes_per_label[name][label]) for name in splits]

@@ -37,12 +37,8 @@ def convert_coco_annotations(
     keep = (boxes[:, 3] > boxes[:, 1]) & (boxes[:, 2] > boxes[:, 0])
     labels = torch.tensor([category_to_label[ann["category_id"]] for ann in kept], dtype=torch.int64)
     area = torch.tensor([float(ann["area"]) for ann in kept], dtype=torch.float32)
-    return {
-        "boxes": boxes[keep],
-        "labels": labels[keep],
-        "area": area[keep],
-        "iscrowd": torch.zeros(int(keep.sum()), dtype=torch.int64),
-    }
+    iscrowd = torch.zeros(int(keep.sum()), dtype=torch.int64)
+    return {"boxes": boxes[keep], "labels": labels[keep], "area": area[keep], "iscrowd": iscrowd}
 
 
 @dataclass(frozen=True)
@@ -87,9 +83,8 @@ class CocoDetection(Dataset):
         for image_id in self.image_ids:
             record = coco.imgs[image_id]
             height, width = record["height"], record["width"]
-            target = convert_coco_annotations(
-                coco.imgToAnns.get(image_id, []), height, width, label_map.category_to_label
-            )
+            anns = coco.imgToAnns.get(image_id, [])
+            target = convert_coco_annotations(anns, height, width, label_map.category_to_label)
             self._entries.append(
                 _ImageEntry(
                     image_id=image_id,

@@ -1,4 +1,5 @@
-"""Batching dataset items: images padded bottom/right to the largest one, plus the padding mask."""
+"""Batching dataset items: images padded bottom/right to the largest one (or to its shape bucket), plus the
+padding mask."""
 
 from __future__ import annotations
 
@@ -25,7 +26,13 @@ class Batch(NamedTuple):
     targets: list[dict[str, Tensor]]
 
 
-def collate_detection(samples: Sequence[tuple[Tensor, dict[str, Tensor]]]) -> Batch:
-    """Collate ``(image (3, H_i, W_i), target)`` pairs into a `Batch`."""
-    images, mask = pad_images_to_batch([image for image, _ in samples])
+def collate_detection(
+    samples: Sequence[tuple[Tensor, dict[str, Tensor]]], pad_to_multiple: int | None = None
+) -> Batch:
+    """Collate ``(image (3, H_i, W_i), target)`` pairs into a `Batch`.
+
+    ``pad_to_multiple``: round the batch's ``(H, W)`` up to multiples of it (shape buckets, see
+    `detr_lightning.batching.pad_images_to_batch`); ``None`` pads to the largest image only.
+    """
+    images, mask = pad_images_to_batch([image for image, _ in samples], size_multiple=pad_to_multiple)
     return Batch(images=images, mask=mask, targets=[target for _, target in samples])

@@ -1,22 +1,21 @@
 """`CocoDataModule`: COCO-format splits, the data check, DETR transforms and the loaders.
 
-The loaders build their own samplers, ``DistributedSampler`` instances that Lightning leaves alone
-whatever ``Trainer(use_distributed_sampler=...)``: training a seeded, shuffled one (padded across ranks,
-like the official code); validation and test `EvalShardSampler` (every image exactly once).
+The loaders build their own samplers (see `detr_lightning.data.samplers`), which Lightning leaves alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
 import lightning
 import torch
 from pycocotools.coco import COCO
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from detr_lightning.data import transforms as T
 from detr_lightning.data.categories import LabelMap, build_label_map, check_label_mapping
 from detr_lightning.data.check import CheckedSplit, load_split
 from detr_lightning.data.coco import CocoDetection
@@ -25,17 +24,6 @@ from detr_lightning.data.demo import ensure_demo_dataset
 from detr_lightning.data.errors import DataError
 from detr_lightning.data.layout import DatasetLayout, detect_layout, resolve_layout
 from detr_lightning.data.samplers import EpochSeededDataset, EpochShuffleSampler, EvalShardSampler
-from detr_lightning.data.transforms import (
-    DETR_CROP_RESIZE_SCALES,
-    DETR_CROP_SIZE,
-    DETR_EVAL_MAX_SIZE,
-    DETR_EVAL_SCALE,
-    DETR_TRAIN_MAX_SIZE,
-    DETR_TRAIN_SCALES,
-    DetectionTransform,
-    make_eval_geometry,
-    make_train_geometry,
-)
 
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
@@ -51,25 +39,25 @@ class CocoDataModule(lightning.LightningDataModule):
     """COCO-format detection data for DETR.
 
     Args:
-        root: dataset folder (Roboflow export or COCO layout, see `detr_lightning.data.layout`).
-        label_mapping: ``"raw"`` (labels are category ids, ``num_classes = max id + 1``) or
-            ``"contiguous"`` (annotated categories as ``0..K-1``).
-        train, val, test: optional ``{"ann_file": ..., "img_dir": ...}`` overriding detection per split.
-        batch_size: training images per process and step.
-        val_batch_size: validation/test batch size; ``None`` means ``batch_size``.
-        num_workers, persistent_workers: DataLoader workers (persistence only applies with workers).
+        root: Roboflow export or COCO layout (see `detr_lightning.data.layout`).
+        label_mapping: ``"raw"`` or ``"contiguous"`` (see `detr_lightning.data.categories`).
+        train, val, test: ``{"ann_file": ..., "img_dir": ...}`` overriding detection for that split.
+        batch_size: per process; a ``None`` ``val_batch_size`` means the same.
         pin_memory: ``None`` pins when CUDA is available.
-        train_scales, train_max_size: multi-scale resize (shorter side choices, longer-side cap).
-        train_crop_resize_scales, train_crop_size: the crop branch (resize choices, ``(min, max)`` crop).
-        val_scale, val_max_size: evaluation resize.
-        seed: shuffling and worker seeds (each rank adds its rank to the worker seeds).
+        pad_to_multiple: shape buckets: every batch (training and evaluation) is padded up to multiples
+            of this many pixels in height and width (masked like DETR's other padding), so the batch
+            shapes of an epoch are few (``torch.compile`` with static shapes, CUDA graphs). ``None``: to
+            the largest image of the batch only (official). A multiple of 32 (the backbone's stride)
+            keeps the padding mask exact at the feature scale.
+        train_scales, train_max_size: shorter-side choices and longer-side cap of the multi-scale resize.
+        train_crop_resize_scales, train_crop_size: the crop branch's resize choices and ``(min, max)`` crop.
+        seed: of shuffling and augmentation; each rank adds its rank for its workers.
         check_images: verify every image file (presence, format, size) in `setup`.
-        drop_last: drop the last incomplete training batch (the official code does).
-        generate_demo: write the built-in demo dataset to ``root`` if no dataset is there.
-        demo_root: when set, the demo is only written if ``root`` is this folder, so a mistyped
-            ``data.root`` on the demo experiment is reported as missing data, never filled with shapes.
-        demo_options: `detr_lightning.data.demo.write_demo_dataset` options for the generated demo
-            (``data=demo_crowded`` sets the harder variant's).
+        drop_last: of training batches (the official code drops the last, incomplete one).
+        generate_demo: write the demo dataset to ``root`` if no dataset is there.
+        demo_root: if set, the only ``root`` the demo is written to (a mistyped ``data.root`` is an error).
+        demo_options: `detr_lightning.data.demo.write_demo_dataset` options (the harder variant's in
+            ``data=demo_crowded``).
     """
 
     def __init__(
@@ -84,12 +72,13 @@ class CocoDataModule(lightning.LightningDataModule):
         num_workers: int = 2,
         pin_memory: bool | None = None,
         persistent_workers: bool = False,
-        train_scales: Sequence[int] = DETR_TRAIN_SCALES,
-        train_max_size: int | None = DETR_TRAIN_MAX_SIZE,
-        train_crop_resize_scales: Sequence[int] = DETR_CROP_RESIZE_SCALES,
-        train_crop_size: Sequence[int] = DETR_CROP_SIZE,
-        val_scale: int = DETR_EVAL_SCALE,
-        val_max_size: int | None = DETR_EVAL_MAX_SIZE,
+        pad_to_multiple: int | None = None,
+        train_scales: Sequence[int] = T.DETR_TRAIN_SCALES,
+        train_max_size: int | None = T.DETR_TRAIN_MAX_SIZE,
+        train_crop_resize_scales: Sequence[int] = T.DETR_CROP_RESIZE_SCALES,
+        train_crop_size: Sequence[int] = T.DETR_CROP_SIZE,
+        val_scale: int = T.DETR_EVAL_SCALE,
+        val_max_size: int | None = T.DETR_EVAL_MAX_SIZE,
         seed: int = 42,
         check_images: bool = True,
         drop_last: bool = True,
@@ -113,6 +102,12 @@ class CocoDataModule(lightning.LightningDataModule):
         self.num_workers = int(num_workers)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
+        if pad_to_multiple is not None and pad_to_multiple <= 0:
+            raise DataError(
+                f"data.pad_to_multiple={pad_to_multiple} must be a positive number of pixels (e.g. 128), "
+                "or null for no shape buckets."
+            )
+        self.pad_to_multiple = pad_to_multiple
         scales = _positive_ints("train_scales", train_scales)
         crop_resize_scales = _positive_ints("train_crop_resize_scales", train_crop_resize_scales)
         crop_size = _positive_ints("train_crop_size", train_crop_size)
@@ -121,17 +116,15 @@ class CocoDataModule(lightning.LightningDataModule):
                 f"data.train_crop_size={list(train_crop_size)} must be [min, max] with min <= max."
             )
         val_scale = _positive_ints("val_scale", [val_scale])[0]
-        self.train_transform = DetectionTransform(
-            make_train_geometry(scales, train_max_size, crop_resize_scales, crop_size)
-        )
-        self.eval_transform = DetectionTransform(make_eval_geometry(val_scale, val_max_size))
+        train_geometry = T.make_train_geometry(scales, train_max_size, crop_resize_scales, crop_size)
+        self.train_transform = T.DetectionTransform(train_geometry)
+        self.eval_transform = T.DetectionTransform(T.make_eval_geometry(val_scale, val_max_size))
         self.seed = int(seed)
         self.check_images = check_images
         self.drop_last = drop_last
         self.generate_demo = generate_demo
         self.demo_root = Path(demo_root).expanduser() if demo_root is not None else None
         self.demo_options = dict(demo_options or {})
-
         self._splits: dict[str, CheckedSplit] = {}
         self._datasets: dict[str, CocoDetection] = {}
 
@@ -215,27 +208,29 @@ class CocoDataModule(lightning.LightningDataModule):
         return (kwargs["num_replicas"], kwargs["rank"]) if kwargs else (1, 0)
 
     def _loader(
-        self, dataset: Dataset, sampler: Sampler, batch_size: int, drop_last: bool, seed: int
+        self, dataset: Dataset, sampler: DistributedSampler, batch_size: int, drop_last: bool
     ) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
             drop_last=drop_last,
-            collate_fn=collate_detection,
+            collate_fn=(
+                collate_detection
+                if self.pad_to_multiple is None
+                else partial(collate_detection, pad_to_multiple=self.pad_to_multiple)
+            ),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
-            generator=torch.Generator().manual_seed(seed),
+            generator=torch.Generator().manual_seed(self.seed + sampler.rank),
         )
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.dataset("train")
         num_replicas, rank = self._replicas()
         # Order and augmentation depend only on (seed, epoch): resuming at an epoch boundary is exact.
-        sampler = EpochShuffleSampler(
-            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=self.seed
-        )
+        sampler = EpochShuffleSampler(dataset, num_replicas=num_replicas, rank=rank, seed=self.seed)
         sampler.set_epoch(self._next_train_epoch())
         if self.drop_last and len(sampler) < self.batch_size:
             raise DataError(
@@ -243,8 +238,7 @@ class CocoDataModule(lightning.LightningDataModule):
                 f"data.batch_size={self.batch_size}, so no full batch exists. Fix: lower data.batch_size "
                 "or set data.drop_last=false."
             )
-        seeded = EpochSeededDataset(dataset, self.seed)
-        return self._loader(seeded, sampler, self.batch_size, self.drop_last, seed=self.seed + rank)
+        return self._loader(EpochSeededDataset(dataset, self.seed), sampler, self.batch_size, self.drop_last)
 
     def _next_train_epoch(self) -> int:
         """The epoch the train loader is about to serve.
@@ -264,7 +258,7 @@ class CocoDataModule(lightning.LightningDataModule):
         dataset = self.dataset(split)
         num_replicas, rank = self._replicas()
         sampler = EvalShardSampler(dataset, num_replicas=num_replicas, rank=rank)
-        return self._loader(dataset, sampler, self.val_batch_size, drop_last=False, seed=self.seed + rank)
+        return self._loader(dataset, sampler, self.val_batch_size, drop_last=False)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

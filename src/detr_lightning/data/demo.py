@@ -14,8 +14,7 @@ the quirks of real exports on purpose:
 
 Every image is drawn from its own generator seeded by ``(seed, split, index)``, so the output is a
 function of the arguments alone and adding images leaves the first ones unchanged. ``--crowded``
-(``data=demo_crowded``) is a harder variant for convergence comparisons (`CROWDED_DEMO_OPTIONS`). The
-transform scales that suit each variant are `DEMO_TRANSFORM_SCALES` and `CROWDED_DEMO_TRANSFORM_SCALES`.
+(``data=demo_crowded``, `CROWDED_DEMO_OPTIONS`) is a harder variant for convergence comparisons.
 """
 
 from __future__ import annotations
@@ -75,6 +74,7 @@ CROWDED_DEMO_TRANSFORM_SCALES = {
     "val_max_size": 320,
 }
 EMPTY_IMAGE_INDEX, CROWD_IMAGE_INDEX, GRAYSCALE_IMAGE_INDEX = 1, 2, 3
+Box = tuple[int, int, int, int]  # x, y, width, height in pixels
 
 
 @dataclass(frozen=True)
@@ -141,10 +141,8 @@ def _background(rng: np.random.Generator, width: int, height: int) -> Image.Imag
     return image
 
 
-def _free_box(
-    rng: np.random.Generator, width: int, height: int, size: int, taken: list[tuple[int, int, int, int]]
-) -> tuple[int, int, int, int] | None:
-    """A ``size`` x ``size`` box ``(x, y, w, h)`` inside the image not touching ``taken`` boxes, or None."""
+def _free_box(rng: np.random.Generator, width: int, height: int, size: int, taken: list[Box]) -> Box | None:
+    """A ``size`` x ``size`` box inside the image not touching ``taken`` boxes, or None."""
     for _ in range(50):
         x, y = int(rng.integers(0, width - size + 1)), int(rng.integers(0, height - size + 1))
         clear = all(
@@ -156,10 +154,8 @@ def _free_box(
     return None
 
 
-def _draw_shape(
-    draw: ImageDraw.ImageDraw, category_id: int, box: tuple[int, int, int, int], colour: tuple
-) -> None:
-    """Draw a shape whose tight bounding box is exactly ``box`` (``x, y, w, h`` in pixels)."""
+def _draw_shape(draw: ImageDraw.ImageDraw, category_id: int, box: Box, colour: tuple) -> None:
+    """Draw a shape whose tight bounding box is exactly ``box``."""
     x, y, w, h = box
     corners = (x, y, x + w - 1, y + h - 1)  # PIL includes the last row/column
     if category_id == SQUARE:
@@ -170,10 +166,8 @@ def _draw_shape(
         draw.polygon([(x, y + h - 1), (x + w - 1, y + h - 1), (x + (w - 1) / 2, y)], fill=colour)
 
 
-def _draw_crowd(
-    rng: np.random.Generator, draw: ImageDraw.ImageDraw, width: int, height: int
-) -> tuple[int, int, int, int]:
-    """A cluster of tiny discs in one region; returns the region's tight box ``(x, y, w, h)``."""
+def _draw_crowd(rng: np.random.Generator, draw: ImageDraw.ImageDraw, width: int, height: int) -> Box:
+    """A cluster of tiny discs in one region; returns the region's tight box."""
     region = int(rng.integers(36, 56))
     x0, y0 = int(rng.integers(0, width - region + 1)), int(rng.integers(0, height - region + 1))
     colour = _saturated_colour(rng)
@@ -190,19 +184,18 @@ def _draw_crowd(
 
 def render_demo_image(
     seed: int, split: str, index: int, shapes: DemoShapes
-) -> tuple[Image.Image, list[dict[str, Any]]]:
-    """Draw image ``index`` of ``split``; returns it and its annotations (category_id, bbox, iscrowd)."""
+) -> tuple[Image.Image, list[tuple[int, Box, int]]]:
+    """Draw image ``index`` of ``split``; returns it and its objects ``(category_id, box, iscrowd)``."""
     rng = np.random.default_rng([seed, list(DEMO_SPLIT_FOLDERS).index(split), index])
     width, height = (int(side) for side in rng.integers(shapes.min_side, shapes.max_side + 1, size=2))
     image = _background(rng, width, height)
     draw = ImageDraw.Draw(image)
-    annotations: list[dict[str, Any]] = []
-    taken: list[tuple[int, int, int, int]] = []
+    objects: list[tuple[int, Box, int]] = []
+    taken: list[Box] = []
 
     if index == CROWD_IMAGE_INDEX and split in ("train", "val"):
-        crowd_box = _draw_crowd(rng, draw, width, height)
-        taken.append(crowd_box)
-        annotations.append({"category_id": DISC, "bbox": list(crowd_box), "iscrowd": 1})
+        taken.append(_draw_crowd(rng, draw, width, height))
+        objects.append((DISC, taken[-1], 1))
     if index == EMPTY_IMAGE_INDEX:
         count = 0
     elif shapes.max_objects is None:
@@ -218,13 +211,13 @@ def render_demo_image(
             continue
         _draw_shape(draw, category_id, box, _saturated_colour(rng))
         taken.append(box)
-        annotations.append({"category_id": category_id, "bbox": list(box), "iscrowd": 0})
+        objects.append((category_id, box, 0))
 
     noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 4, size=(height, width, 3))
     image = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
     if split == "train" and index == GRAYSCALE_IMAGE_INDEX:
         image = image.convert("L")
-    return image, annotations
+    return image, objects
 
 
 def write_demo_split(out_dir: Path, split: str, num_images: int, seed: int, **shapes: Any) -> None:
@@ -239,18 +232,10 @@ def write_demo_split(out_dir: Path, split: str, num_images: int, seed: int, **sh
         images.append(
             {"id": index, "license": 1, "file_name": file_name, "height": image.height, "width": image.width}
         )
-        for obj in objects:
-            x, y, w, h = obj["bbox"]
+        for category_id, (x, y, w, h), iscrowd in objects:
+            ids = {"id": len(annotations), "image_id": index, "category_id": category_id}
             annotations.append(
-                {
-                    "id": len(annotations),
-                    "image_id": index,
-                    "category_id": obj["category_id"],
-                    "bbox": [x, y, w, h],
-                    "area": w * h,
-                    "segmentation": [],
-                    "iscrowd": obj["iscrowd"],
-                }
+                {**ids, "bbox": [x, y, w, h], "area": w * h, "segmentation": [], "iscrowd": iscrowd}
             )
     coco = {
         "info": {"description": "detr-lightning synthetic shapes demo", "version": "1"},

@@ -16,17 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as F
 
+from detr_lightning.data.annotations import more_like_it
 from detr_lightning.data.errors import DataError
 
 # What torchvision.io.decode_image reads; EXIF orientation is only applied for JPEG and PNG.
 DECODABLE_FORMATS = frozenset({"JPEG", "PNG", "GIF", "WEBP"})
 ORIENTED_FORMATS = frozenset({"JPEG", "PNG"})
-EXIF_ORIENTATION_TAG = 0x0112
 SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})  # transpose and 90° rotations
 
 
@@ -46,12 +46,9 @@ def read_image_header(path: Path) -> ImageHeader:
         exif = Image.Exif()
         if image.info.get("exif"):
             exif.load(image.info["exif"])
-        orientation = int(exif.get(EXIF_ORIENTATION_TAG, 1))
-        width, height = image.size
+        orientation = int(exif.get(ExifTags.Base.Orientation, 1))
         swapped = orientation in SWAPPING_ORIENTATIONS and image.format in ORIENTED_FORMATS
-        return ImageHeader(
-            str(image.format), (width, height), (height, width) if swapped else (width, height)
-        )
+        return ImageHeader(str(image.format), image.size, image.size[::-1] if swapped else image.size)
 
 
 def read_image_rgb(path: Path, apply_exif_orientation: bool = True) -> Tensor:
@@ -101,11 +98,8 @@ IMAGE_PROBLEMS = {
 def verify_image_files(images: Iterable[dict[str, Any]], img_dir: Path, ann_file: Path) -> frozenset[int]:
     """Check from the file headers that every image record has a decodable file of the recorded size.
 
-    Raises a `DataError` for the first kind of `IMAGE_PROBLEMS` found, naming its first image.
-
-    Returns:
-        Ids of images whose record matches the stored (unrotated) size of a file with a 90° EXIF
-        orientation: these are read without applying the orientation.
+    Raises a `DataError` for the first kind of `IMAGE_PROBLEMS` found, naming its first image. Returns the
+    ids of images whose record matches only the stored (unrotated) size: they are read without rotation.
     """
     records = list(images)
     paths = [img_dir / record["file_name"] for record in records]
@@ -116,7 +110,7 @@ def verify_image_files(images: Iterable[dict[str, Any]], img_dir: Path, ann_file
     found: dict[str, list[str]] = {kind: [] for kind in IMAGE_PROBLEMS}
     read_unrotated = set()
     for record, path, header, leaves in zip(records, paths, headers, outside, strict=True):
-        where = f"{path} (image id {record['id']})"
+        where, recorded = f"{path} (image id {record['id']})", (record["width"], record["height"])
         if leaves:
             found["outside"].append(f"{where} is a link to {path.resolve()}")
         elif isinstance(header, FileNotFoundError) or (isinstance(header, Exception) and not path.exists()):
@@ -125,13 +119,9 @@ def verify_image_files(images: Iterable[dict[str, Any]], img_dir: Path, ann_file
             found["undecodable"].append(f"{where}: {type(header).__name__}: {header}")
         elif header.format not in DECODABLE_FORMATS:
             found["format"].append(f"{where} is {header.format}")
-        else:
-            recorded = (record["width"], record["height"])
-            if recorded == header.displayed_size:
-                continue
-            if recorded == header.stored_size:
-                read_unrotated.add(record["id"])
-                continue
+        elif recorded == header.stored_size and recorded != header.displayed_size:
+            read_unrotated.add(record["id"])
+        elif recorded != header.displayed_size:
             width, height = header.displayed_size
             found["size"].append(
                 f"{where} is {width}x{height} (width x height) but its record says "
@@ -139,7 +129,6 @@ def verify_image_files(images: Iterable[dict[str, Any]], img_dir: Path, ann_file
             )
     for kind, (what, fix) in IMAGE_PROBLEMS.items():
         if found[kind]:
-            more = f" (and {len(found[kind]) - 1} more like it)" if len(found[kind]) > 1 else ""
             fix = fix.format(img_dir=img_dir, ann_file=ann_file, formats=sorted(DECODABLE_FORMATS))
-            raise DataError(f"{ann_file}: {what}: {found[kind][0]}{more}. Fix: {fix}.")
+            raise DataError(f"{ann_file}: {what}: {found[kind][0]}{more_like_it(found[kind])}. Fix: {fix}.")
     return frozenset(read_unrotated)

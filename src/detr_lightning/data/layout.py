@@ -123,10 +123,8 @@ def resolve_layout(
                 f"split. Fix: also set data.{split}.ann_file."
             )
         ann_file = _resolve_path(ann_value, root_path) if ann_value is not None else found.ann_file
-        if img_value is not None:
-            img_dir = _resolve_path(img_value, root_path)
-        else:
-            img_dir = found.img_dir if found is not None else ann_file.parent
+        default_img_dir = found.img_dir if found is not None else ann_file.parent
+        img_dir = _resolve_path(img_value, root_path) if img_value is not None else default_img_dir
         splits[split] = SplitFiles(split, ann_file, img_dir)
     if not splits and root_path is None:
         raise DataError(

@@ -24,15 +24,13 @@ class EvalShardSampler(DistributedSampler):
 
     def __init__(self, dataset: Sized, num_replicas: int = 1, rank: int = 0) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
-        size = len(dataset)
-        self.start = rank * size // num_replicas
-        self.stop = (rank + 1) * size // num_replicas
+        self.indices = range(rank * len(dataset) // num_replicas, (rank + 1) * len(dataset) // num_replicas)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.start, self.stop))
+        return iter(self.indices)
 
     def __len__(self) -> int:
-        return self.stop - self.start
+        return len(self.indices)
 
 
 class EpochShuffleSampler(DistributedSampler):

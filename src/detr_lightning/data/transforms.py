@@ -45,12 +45,6 @@ def short_side_resize_shape(height: int, width: int, size: int, max_size: int | 
     return size, int(size * width / height)
 
 
-def _image_size(flat_inputs: list[Any]) -> tuple[int, int]:
-    """``(H, W)`` of the sample's image."""
-    image = next(inpt for inpt in flat_inputs if isinstance(inpt, tv_tensors.Image))
-    return int(image.shape[-2]), int(image.shape[-1])
-
-
 def _randint(low: int, high: int) -> int:
     """Uniform integer in ``[low, high]`` (both included) from the torch RNG."""
     return int(torch.randint(low, high + 1, ()).item())
@@ -65,7 +59,7 @@ class RandomShortSideResize(v2.Transform):
         self.max_size = max_size
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
-        height, width = _image_size(flat_inputs)
+        height, width = v2.query_size(flat_inputs)
         size = self.sizes[_randint(0, len(self.sizes) - 1)]
         return {"shape": short_side_resize_shape(height, width, size, self.max_size)}
 
@@ -86,7 +80,7 @@ class RandomSizeCrop(v2.Transform):
         self.max_size = int(max_size)
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
-        height, width = _image_size(flat_inputs)
+        height, width = v2.query_size(flat_inputs)
         crop_width = _randint(min(self.min_size, width), min(width, self.max_size))
         crop_height = _randint(min(self.min_size, height), min(height, self.max_size))
         top = _randint(0, height - crop_height)
@@ -106,15 +100,9 @@ def make_train_geometry(
     """The official training geometry: a horizontal flip (p=0.5), then with p=0.5 each a multi-scale resize
     (shorter side from ``scales``, longer side <= ``max_size``), or a resize to ``crop_resize_scales``, a
     random crop of ``crop_size`` and the same multi-scale resize."""
-    crop_branch = v2.Compose(
-        [
-            RandomShortSideResize(crop_resize_scales),
-            RandomSizeCrop(*crop_size),
-            RandomShortSideResize(scales, max_size),
-        ]
-    )
-    resize_branch = RandomShortSideResize(scales, max_size)
-    return v2.Compose([v2.RandomHorizontalFlip(p=0.5), v2.RandomChoice([resize_branch, crop_branch])])
+    resize = RandomShortSideResize(scales, max_size)
+    crop = v2.Compose([RandomShortSideResize(crop_resize_scales), RandomSizeCrop(*crop_size), resize])
+    return v2.Compose([v2.RandomHorizontalFlip(p=0.5), v2.RandomChoice([resize, crop])])
 
 
 def make_eval_geometry(
@@ -139,15 +127,13 @@ class DetectionTransform:
         self.geometry = geometry
 
     def __call__(self, image: Tensor, target: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        height, width = int(image.shape[-2]), int(image.shape[-1])
         image = tv_tensors.Image(image)
-        boxes = tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=(height, width))
+        boxes = tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=tuple(image.shape[-2:]))
         if self.geometry is not None:
             image, boxes = self.geometry(image, boxes)
-        height, width = int(image.shape[-2]), int(image.shape[-1])
-
+        height, width = image.shape[-2:]
         pixels = F.to_dtype(image, torch.float32, scale=True)
-        pixels = F.normalize(pixels, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)).as_subclass(Tensor)
+        pixels = F.normalize(pixels, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
 
         xyxy = clip_boxes_to_image(boxes.as_subclass(Tensor), (height, width))  # (N, 4)
         keep = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
@@ -159,4 +145,4 @@ class DetectionTransform:
         out["iscrowd"] = target["iscrowd"][keep]
         out["area"] = box_area(xyxy)
         out["size"] = torch.tensor([height, width], dtype=torch.int64)
-        return pixels, out
+        return pixels.as_subclass(Tensor), out

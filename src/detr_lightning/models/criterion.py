@@ -1,8 +1,5 @@
-"""DETR's set criterion: Hungarian matching, then classification and box losses per decoder layer.
-
-The classification loss is the official softmax cross-entropy by default (``class_loss="ce"``), or a
-sigmoid loss over the ``C`` real classes (``"focal"``, ``"varifocal"``) as in Deformable DETR / RT-DETR.
-"""
+"""DETR's set criterion: Hungarian matching, then classification (softmax cross-entropy, or a sigmoid
+focal / varifocal loss) and box losses per decoder layer."""
 
 from __future__ import annotations
 
@@ -64,15 +61,17 @@ def build_weight_dict(
     return weights
 
 
-def count_target_boxes(targets: Sequence[dict[str, Tensor]], device: torch.device) -> Tensor:
-    """Average number of target boxes per process, at least 1: the box losses' normalizer.
-
-    Summed over all processes when torch.distributed is running, so every GPU count gives the same loss
-    scale. Stays a tensor (no host sync).
+def count_target_boxes(
+    targets: Sequence[dict[str, Tensor]], device: torch.device, across_processes: bool = True
+) -> Tensor:
+    """Average number of target boxes per process, at least 1: the box losses' normalizer, a 0-dim tensor
+    (no host sync). Summed over all processes when torch.distributed runs and ``across_processes``: every
+    GPU counts, one loss scale. Evaluation passes False: its shards may differ in their number of batches
+    (every image evaluated once), and a collective that some rank never reaches would hang them all.
     """
     num_boxes = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
     world_size = 1
-    if dist.is_available() and dist.is_initialized():
+    if across_processes and dist.is_available() and dist.is_initialized():
         dist.all_reduce(num_boxes)
         world_size = dist.get_world_size()
     return torch.clamp(num_boxes / world_size, min=1)
@@ -87,16 +86,13 @@ def split_query_groups(stacked: Tensor, num_groups: int) -> Tensor:
     return grouped.reshape(layers * num_groups, batch, queries // num_groups, features)
 
 
-def matched_indices(matching: Matching, image_offsets: Tensor) -> Tensor:
-    """``(3, M)`` int64 on the CPU: image, query and batch-wide target index of every matched pair.
-
-    ``image_offsets[i]`` is the position of image ``i``'s first target in the concatenated targets; one
-    tensor means one host-to-device copy per matching instead of several per image.
-    """
+def matched_indices(matching: Matching, image_offsets: Tensor, problem: int = 0) -> Tensor:
+    """``(4, M)`` int64 on the CPU: ``problem``, image, query and batch-wide target index of every matched
+    pair (``image_offsets[i]``: where image ``i``'s targets start); one tensor, so one host-to-device copy."""
     image = torch.cat([torch.full_like(query, i) for i, (query, _) in enumerate(matching)])
     query = torch.cat([query for query, _ in matching])
     target = torch.cat([target + image_offsets[i] for i, (_, target) in enumerate(matching)])
-    return torch.stack([image, query, target])
+    return torch.stack([torch.full_like(image, problem), image, query, target])
 
 
 class SetCriterion(nn.Module):
@@ -118,20 +114,10 @@ class SetCriterion(nn.Module):
       negatives (``p`` the detached score) and by the target IoU on positives; normalized as ``focal``.
 
     With a sigmoid loss the class head keeps its ``C + 1`` outputs, so checkpoints load either way; the
-    "no object" logit gets no loss, no gradient and no score. The logs describe group 0 of the last layer:
-    ``class_error`` is the top-1 error (percent) of the matched queries, ``cardinality_error`` the mean
-    absolute difference between the number of objects and of queries predicting one (argmax not "no
-    object" for ``ce``, best real-class sigmoid score above 0.5 for sigmoid losses).
-
-    Args:
-        num_classes: class slots; index ``num_classes`` is "no object".
-        matcher: the Hungarian matcher (its ``class_cost`` should follow the loss).
-        weight_dict: loss name -> weight (see :func:`build_weight_dict`); losses absent from it are logs.
-        eos_coef: weight of the "no object" class in the cross-entropy (``ce`` only).
-        class_loss: ``ce`` | ``focal`` | ``varifocal``.
-        focal_alpha: focal loss weight of the positives (negatives get ``1 - focal_alpha``).
-        focal_gamma: focusing exponent of ``focal`` and ``varifocal``.
-        varifocal_alpha: weight of the negatives in ``varifocal``.
+    "no object" logit (index ``num_classes``) gets no loss, no gradient and no score. ``class_error`` and
+    ``cardinality_error`` describe group 0 of the last layer. ``matcher``'s ``class_cost`` should follow
+    the loss; losses absent from ``weight_dict`` (see :func:`build_weight_dict`) are logs; ``focal_alpha``
+    weights the positives of the focal loss (negatives get ``1 - focal_alpha``).
     """
 
     def __init__(
@@ -159,7 +145,9 @@ class SetCriterion(nn.Module):
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight)
 
-    def forward(self, outputs: dict, targets: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+    def forward(
+        self, outputs: dict, targets: Sequence[dict[str, Tensor]], across_processes: bool = True
+    ) -> dict[str, Tensor]:
         """The loss dict, 0-dim tensors in the official key order, of the model's ``outputs``
         (``pred_logits (B, Q, C+1)``, ``pred_boxes (B, Q, 4)``, optional ``aux_outputs``) against ``B``
         ``targets`` (``labels (T_i,)`` int64, ``boxes (T_i, 4)`` normalized cxcywh).
@@ -174,27 +162,21 @@ class SetCriterion(nn.Module):
         boxes = split_query_groups(torch.stack([layer["pred_boxes"] for layer in layers]), num_groups)
         matchings = self.matcher.match_layers(logits, boxes, targets)
         device = outputs["pred_logits"].device
-        num_boxes = count_target_boxes(targets, device)
+        num_boxes = count_target_boxes(targets, device, across_processes)
         sizes = [len(t["labels"]) for t in targets]
         all_labels = torch.cat([t["labels"] for t in targets]).to(device)  # (T,)
         all_boxes = torch.cat([t["boxes"] for t in targets]).to(device)  # (T, 4)
         image_offsets = torch.tensor([0, *sizes[:-1]]).cumsum(0)
-        # (4, M): problem, image, query and batch-wide target of every matched pair of every problem,
-        # built on the CPU and moved in one copy.
-        pairs = torch.cat(
-            [
-                torch.cat([torch.full((1, indices.shape[1]), p), indices])
-                for p, indices in enumerate(matched_indices(m, image_offsets) for m in matchings)
-            ],
-            dim=1,
-        ).to(device)
+        # (4, M): the matched pairs of every problem, built on the CPU and moved in one copy.
+        per_matching = [matched_indices(m, image_offsets, p) for p, m in enumerate(matchings)]
+        pairs = torch.cat(per_matching, dim=1).to(device)
         per_problem = self.problem_losses(logits, boxes, pairs, all_labels, all_boxes, num_boxes)
         # Group DETR: the weighted losses of a layer are summed over its K groups.
         num_layers = len(layers)
         summed = {key: value.view(num_layers, num_groups).sum(1) for key, value in per_problem.items()}
-        inference_group = slice(0, None, num_groups)  # group 0 of every layer: the logs describe it
         target_counts = torch.tensor(sizes, dtype=torch.float32).to(device)
-        cardinality = self._cardinality_error(logits[inference_group], target_counts)  # (L,)
+        # (L,), of group 0 of every layer: the logs describe it.
+        cardinality = self._cardinality_error(logits[::num_groups], target_counts)
         first = pairs[:, pairs[0] == 0]  # the last decoder layer's group-0 matching
         class_error = self._class_error(logits[0][first[1], first[2]], all_labels[first[3]])
         # Official key order: loss_ce, class_error, loss_bbox, loss_giou, cardinality_error, then aux layers.
@@ -258,9 +240,7 @@ class SetCriterion(nn.Module):
     def _cross_entropy(self, logits: Tensor, pairs: Tensor, all_labels: Tensor) -> Tensor:
         """The official classification loss, ``(P,)``: unmatched queries are "no object" (``eos_coef``)."""
         problem, image, query, target = pairs
-        target_classes = torch.full(
-            logits.shape[:3], self.num_classes, dtype=torch.int64, device=logits.device
-        )
+        target_classes = logits.new_full(logits.shape[:3], self.num_classes, dtype=torch.int64)
         target_classes[problem, image, query] = all_labels[target]
         weighted_nll = F.cross_entropy(
             logits.permute(0, 3, 1, 2), target_classes, weight=self.empty_weight, reduction="none"
@@ -292,7 +272,8 @@ class SetCriterion(nn.Module):
     @torch.no_grad()
     def _cardinality_error(self, logits: Tensor, target_counts: Tensor) -> Tensor:
         """``logits (L, B, Q, C + 1)``, ``target_counts (B,)`` -> ``(L,)``: per layer, the mean absolute
-        difference between predicted and true object counts."""
+        difference between the number of objects and of queries predicting one (argmax not "no object"
+        for ``ce``, best real-class sigmoid score above 0.5 for sigmoid losses)."""
         if self.score == "sigmoid":
             predicted = (logits[..., : self.num_classes].amax(-1) > 0).sum(-1).float()  # (L, B)
         else:

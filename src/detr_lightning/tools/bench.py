@@ -50,13 +50,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     with contextlib.suppress(OSError):
         models = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line]
         cpu = models[0].split(":", 1)[1].strip() if models else cpu
-    info = {
-        "cpu": cpu,
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "device": str(device),
-    }
+    info = {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    info.update(torch=torch.__version__, device=str(device))
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"}
@@ -274,13 +269,11 @@ def step_flops(step: Callable[[], Tensor]) -> int:
 
 
 def bench_train_step(args: argparse.Namespace) -> dict[str, Any]:
-    device = resolve_device(args.device)
-    flops = None
+    device, flops = args.device, None
     if args.flops:  # counted in eager mode (the FLOP counter does not see inside compiled graphs)
         torch.manual_seed(0)
-        flops = step_flops(
-            build_train_step(argparse.Namespace(**{**vars(args), "compile": False}), device)[0]
-        )
+        eager = argparse.Namespace(**{**vars(args), "compile": False})
+        flops = step_flops(build_train_step(eager, device)[0])
     torch.manual_seed(0)
     step, phases = build_train_step(args, device)
     reset_peak_memory(device)
@@ -299,12 +292,12 @@ def bench_train_step(args: argparse.Namespace) -> dict[str, Any]:
     if flops:
         figures.update(gflop_per_step=round(flops / 1e9, 1), achieved_tflop_s=round(flops / median / 1e12, 3))
     print(f"train-step ({args.impl}, {args.precision}): median {median:.4f} s/step")
-    return {**figures, **machine_info(device)}
+    return figures
 
 
 # ---------------------------------------------------------------------------- inference
 def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
-    device = resolve_device(args.device)
+    device = args.device
     torch.manual_seed(0)
     if args.impl == "huggingface":
         hf_model = prepare(huggingface_detr(), args).to(device).eval()
@@ -342,7 +335,7 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
         "peak_memory_mib": round(peak_memory_mib(device), 1),
     }
     print(f"inference: batch 1 median {figures['batch1_median_s']:.4f} s")
-    return {**figures, **machine_info(device)}
+    return figures
 
 
 # ---------------------------------------------------------------------------- data
@@ -378,22 +371,15 @@ def bench_data(args: argparse.Namespace) -> dict[str, Any]:
         split_dir = write_jpeg_folder(Path(tmp), args.images)
         split = {"ann_file": split_dir / "_annotations.coco.json", "img_dir": split_dir}
         for workers in args.workers:
-            datamodule = CocoDataModule(
-                Path(tmp),
-                train=split,
-                val=split,
-                batch_size=args.batch_size,
-                num_workers=workers,
-                pin_memory=False,
-                check_images=False,
-            )
+            loader = {"batch_size": args.batch_size, "num_workers": workers, "pin_memory": False}
+            datamodule = CocoDataModule(Path(tmp), train=split, val=split, check_images=False, **loader)
             datamodule.setup("fit")
             start = time.perf_counter()
             count = sum(len(batch.targets) for batch in datamodule.train_dataloader())
             images_per_s = count / (time.perf_counter() - start)
             figures[f"workers{workers}_images_per_s"] = round(images_per_s, 2)
             print(f"data: {workers} workers, {images_per_s:.1f} images/s")
-    return {**figures, **machine_info(torch.device("cpu"))}
+    return figures
 
 
 # ---------------------------------------------------------------------------- metric
@@ -420,12 +406,10 @@ def synthetic_detections(
         boxes[false] = torch.cat([random_xy, random_xy + 50], dim=1)[false]
         boxes = torch.cat([boxes[:, :2], torch.maximum(boxes[:, 2:], boxes[:, :2] + 1)], dim=1)
         random_labels = torch.randint(0, num_classes, (per_image,), generator=generator)
+        scores = torch.rand(per_image, generator=generator)
+        predicted = torch.where(false, random_labels, labels[repeats])
         predictions.append(
-            {
-                "boxes": box_convert(boxes, "xyxy", "xywh"),
-                "scores": torch.rand(per_image, generator=generator),
-                "labels": torch.where(false, random_labels, labels[repeats]),
-            }
+            {"boxes": box_convert(boxes, "xyxy", "xywh"), "scores": scores, "labels": predicted}
         )
     return predictions, targets
 
@@ -440,16 +424,15 @@ def bench_metric(args: argparse.Namespace) -> dict[str, Any]:
         metric = build_map_metric(backend=backend, class_metrics=False, sync_on_compute=False)
         start = time.perf_counter()
         metric.update(predictions, targets)
-        results[backend] = {
-            k: float(v) for k, v in metric.compute().items() if v.numel() == 1 and k != "classes"
-        }
+        scalars = metric.compute()
+        results[backend] = {k: float(v) for k, v in scalars.items() if v.numel() == 1 and k != "classes"}
         figures[f"{backend}_s"] = round(time.perf_counter() - start, 3)
         print(f"metric: {backend} {figures[f'{backend}_s']:.2f} s, mAP {results[backend]['map']:.4f}")
     fast, reference = results["faster_coco_eval"], results["pycocotools"]
     figures["speedup"] = round(figures["pycocotools_s"] / figures["faster_coco_eval_s"], 2)
     figures["max_abs_difference"] = max(abs(fast[k] - reference[k]) for k in reference)
     figures["map"] = round(fast["map"], 6)
-    return {**figures, **machine_info(torch.device("cpu"))}
+    return figures
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -466,36 +449,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m detr_lightning.tools.bench", description=__doc__.split("\n")[0]
     )
     sub = parser.add_subparsers(dest="name", required=True)
+    model = argparse.ArgumentParser(add_help=False)  # the options of both model benchmarks
+    add = model.add_argument
+    add("--impl", choices=["ours", "huggingface"], default="ours")
+    add("--steps", type=int, default=10, help="timed steps")
+    add("--warmup", type=int, default=2, help="untimed steps first")
+    add("--precision", choices=sorted(PRECISIONS), default="32")
+    add("--compile", action="store_true", help="torch.compile the model")
+    add("--compile-mode", default="default", choices=COMPILE_MODES)
+    add("--channels-last", action="store_true", help="channels_last backbone and images")
+    add("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    add("--threads", type=int, default=None, help="torch.set_num_threads")
+    add("--no-fold-norm", dest="fold_norm", action="store_false", help="frozen norms after the convolutions")
+    add("--attention-weights", action="store_true", help="materialize attention weights (official path)")
 
-    def model_parser(name: str, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help)
-        p.add_argument("--impl", choices=["ours", "huggingface"], default="ours")
-        p.add_argument("--steps", type=int, default=10, help="timed steps")
-        p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-        p.add_argument("--precision", choices=sorted(PRECISIONS), default="32")
-        p.add_argument("--compile", action="store_true", help="torch.compile the model")
-        p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
-        p.add_argument("--channels-last", action="store_true", help="channels_last backbone and images")
-        p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-        p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-        p.add_argument(
-            "--no-fold-norm",
-            dest="fold_norm",
-            action="store_false",
-            help="frozen norms after the convolutions",
-        )
-        p.add_argument(
-            "--attention-weights", action="store_true", help="materialize attention weights (official path)"
-        )
-        return p
-
-    train = model_parser("train-step", "one DETR-R50 training step on a batch of 2")
+    train = sub.add_parser("train-step", parents=[model], help="one DETR-R50 training step on a batch of 2")
     train.add_argument("--fused", action="store_true", help="fused AdamW kernel")
     train.add_argument(
         "--breakdown", action="store_true", help="also time forward/loss/backward/optimizer (adds syncs)"
     )
     train.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP count")
-    infer = model_parser("inference", "DETR-R50 on 800x1066: batch-1 latency, batch-8 images/s")
+    infer_help = "DETR-R50 on 800x1066: batch-1 latency, batch-8 images/s"
+    infer = sub.add_parser("inference", parents=[model], help=infer_help)
     infer.add_argument("--batch-size", type=int, default=8)
 
     data = sub.add_parser("data", help="images/s through dataset + train transforms + collate")
@@ -512,8 +487,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
+    args.device = resolve_device(getattr(args, "device", "cpu"))  # data and metric run on the CPU
     figures = BENCHMARKS[args.name](args)
-    print(json.dumps({"benchmark": args.name, **figures}), flush=True)  # always the last line
+    # Always the last line; the machine's figures last in it.
+    print(json.dumps({"benchmark": args.name, **figures, **machine_info(args.device)}), flush=True)
 
 
 if __name__ == "__main__":

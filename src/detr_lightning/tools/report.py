@@ -4,8 +4,14 @@ Read only from the run folders (see `detr_lightning.runs`), per run: the command
 it started and how long it took, the 12 pycocotools lines of ``metrics.json`` (val: the last validation;
 test: the best checkpoint), AP per class, the best and last epochs of ``metrics.csv``, and the plots.
 Several runs get a side-by-side table and a plot of their validation curves; a sweep folder stands for
-its jobs plus its ``summary.csv``; runs that differ only in ``seed`` are pooled into variants
-(`report_variants`). Plots outside the report's folder are copied into ``plots/`` beside it.
+its jobs plus its ``summary.csv``. Plots outside the report's folder are copied into ``plots/`` beside it.
+
+Runs whose composed configuration (``.hydra/config.yaml``; else their overrides) differs only in the seed
+and `RESULT_NEUTRAL_KEYS` are pooled into one *variant*, whose curve is the per-epoch mean over its seeds.
+Variants are compared over the same epoch budget, the fewest epochs any run reached (runs stopped by
+``trainer.max_time`` reach slightly different counts); the first variant is the reference, and each
+variant gets the epoch at which its mean curve first reaches the reference's figure at the end of the
+budget ("the same mAP in fewer epochs").
 
 Writing into an existing file replaces only the text between the ``report:begin`` and ``report:end``
 markers; a file without them keeps its text as the introduction.
@@ -14,15 +20,22 @@ markers; a file without them keeps its text as the introduction.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import re
 import shlex
 import shutil
+import statistics
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from detr_lightning.coco_summary import COCO_SUMMARY_KEYS as COCO_KEYS
 from detr_lightning.coco_summary import coco_summary_lines
 from detr_lightning.files import format_duration, read_csv_rows, to_float
 from detr_lightning.runs import (
@@ -40,24 +53,11 @@ from detr_lightning.runs import (
     epoch_series,
     find_job_dirs,
     first_epoch_reaching,
+    first_reaching,
     is_run_dir,
     is_sweep_dir,
     read_run,
     read_sweep_config,
-)
-from detr_lightning.tools.report_variants import (
-    SEED_KEY,
-    VARIANTS_CAPTION,
-    VARIANTS_PLOT,
-    Variant,
-    epoch_values,
-    format_figure,
-    group_by_seed,
-    has_seed_groups,
-    run_settings,
-    save_curves,
-    variants_plot,
-    variants_table,
 )
 
 REPORT_FILE = "report.md"
@@ -67,25 +67,17 @@ BEGIN_MARKER = (
 )
 END_MARKER = "<!-- report:end -->"
 _BEGIN_PATTERN = re.compile(r"<!-- report:begin\b.*?-->", re.DOTALL)
-#: The 12 figures of COCOeval.summarize(), in its order (keys of metrics.json after ``<split>/``).
-COCO_KEYS = (
-    "map map_50 map_75 map_small map_medium map_large mar_1 mar_10 mar_100 mar_small mar_medium mar_large"
-).split()
 COMPARISON_PLOT = "comparison.png"
-#: The validation curves plotted for several runs: (metrics.csv column, title).
+VARIANTS_PLOT = "variants.png"
+#: The validation curves plotted for several runs or variants: (metrics.csv column, title).
 COMPARISON_FIGURES = [("val/map", "validation mAP"), ("val/map_50", "validation mAP@0.5")]
 COMPARISON_CAPTION = "Validation mAP and mAP@0.5 per epoch, every run"
+VARIANTS_CAPTION = "Validation mAP and mAP@0.5 per epoch: mean over seeds (line) and the seeds' range (band)"
 #: The final figures of the comparison table, per split: (key after ``<split>/``, label).
 MAIN_FIGURES = [("map", "mAP"), ("map_50", "mAP@0.5"), ("map_75", "mAP@0.75"), ("mar_100", "AR@100")]
 #: Columns of the epochs table: (metrics.csv column, header).
-EPOCH_COLUMNS = [
-    ("train/loss", "train loss"),
-    ("val/loss", "val loss"),
-    ("val/map", "val mAP"),
-    ("val/map_50", "val mAP@0.5"),
-    ("val/map_75", "val mAP@0.75"),
-    ("val/mar_100", "val AR@100"),
-]
+EPOCH_COLUMNS = [("train/loss", "train loss"), ("val/loss", "val loss")]
+EPOCH_COLUMNS += [(f"val/{key}", f"val {label}") for key, label in MAIN_FIGURES]
 PLOT_CAPTIONS = {
     METRICS_PLOT: "Losses, validation COCO figures and learning rate per epoch",
     PREDICTIONS_PLOT: "Validation images: predictions (red, dashed, with scores) and ground truth (green)",
@@ -94,6 +86,13 @@ SPLIT_NOTES = {
     "train": {"val": "the last validation epoch", "test": "the best checkpoint on the test split"},
     "eval": {"val": "the evaluated checkpoint", "test": "the evaluated checkpoint"},
 }
+SEED_KEY = "seed"
+#: Configuration keys (dotted prefixes) that do not change what a run computes, left out when pooling.
+RESULT_NEUTRAL_KEYS = ("seed", "data.seed", "paths", "logger", "callbacks.progress_bar", "ckpt_path")
+#: A seed suffix of a run folder's name (``demo_plain_s42``, ``run-seed7``), dropped from variant labels.
+_SEED_SUFFIX = re.compile(r"[_-](?:s|seed)\d+$")
+#: A plotted curve: label, ``(epoch, value)`` points and, for a band, the values at each point (or None).
+Curve = tuple[str, list[tuple[int, float]], list[list[float]] | None]
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -125,19 +124,17 @@ def collect(
     """The sweeps and the runs (sweep jobs included, in the order given) of the directories."""
     sweeps: list[Sweep] = []
     runs: list[Run] = []
-    for directory in directories:
-        if not directory.is_dir():
-            raise ValueError(
-                f"{directory} is not a folder: pass a run folder (outputs/...) or a sweep folder"
-            )
-        if is_sweep_dir(directory):
-            sweeps.append(read_sweep(directory, metric, mode))
+    for folder in directories:
+        if not folder.is_dir():
+            raise ValueError(f"{folder} is not a folder: pass a run folder (outputs/...) or a sweep folder")
+        if is_sweep_dir(folder):
+            sweeps.append(read_sweep(folder, metric, mode))
             runs.extend(sweeps[-1].runs)
-        elif is_run_dir(directory):
-            runs.append(read_run(directory, metric=metric, mode=mode))
+        elif is_run_dir(folder):
+            runs.append(read_run(folder, metric=metric, mode=mode))
         else:
             raise ValueError(
-                f"{directory} is neither a run folder (with .hydra/, {METRICS_FILE} or "
+                f"{folder} is neither a run folder (with .hydra/, {METRICS_FILE} or "
                 f"{EPOCH_METRICS_FILE}) nor a sweep folder (with {SUMMARY_FILE} or multirun.yaml)"
             )
     _unique_labels(runs)
@@ -156,15 +153,155 @@ def _unique_labels(runs: list[Run]) -> None:
             run.label = f"{run.label} ({seen[run.label]})"
 
 
+# --------------------------------------------------------------------------------------------- variants
+@dataclass
+class Variant:
+    """The runs of one configuration, one per seed."""
+
+    label: str
+    runs: list[Run]
+
+    @property
+    def seeds(self) -> list[str]:
+        """Each run's seed: its ``seed`` override, else its configuration's, else ``–``."""
+        seeds = [run.override_values().get(SEED_KEY, run.config.get(SEED_KEY)) for run in self.runs]
+        return ["–" if seed is None else str(seed) for seed in seeds]
+
+    def epochs_reached(self) -> int:
+        """Epochs every seed of the variant has figures for."""
+        return min(len(run.epochs) for run in self.runs)
+
+    def values_at(self, key: str, epoch: int) -> list[float]:
+        """Each seed's ``key`` at ``epoch`` (0-based), seeds without a figure there left out."""
+        values = [epoch_values(run, key).get(epoch) for run in self.runs]
+        return [value for value in values if value is not None]
+
+    def mean_curve(self, key: str, epochs: int) -> list[float | None]:
+        """The mean over seeds of ``key`` at epochs ``0 .. epochs-1`` (None where no seed has it)."""
+        return [_mean(self.values_at(key, epoch)) for epoch in range(epochs)]
+
+    def curve(self, key: str) -> Curve:
+        """The mean curve of ``key`` over the epochs every seed reached, with the seeds' range when
+        there are several."""
+        mean = self.mean_curve(key, self.epochs_reached())
+        points = [(epoch, value) for epoch, value in enumerate(mean) if value is not None]
+        spans = [self.values_at(key, epoch) for epoch, _ in points] if len(self.runs) > 1 else None
+        return self.label, points, spans
+
+
+def epoch_values(run: Run, key: str) -> dict[int, float]:
+    """``{epoch: value}`` of ``key`` in the run's ``metrics.csv`` rows (NaN and blanks left out)."""
+    return dict(epoch_series(run.epochs, key))
+
+
+def run_settings(run: Run) -> dict[str, str]:
+    """The settings that make a variant: the flattened composed configuration (else the overrides),
+    less `RESULT_NEUTRAL_KEYS`."""
+    values = _flatten(run.config) if run.config else run.override_values()
+    return {
+        key: value
+        for key, value in values.items()
+        if not any(key == neutral or key.startswith(f"{neutral}.") for neutral in RESULT_NEUTRAL_KEYS)
+    }
+
+
+def group_by_seed(runs: Sequence[Run]) -> list[Variant]:
+    """The runs pooled by equal `run_settings`, in the order of each variant's first run.
+
+    A variant is labelled by its runs' folder names less a seed suffix (``demo_plain_s42`` and
+    ``demo_plain_s43``: ``demo_plain``), or what those names share, or else its overrides.
+    """
+    pooled: dict[tuple[tuple[str, str], ...], list[Run]] = {}
+    for run in runs:
+        pooled.setdefault(tuple(sorted(run_settings(run).items())), []).append(run)
+    variants = []
+    for members in pooled.values():
+        names = [_SEED_SUFFIX.sub("", run.label) for run in members]
+        shared = names[0] if len(set(names)) == 1 else os.path.commonprefix(names).rstrip("_-/ ")
+        overrides = " ".join(f"{k}={v}" for k, v in members[0].override_values().items() if k != SEED_KEY)
+        variants.append(Variant(shared or overrides or "(no overrides)", members))
+    labels = [variant.label for variant in variants]
+    for variant in variants:
+        if labels.count(variant.label) > 1:
+            variant.label = f"{variant.label} ({', '.join(run.label for run in variant.runs)})"
+    return variants
+
+
+def common_budget(variants: Sequence[Variant]) -> int:
+    """The epoch budget of the comparison: the fewest epochs any run reached."""
+    return min(variant.epochs_reached() for variant in variants)
+
+
+def first_epoch_at_least(curve: Sequence[float | None], target: float, mode: str = "max") -> int | None:
+    """The first epoch (0-based) of a curve whose value reaches ``target`` (``mode`` min: falls to it),
+    or None; epochs without a value are skipped."""
+    return first_reaching(((e, v) for e, v in enumerate(curve) if v is not None), target, mode)
+
+
+def variants_table(
+    variants: Sequence[Variant], metric: str, mode: str
+) -> tuple[list[str], list[list[str]], int]:
+    """Header, rows and epoch budget of the variants table: per variant its seeds, each curve of
+    `COMPARISON_FIGURES` at the last epoch of the budget (mean, then each seed), the mean of each seed's
+    best ``metric`` within the budget, and the first epoch its mean ``metric`` curve reaches the
+    reference's at that last epoch (within half the budget or not)."""
+    budget = common_budget(variants)
+    last = budget - 1
+    reference = variants[0].mean_curve(metric, budget)[last]
+    header = ["variant", "seeds"]
+    header += [f"`{key}` at epoch {last} (mean; per seed)" for key, _ in COMPARISON_FIGURES]
+    header += [
+        f"best `{metric}` within the budget (mean over seeds)",
+        f"first epoch at `{variants[0].label}`'s `{metric}` at epoch {last} ({format_figure(reference)})",
+    ]
+    rows = []
+    best = max if mode == "max" else min
+    for variant in variants:
+        row = [f"`{variant.label}`", ", ".join(variant.seeds)]
+        for key, _ in COMPARISON_FIGURES:
+            values = variant.values_at(key, last)
+            per_seed = "; ".join(format_figure(value) for value in values)
+            row.append(f"{format_figure(_mean(values))} ({per_seed})" if values else "–")
+        within = [[v for e, v in epoch_values(run, metric).items() if e <= last] for run in variant.runs]
+        row.append(format_figure(_mean([best(values) for values in within if values])))
+        reached = None
+        if reference is not None:
+            reached = first_epoch_at_least(variant.mean_curve(metric, budget), reference, mode)
+        half = " (within half the budget)" if reached is not None and reached + 1 <= budget / 2 else ""
+        rows.append([*row, _reached_text(reached) + half])
+    return header, rows, budget
+
+
+# ------------------------------------------------------------------------------------------------ plots
+def save_curves(
+    target: Path, curves: dict[str, list[Curve]], figsize: tuple[float, float], budget: int | None = None
+) -> None:
+    """Write the PNG ``target``: a panel per `COMPARISON_FIGURES` key over the epochs, with its ``curves``
+    (those without points left out) and the last epoch of the ``budget`` marked."""
+    figure = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(figure)
+    panels = figure.subplots(1, len(COMPARISON_FIGURES))
+    for axis, (key, title) in zip(panels, COMPARISON_FIGURES, strict=True):
+        for label, points, spans in curves[key]:
+            if not points:
+                continue
+            (line,) = axis.plot(*zip(*points, strict=True), marker=".", label=label)
+            if spans is not None:
+                lows, highs = [min(values) for values in spans], [max(values) for values in spans]
+                axis.fill_between(
+                    [epoch for epoch, _ in points], lows, highs, color=line.get_color(), alpha=0.15
+                )
+        if budget is not None:
+            axis.axvline(budget - 1, color="grey", linestyle="--", linewidth=1)
+        axis.set_title(f"{title} ({key})")
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize="small")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(target, dpi=100)
+
+
 # -------------------------------------------------------------------------------------------- rendering
-def coco_lines(figures: dict[str, float], split: str) -> list[str] | None:
-    """The 12 pycocotools summary lines of ``split`` from ``metrics.json`` figures; None when incomplete."""
-    values = {key: figures.get(f"{split}/{key}") for key in COCO_KEYS}
-    if any(value is None for value in values.values()):
-        return None
-    return coco_summary_lines(values)
-
-
 class Renderer:
     """Markdown of runs and sweeps, with image links relative to ``out_dir`` (plots outside it copied).
 
@@ -182,7 +319,7 @@ class Renderer:
         self.several_runs = len(runs) > 1
         blocks = [BEGIN_MARKER]
         variants = group_by_seed(runs)
-        if has_seed_groups(variants):
+        if any(len(variant.runs) > 1 for variant in variants):
             blocks += self.variants_section(variants)
         elif len(runs) > 1:
             blocks += self.comparison(runs)
@@ -194,7 +331,6 @@ class Renderer:
         blocks += [f"_Written by `{command}` from the files of the run folders._", END_MARKER]
         return "\n\n".join(blocks)
 
-    # ------------------------------------------------------------------ sections
     def comparison(self, runs: Sequence[Run]) -> list[str]:
         values = [run.override_values() for run in runs]
         rows = [[f"`{key}`", *(_cell(v.get(key, "")) for v in values)] for key in differing_keys(values)]
@@ -202,54 +338,39 @@ class Renderer:
             rows.append(["status", *(run.status or "" for run in runs)])
         rows.append(["epochs", *(str(len(run.epochs)) for run in runs)])
         for metric in sorted({run.metric for run in runs}):
-            rows.append(
-                [f"best `{metric}` over the epochs", *(_best_text(run, metric, run.mode) for run in runs)]
-            )
+            best = [_best_text(run, metric, run.mode) for run in runs]
+            rows.append([f"best `{metric}` over the epochs", *best])
         for split in ("val", "test"):
             if any(f"{split}/map" in run.final for run in runs):
                 for key, label in MAIN_FIGURES:
-                    name = f"{split}/{key}"
-                    rows.append(
-                        [f"{split} {label} (`{name}`)", *(format_figure(run.final.get(name)) for run in runs)]
-                    )
+                    figures = [format_figure(run.final.get(f"{split}/{key}")) for run in runs]
+                    rows.append([f"{split} {label} (`{split}/{key}`)", *figures])
         reference = runs[0]
         reference_best = best_of_epochs(reference.epochs, reference.metric, reference.mode)
         if reference_best is not None:
-            target = reference_best[0]
-            reached = [
-                first_epoch_reaching(run.epochs, reference.metric, target, reference.mode) for run in runs
-            ]
-            label = (
-                f"first epoch at `{reference.label}`'s best `{reference.metric}` ({format_figure(target)})"
-            )
-            rows.append([label, *("not reached" if epoch is None else f"epoch {epoch}" for epoch in reached)])
+            target, metric, mode = reference_best[0], reference.metric, reference.mode
+            label = f"first epoch at `{reference.label}`'s best `{metric}` ({format_figure(target)})"
+            reached = [first_epoch_reaching(run.epochs, metric, target, mode) for run in runs]
+            rows.append([label, *map(_reached_text, reached)])
         rows.append(["duration", *(_duration_text(run) for run in runs)])
         intro = (
             f"Final figures from each run's `{METRICS_FILE}` (val: the last validation, test: the best "
             f"checkpoint), best epochs from `{EPOCH_METRICS_FILE}`; the first run is the reference."
         )
-        header = ["", *(_cell(f"`{run.label}`") for run in runs)]
-        return ["## Comparison", intro, _table(header, rows), *self.comparison_plot(runs)]
-
-    def comparison_plot(self, runs: Sequence[Run]) -> list[str]:
-        """``plots/comparison.png`` beside the report, one line per run, and its link (nothing without an
-        output folder or epoch figures)."""
-        if self.out_dir is None or not any(run.epochs for run in runs):
-            return []
-
-        def draw(axis: Any, key: str) -> None:
-            for run in runs:
-                points = epoch_series(run.epochs, key)
-                if points:
-                    axis.plot(*zip(*points, strict=True), marker=".", label=run.label)
-
-        save_curves(COMPARISON_FIGURES, draw, self.out_dir / PLOTS_DIR / COMPARISON_PLOT, figsize=(11, 4))
-        return [f"![{COMPARISON_CAPTION}]({PLOTS_DIR}/{COMPARISON_PLOT})"]
+        blocks = ["## Comparison", intro, _table(["", *(_cell(f"`{run.label}`") for run in runs)], rows)]
+        if self.out_dir is not None and any(run.epochs for run in runs):
+            curves = {
+                key: [(run.label, epoch_series(run.epochs, key), None) for run in runs]
+                for key, _ in COMPARISON_FIGURES
+            }
+            save_curves(self.out_dir / PLOTS_DIR / COMPARISON_PLOT, curves, figsize=(11, 4))
+            blocks.append(f"![{COMPARISON_CAPTION}]({PLOTS_DIR}/{COMPARISON_PLOT})")
+        return blocks
 
     def variants_section(self, variants: Sequence[Variant]) -> list[str]:
         reference = variants[0].runs[0]
         metric, mode = reference.metric, reference.mode
-        header, rows, budget = variants_table(variants, COMPARISON_FIGURES, metric, mode)
+        header, rows, budget = variants_table(variants, metric, mode)
         intro = (
             f"Runs whose configuration differs only in `{SEED_KEY}` (or in output paths, loggers and the "
             "progress bar) are one variant. Every figure is taken within the same "
@@ -258,7 +379,8 @@ class Renderer:
         )
         blocks = ["## Variants (seeds pooled)", intro, _table(header, rows)]
         if self.out_dir is not None:
-            variants_plot(variants, COMPARISON_FIGURES, budget, self.out_dir / PLOTS_DIR / VARIANTS_PLOT)
+            curves = {key: [variant.curve(key) for variant in variants] for key, _ in COMPARISON_FIGURES}
+            save_curves(self.out_dir / PLOTS_DIR / VARIANTS_PLOT, curves, figsize=(12, 4.5), budget=budget)
             blocks.append(f"![{VARIANTS_CAPTION}]({PLOTS_DIR}/{VARIANTS_PLOT})")
         settings = [run_settings(variant.runs[0]) for variant in variants]
         keys = differing_keys(settings)
@@ -270,32 +392,17 @@ class Renderer:
             source = "composed configs" if all(run.config for run in variants[0].runs) else "overrides"
             blocks.append(f"Settings that differ between the variants ({source}):")
             blocks.append(_table(["variant", *(f"`{key}`" for key in keys)], rows))
-        rows = []
-        for variant in variants:
-            for run, seed in zip(variant.runs, variant.seeds, strict=True):
-                map_50 = epoch_values(run, "val/map_50")
-                rows.append(
-                    [
-                        f"`{run.label}`",
-                        f"`{variant.label}`",
-                        seed,
-                        str(len(run.epochs)),
-                        _best_text(run, metric, mode),
-                        format_figure(map_50[max(map_50)] if map_50 else None),
-                        format_figure(run.final.get("test/map_50")),
-                        _duration_text(run),
-                    ]
-                )
         header = ["run", "variant", "seed", "epochs", f"best `{metric}`", "last `val/map_50`"]
         header += ["test mAP@0.5 (best checkpoint)", "duration"]
-        commands = [run.command for variant in variants for run in variant.runs]
-        return [
-            *blocks,
-            "Every run (all its epochs):",
-            _table(header, rows),
-            "Commands:",
-            _fence("bash", commands),
-        ]
+        rows, commands = [], []
+        for variant in variants:
+            for run, seed in zip(variant.runs, variant.seeds, strict=True):
+                figures = [_best_text(run, metric, mode), format_figure(_last_value(run, "val/map_50"))]
+                figures += [format_figure(run.final.get("test/map_50")), _duration_text(run)]
+                rows.append([f"`{run.label}`", f"`{variant.label}`", seed, str(len(run.epochs)), *figures])
+                commands.append(run.command)
+        blocks += ["Every run (all its epochs):", _table(header, rows), "Commands:", _fence("bash", commands)]
+        return blocks
 
     def sweep_section(self, sweep: Sweep) -> list[str]:
         blocks = [
@@ -333,9 +440,9 @@ class Renderer:
         notes = SPLIT_NOTES.get(run.job_name, SPLIT_NOTES["train"])
         lines = []
         for split in ("val", "test"):
-            summary = coco_lines(run.final, split)
-            if summary is not None:
-                lines += [f"{split}: {notes[split]}", *summary]
+            figures = {key: run.final.get(f"{split}/{key}") for key in COCO_KEYS}
+            if None not in figures.values():
+                lines += [f"{split}: {notes[split]}", *coco_summary_lines(figures)]
         if not lines:
             return [heading, f"No `{METRICS_FILE}` figures: the run has not finished (or failed)."]
         return [heading, _fence("text", lines)]
@@ -350,8 +457,7 @@ class Renderer:
             [_cell(name), *(format_figure(run.final.get(f"{split}/ap/{name}")) for split in splits)]
             for name in names
         ]
-        header = ["class", *(f"{split} AP@[.50:.95]" for split in splits)]
-        return ["### AP per class", _table(header, rows)]
+        return ["### AP per class", _table(["class", *(f"{split} AP@[.50:.95]" for split in splits)], rows)]
 
     def epochs_section(self, run: Run) -> list[str]:
         if not run.epochs:
@@ -375,10 +481,8 @@ class Renderer:
         """The plot's link from the report: relative when inside the report's folder, else copied there."""
         if self.out_dir is None:
             return _shown_path(plot)
-        try:
+        if plot.resolve().is_relative_to(self.out_dir):
             return plot.resolve().relative_to(self.out_dir).as_posix()
-        except ValueError:
-            pass
         target_dir = self.out_dir / PLOTS_DIR
         if self.several_runs:
             target_dir = target_dir / re.sub(r"[^A-Za-z0-9._-]+", "_", run.label)
@@ -412,7 +516,9 @@ def compose_document(
         if title is None and notes is None:
             return head + body + tail
     old_title, intro = _split_title(head)
-    return _head(title or old_title or default_title, notes if notes is not None else intro) + body + tail
+    intro = (notes if notes is not None else intro).strip("\n")
+    head = f"# {title or old_title or default_title}\n\n" + (f"{intro}\n\n" if intro.strip() else "")
+    return head + body + tail
 
 
 def _split_title(text: str) -> tuple[str | None, str]:
@@ -420,11 +526,6 @@ def _split_title(text: str) -> tuple[str | None, str]:
     if lines and lines[0].startswith("# "):
         return lines[0][2:].strip(), "\n".join(lines[1:])
     return None, text
-
-
-def _head(title: str, intro: str) -> str:
-    intro = intro.strip("\n")
-    return f"# {title}\n\n" + (f"{intro}\n\n" if intro.strip() else "")
 
 
 def build_report(
@@ -454,20 +555,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         prog="python -m detr_lightning.tools.report",
         description="Write a markdown report of training runs (run folders and/or multirun sweep folders).",
     )
-    parser.add_argument("directories", nargs="+", type=Path, help="run folders (outputs/...), sweep folders")
-    parser.add_argument("-o", "--output", help=f"markdown file, '-': stdout (default: <DIR>/{REPORT_FILE})")
-    parser.add_argument("--title", help="the '# ' title (default: OUT's, else 'Training report: ...')")
-    parser.add_argument("--notes", type=Path, help="a markdown file: the introduction, above the report")
-    parser.add_argument("--metric", help="picks the best epoch (default: the run's optimized_metric)")
-    parser.add_argument("--mode", choices=("max", "min"), help="its direction (default: the run's)")
-    parser.add_argument(
-        "--brief", action="store_true", help="no section per run: only comparisons, summaries"
-    )
+    add = parser.add_argument
+    add("directories", nargs="+", type=Path, help="run folders (outputs/...), sweep folders")
+    add("-o", "--output", help=f"markdown file, '-': stdout (default: <DIR>/{REPORT_FILE})")
+    add("--title", help="the '# ' title (default: OUT's, else 'Training report: ...')")
+    add("--notes", type=Path, help="a markdown file: the introduction, above the report")
+    add("--metric", help="picks the best epoch (default: the run's optimized_metric)")
+    add("--mode", choices=("max", "min"), help="its direction (default: the run's)")
+    add("--brief", action="store_true", help="no section per run: only comparisons, summaries")
     args = parser.parse_args(argv)
     # The command that writes the report again, as the file says: --notes is a one-off (the introduction
     # stays in the file, outside the markers), so it is left out.
     arguments = _without_option(list(sys.argv[1:] if argv is None else argv), "--notes")
-    command = " ".join(["python -m detr_lightning.tools.report", *(shlex.quote(a) for a in arguments)])
+    command = " ".join(["python -m detr_lightning.tools.report", *map(shlex.quote, arguments)])
     if args.output is None and len(args.directories) > 1:
         parser.error(
             "several folders: say where the report goes with -o OUT.md (or -o - for standard output)"
@@ -489,6 +589,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def format_figure(value: float | None) -> str:
+    """A COCO figure or loss in a report: 3 decimals; ``n/a`` for COCOeval's -1, ``–`` when absent."""
+    if value is None or math.isnan(value):
+        return "–"
+    return "n/a" if value < 0 else f"{value:.3f}"
+
+
 def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
@@ -536,6 +643,33 @@ def _duration_text(run: Run) -> str:
 def _best_text(run: Run, metric: str, mode: str) -> str:
     best = best_of_epochs(run.epochs, metric, mode)
     return "–" if best is None else f"{format_figure(best[0])} (epoch {best[1]})"
+
+
+def _reached_text(epoch: int | None) -> str:
+    return "not reached" if epoch is None else f"epoch {epoch}"
+
+
+def _last_value(run: Run, key: str) -> float | None:
+    """``key`` at the run's last epoch that has it."""
+    values = epoch_values(run, key)
+    return values[max(values)] if values else None
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    """``{"a.b.c": "value"}`` of a nested mapping (lists and scalars as their text; numbers as floats,
+    so ``2`` from a command line equals ``2.0`` from a config file)."""
+    if isinstance(tree, dict):
+        flat: dict[str, str] = {}
+        for key, value in tree.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    if isinstance(tree, int | float) and not isinstance(tree, bool):
+        tree = float(tree)
+    return {prefix.rstrip("."): str(tree)}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,193 @@
+"""Sweeps beyond one process, on Hydra's launcher plugins (``pip install -e ".[cluster]"``).
+
+- ``hydra/launcher=local_pool`` (Ray): the jobs of a sweep run side by side, each in its own process, run
+  folder and W&B run; the summary is the one of a sequential sweep; a failing job does not stop the others.
+- ``hydra/launcher=slurm`` (submitit): the sbatch script carries the partition, GPUs, time limit, requeue
+  signal and log folders of the config; written here by the real launcher with ``sbatch`` faked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+from datetime import datetime, timedelta
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+
+from conftest import credential_free_env  # tests/conftest.py
+from detr_lightning.sweep import summarize_sweep
+
+from .conftest import REPO_ROOT
+from .test_sweep import QUICKER, read_summary, table_rows
+
+pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="the [cluster] extra is not installed")
+pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the [cluster] extra is not installed")
+
+
+def job_interval(job_dir: Path) -> tuple[datetime, datetime]:
+    """When a job started and ended, from its ``job_status.json``."""
+    status = json.loads((job_dir / "job_status.json").read_text())
+    started = datetime.fromisoformat(status["started"])
+    return started, started + timedelta(seconds=status["duration_s"])
+
+
+def test_local_pool_runs_jobs_side_by_side_and_goes_on_after_a_failed_job(small_demo, tmp_path):
+    """Four jobs, two at a time (2 cores, 1 each); ``model.num_classes=1`` cannot hold the demo's labels."""
+    sweep_dir = tmp_path / "sweep"
+    arguments = [
+        "-m",
+        "hydra/launcher=local_pool",
+        "hydra.launcher.ray.init.num_cpus=2",
+        "experiment=demo",
+        "logger=wandb",
+        f"data.root={small_demo}",
+        f"hydra.sweep.dir={sweep_dir}",
+        "model.num_classes=1,5,6,7",  # demo category ids go up to 4: 1 fails, the others train
+        "test=false",
+        "callbacks.plots=null",
+        "callbacks.wandb_media=null",
+        *QUICKER,
+    ]
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "train.py"), *arguments],
+        cwd=tmp_path,
+        env=credential_free_env(tmp_path / "home"),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "Ray Launcher is launching 4 jobs" in output
+
+    # Side by side: some two jobs ran at the same time (one starts before the other ends).
+    intervals = sorted(job_interval(sweep_dir / str(job)) for job in range(4))
+    assert any(later[0] < earlier[1] for earlier, later in pairwise(intervals)), intervals
+
+    # The summary of a sequential sweep: same columns, ranked, the failed job last with its error.
+    columns, rows = read_summary(sweep_dir / "summary.csv")
+    assert columns == [
+        "rank",
+        "job",
+        "status",
+        "model.num_classes",
+        "best val/map",
+        "best_epoch",
+        "epochs",
+        "duration_s",
+        "error",
+        "overrides",
+    ]
+    assert sorted((row["job"], row["model.num_classes"], row["status"]) for row in rows) == [
+        ("0", "1", "failed"),
+        ("1", "5", "ok"),
+        ("2", "6", "ok"),
+        ("3", "7", "ok"),
+    ]
+    assert rows[-1]["job"] == "0"
+    for row in rows[:-1]:
+        assert row["best val/map"] != "" and row["error"] == "" and row["epochs"] == "1"
+    best = [float(row["best val/map"]) for row in rows[:-1]]
+    assert best == sorted(best, reverse=True)
+    failed = rows[-1]
+    assert failed["error"].startswith("model.num_classes=1 cannot hold the data's labels")
+    assert "at least 5" in failed["error"] and failed["best val/map"] == ""
+    assert "num_classes=1 cannot hold" in (sweep_dir / "0" / "train.log").read_text()
+    assert "Traceback" not in output  # a user error: its message, no traceback
+
+    printed = table_rows(result.stdout)
+    assert [cells[1:4] for cells in printed] == [
+        [row["job"], row["status"], row["model.num_classes"]] for row in rows
+    ]
+    assert "model.num_classes=1 cannot hold" in printed[-1][-1]
+
+    # Each job its own process and W&B run (offline here), in the sweep's group.
+    for job in ("1", "2", "3"):
+        runs = list((sweep_dir / job / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1, runs
+    run_ids = {next((sweep_dir / job / "wandb").glob("offline-run-*")).name for job in ("1", "2", "3")}
+    assert len(run_ids) == 3
+
+
+def write_executable(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+
+
+def test_slurm_launcher_writes_the_sbatch_script_of_the_config(compose_config, tmp_path, monkeypatch):
+    """The real launcher submits a job array; ``sbatch`` is faked to keep the script and not wait."""
+    import submitit
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import instantiate
+
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    recorded = tmp_path / "recorded.sbatch"
+    write_executable(fake_bin / "sbatch", f'#!/bin/sh\ncp "$1" {recorded}\necho "Submitted batch job 4242"\n')
+    write_executable(fake_bin / "srun", "#!/bin/sh\nexit 0\n")  # submitit checks that srun exists
+    monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(submitit.core.core.Job, "results", lambda job: ["not run here"])
+
+    sweep_dir = tmp_path / "sweep"
+    cfg = compose_config(
+        [
+            "hydra/launcher=slurm",
+            "hydra.launcher.partition=gpu-long",
+            "hydra.launcher.gpus_per_node=2",
+            "hydra.launcher.tasks_per_node=2",
+            "hydra.launcher.timeout_min=720",
+            "hydra.launcher.array_parallelism=2",
+            f"hydra.sweep.dir={sweep_dir}",
+            "experiment=demo",
+        ]
+    )
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)  # restored after the test
+    HydraConfig.instance().set_config(cfg)
+    launcher = instantiate(cfg.hydra.launcher)
+    launcher.setup(hydra_context=None, task_function=lambda config: None, config=cfg)
+    returns = launcher.launch([[f"loss.bbox_loss_coef={c}"] for c in (2, 5, 8)], initial_job_idx=0)
+    assert returns == ["not run here"] * 3
+
+    script = recorded.read_text()
+    options = {line.split()[1] for line in script.splitlines() if line.startswith("#SBATCH")}
+    logs = sweep_dir / ".submitit" / "%A_%a"
+    assert {
+        "--partition=gpu-long",
+        "--gpus-per-node=2",
+        "--ntasks-per-node=2",
+        "--nodes=1",
+        "--time=720",
+        "--array=0-2%2",  # three jobs, at most 2 at once
+        "--signal=USR2@120",  # warned 2 minutes before the time limit: submitit requeues the job
+        "--open-mode=append",  # a requeued job appends to its logs
+        f"--output={logs}/%A_%a_0_log.out",
+        f"--error={logs}/%A_%a_0_log.err",
+    } <= options
+    assert "-m submitit.core._submit" in script.splitlines()[-1]
+    assert (sweep_dir / ".submitit").is_dir()
+
+
+def test_a_killed_job_shows_as_failed_with_its_error_and_a_running_one_as_incomplete(tmp_path):
+    """A job killed outright (SIGKILL, out of memory) never records its end; its process is gone."""
+    sweep_dir = tmp_path / "sweep"
+    job_dir = sweep_dir / "0"
+    job_dir.mkdir(parents=True)
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    record = {"status": "running", "overrides": ["loss.bbox_loss_coef=2"], "started": "2026-12-02T10:00:00"}
+    record.update(pid=process.pid, host=socket.gethostname())
+    (job_dir / "job_status.json").write_text(json.dumps(record))
+    try:
+        [job] = summarize_sweep(sweep_dir, "val/map")
+        assert job.status == "incomplete" and "still running" in job.error
+    finally:
+        process.kill()
+        process.wait()
+    [job] = summarize_sweep(sweep_dir, "val/map")
+    assert job.status == "failed"
+    assert job.error.startswith(f"killed: its process ({process.pid} on {socket.gethostname()})")
