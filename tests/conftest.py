@@ -22,8 +22,10 @@ register_configs()  # as train.py and eval.py do: the schemas that conf/ compose
 
 @pytest.fixture(autouse=True)
 def _never_download(monkeypatch):
-    """Tests never touch the network: downloads fail fast as they do offline."""
+    """Tests never touch the network: downloads fail fast as they do offline (ours and the Hugging Face
+    hub's; transformers also reads HF_HUB_OFFLINE in the subprocesses tests start)."""
     monkeypatch.setenv("DETR_LIGHTNING_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,10 @@
 """One way from a weight file (official ``.pth``, Lightning checkpoint of this project, bare state dict,
-URL or official name) to a ready DETR.
+URL or official name, Hugging Face folder or hub id) to a ready DETR.
 
 The architecture comes from the file: a checkpoint of this project holds its :func:`build_detr` arguments
-(``hyper_parameters["model"]``); other files are read from their tensor shapes, completed by the ``args``
-official files carry and by the official name. Reading is always safe (``weights_only``).
+(``hyper_parameters["model"]``); a Hugging Face DETR has its ``config.json`` (:mod:`.hf_format`); other
+files are read from their tensor shapes, completed by the ``args`` official files carry and by the
+official name. Reading is always safe (``weights_only``, or ``safetensors``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 from torch import Tensor
 
+from detr_lightning.hf_format import is_hf_source, read_hf_checkpoint
 from detr_lightning.models.criterion import class_score
 from detr_lightning.models.detr import DETR, build_detr
 from detr_lightning.models.weight_files import (
@@ -108,8 +110,11 @@ class DETRFile:
     """A weight file read safely, with the DETR it holds.
 
     Attributes:
-        source: as given (name, URL or path); ``path``: the local file.
-        contents: the whole loaded file (``hyper_parameters``, ``class_names``, official ``args`` ...).
+        source: as given (name, URL, path or hub id); ``path``: the local file (a Hugging Face DETR: its
+            folder).
+        contents: the whole loaded file (``hyper_parameters``, ``class_names``, official ``args`` ...); for
+            a Hugging Face DETR its ``config`` (``config.json``), ``class_names`` (from ``id2label``) and
+            ``preprocessing`` (``scale``, ``max_size``, ``mean``, ``std`` of ``preprocessor_config.json``).
         state_dict: the DETR weights (keys as in :class:`DETR`).
         architecture: the :func:`build_detr` arguments of those weights.
     """
@@ -142,14 +147,40 @@ def saved_scoring(contents: Mapping[str, Any]) -> tuple[str, int | None]:
 def read_detr_file(
     source: str | os.PathLike, *, nheads: int | None = None, dilation: bool | None = None
 ) -> DETRFile:
-    """Read ``source`` (official name, URL or file) and work out its architecture.
+    """Read ``source`` (official name, URL, file, Hugging Face folder or hub id) and work out its
+    architecture.
 
     ``nheads`` and ``dilation`` fill in what a bare state dict cannot say (defaults 8 and False); a
     value contradicting the file is a :class:`CheckpointError`.
     """
-    path = resolve_weights(source)
-    contents = load_weights_file(path)
-    state_dict = extract_state_dict(contents, path)
+    if is_hf_source(source):  # config.json says everything
+        hf = read_hf_checkpoint(source)
+        path, state_dict, architecture = hf.folder, hf.state_dict, dict(hf.architecture)
+        contents: Mapping[str, Any] = {
+            "config": hf.config,
+            "class_names": hf.class_names,
+            "preprocessing": hf.preprocessing,
+        }
+        known = architecture
+    else:
+        path = resolve_weights(source)
+        contents = load_weights_file(path)
+        state_dict = extract_state_dict(contents, path)
+        architecture, known = _file_architecture(contents, state_dict, path, str(source))
+    for name, given in (("nheads", nheads), ("dilation", dilation)):
+        if given is None:
+            continue
+        if name in known and known[name] != given:
+            raise CheckpointError(f"{path} was trained with {name}={known[name]!r}, not {given!r}")
+        architecture[name] = given
+    architecture["pretrained_backbone"] = False  # the file holds the backbone's weights
+    return DETRFile(str(source), path, contents, state_dict, architecture)
+
+
+def _file_architecture(
+    contents: Mapping[str, Any], state_dict: Mapping[str, Tensor], path: Path, source: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The architecture of a ``torch.load``-ed file, and the part of it the file states (not inferred)."""
     saved_model = dict(dict(contents.get("hyper_parameters") or {}).get("model") or {})
     if saved_model:  # a checkpoint of this project says everything
         architecture = {k: v for k, v in saved_model.items() if k in _BUILD_ARGUMENTS}
@@ -159,16 +190,9 @@ def read_detr_file(
             architecture = infer_architecture(state_dict)
         except CheckpointError as error:
             raise CheckpointError(f"{path}: {error}") from None
-        known = _official_hints(contents, str(source))
+        known = _official_hints(contents, source)
         architecture.update(known)
-    for name, given in (("nheads", nheads), ("dilation", dilation)):
-        if given is None:
-            continue
-        if name in known and known[name] != given:
-            raise CheckpointError(f"{path} was trained with {name}={known[name]!r}, not {given!r}")
-        architecture[name] = given
-    architecture["pretrained_backbone"] = False  # the file holds the backbone's weights
-    return DETRFile(str(source), path, contents, state_dict, architecture)
+    return architecture, known
 
 
 def _check_keys(model: DETR, state_dict: Mapping[str, Tensor], ignored: set[str], path: Path) -> None:
@@ -233,12 +257,14 @@ def load_detr(
 
     Args:
         source: an official name (``detr_r50``, ``detr_r50_dc5``, ``detr_r101``, ``detr_r101_dc5``), a URL
-            (downloaded to the torch hub cache) or a local file: an official ``.pth``, a bare state dict,
-            or a Lightning checkpoint of this project.
+            (downloaded to the torch hub cache), a local file (an official ``.pth``, a bare state dict,
+            or a Lightning checkpoint of this project), a Hugging Face DETR folder (``config.json`` +
+            ``model.safetensors`` or ``pytorch_model.bin``) or a hub id (``facebook/detr-resnet-50``,
+            through the Hugging Face hub cache).
 
     Raises:
         CheckpointError: unreadable or unsafe file, or any missing/unexpected/mis-shaped key.
-        WeightsUnavailableError: a name or URL that cannot be downloaded.
+        WeightsUnavailableError: a name, URL or hub id that cannot be downloaded.
     """
     file = read_detr_file(source, nheads=nheads, dilation=dilation)
     return build_from_file(file, num_classes, aux_loss=aux_loss, **overrides)

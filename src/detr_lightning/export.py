@@ -1,4 +1,5 @@
-"""Export DETR to ONNX or TorchScript, checked against PyTorch: what ``export.py`` runs.
+"""Export DETR to ONNX, TorchScript or a Hugging Face folder, checked against PyTorch: what ``export.py``
+runs.
 
 The exported graph takes a normalized, zero-padded batch ``images (B, 3, H, W)`` float32 and, unless
 ``mask_input=False``, its ``mask (B, H, W)`` bool, True on padded pixels. It returns the raw head outputs
@@ -13,6 +14,8 @@ The ONNX graph therefore gets that mask from :func:`nearest_mask`, PyTorch's ari
 
 ONNX goes through ``torch.onnx.export(dynamo=True)`` (``onnx_exporter=legacy``: ``dynamo=False``;
 ``auto`` falls back to it); TorchScript is a ``torch.jit.trace``, which reads sizes at run time.
+``format=huggingface`` writes a folder for transformers' ``DetrForObjectDetection`` (:mod:`.hf_format`),
+checked with transformers' own forward.
 """
 
 from __future__ import annotations
@@ -32,12 +35,13 @@ from torch import Tensor, nn
 
 from detr_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from detr_lightning.files import atomic_writer
+from detr_lightning.hf_format import WEIGHT_FILES, HFPreprocessing, import_transformers, write_hf_folder
 from detr_lightning.inference import Detector, InferenceSettingError, load_detector
 from detr_lightning.models.detr import DETR
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("onnx", "torchscript")
+FORMATS = ("onnx", "torchscript", "huggingface")
 ONNX_EXPORTERS = ("auto", "dynamo", "legacy")
 OUTPUT_NAMES = ("pred_logits", "pred_boxes")
 #: The opset of the legacy exporter when none is given (the dynamo exporter picks its own).
@@ -145,7 +149,7 @@ def export(cfg: DictConfig) -> ExportResult:
     """Export the configured model (``ckpt_path`` or ``model.pretrained``) and check it."""
     fmt, exporter = str(cfg.format), str(cfg.onnx_exporter)
     if fmt not in FORMATS:
-        raise InferenceSettingError(f"format={fmt}: choose onnx or torchscript.")
+        raise InferenceSettingError(f"format={fmt}: choose onnx, torchscript or huggingface.")
     if exporter not in ONNX_EXPORTERS:
         raise InferenceSettingError(f"onnx_exporter={exporter}: choose {', '.join(ONNX_EXPORTERS)}.")
     settings = ExportSettings.from_config(cfg)
@@ -153,10 +157,13 @@ def export(cfg: DictConfig) -> ExportResult:
     output_dir = Path(cfg.output_dir).expanduser()
     if fmt == "onnx":
         result = export_onnx(detector.model, output_dir / "model.onnx", settings, exporter, cfg.opset)
-    else:
+    elif fmt == "torchscript":
         result = export_torchscript(detector.model, output_dir / "model.pt", settings)
-    write_export_info(result, detector, settings, output_dir / "export.json")
-    size = "any size" if fmt == "torchscript" else "dynamic size" if settings.dynamic else "fixed size"
+    else:  # the folder's config.json and preprocessor_config.json say what export.json would
+        result = export_huggingface(detector, output_dir, settings)
+    if fmt != "huggingface":
+        write_export_info(result, detector, settings, output_dir / "export.json")
+    size = "any size" if fmt != "onnx" else "dynamic size" if settings.dynamic else "fixed size"
     checked = ", ".join(f"{label} {diff:.1e}" for label, diff in result.max_abs_diff.items())
     verified = f"max |difference| to PyTorch: {checked}" if checked else "not verified (verify=false)"
     log.info("Exported %s (%s, %s) to %s; %s", result.format, result.exporter, size, result.path, verified)
@@ -255,6 +262,48 @@ def export_torchscript(
             checks, atol = settings.check_inputs(), settings.atol
             result.max_abs_diff = verify_export(lambda inputs: reloaded(*inputs), module, checks, atol)
     return result
+
+
+def export_huggingface(
+    detector: Detector, folder: Path, settings: ExportSettings | None = None, **overrides: Any
+) -> ExportResult:
+    """Write ``folder`` as a Hugging Face DETR (:func:`~detr_lightning.hf_format.write_hf_folder`: config,
+    ``model.safetensors``, the detector's resize and names) and, with ``verify``, load it with
+    ``DetrForObjectDetection.from_pretrained`` and check it on the inputs of ``settings`` (default
+    ``ExportSettings()``, with ``overrides`` of its fields)."""
+    settings = replace(settings or ExportSettings(), **overrides)
+    module = _exportable(detector.model, folder / WEIGHT_FILES[0])
+    preprocessing = HFPreprocessing(detector.scale, detector.max_size, IMAGENET_MEAN, IMAGENET_STD)
+    write_hf_folder(module.model, folder, detector.class_names, preprocessing)
+    result = ExportResult(
+        folder, "huggingface", "DetrForObjectDetection", ["pixel_values", "pixel_mask"], True
+    )
+    if settings.verify:
+        checks, atol = settings.check_inputs(), settings.atol
+        result.max_abs_diff = verify_export(_huggingface_runner(folder), module, checks, atol)
+    return result
+
+
+def _huggingface_runner(folder: Path) -> Callable[[tuple[Tensor, ...]], list[Tensor]]:
+    """The folder loaded by transformers, as a function of our model's inputs (``pixel_mask`` is 1 on
+    image pixels, our mask True on padding)."""
+    transformers = import_transformers("verify=true for format=huggingface")
+    with _quiet_exporters():
+        try:
+            model = transformers.DetrForObjectDetection.from_pretrained(folder).eval()
+        except ImportError as error:  # timm's ResNet (DC5 models) needs timm
+            raise InferenceSettingError(
+                f"transformers cannot load {folder} here ({error}). Fix: install what it names, or "
+                "verify=false."
+            ) from None
+
+    def run(inputs: tuple[Tensor, ...]) -> list[Tensor]:
+        pixel_mask = None if len(inputs) == 1 else (~inputs[1]).long()
+        with torch.no_grad():
+            outputs = model(pixel_values=inputs[0], pixel_mask=pixel_mask)
+        return [outputs.logits, outputs.pred_boxes]
+
+    return run
 
 
 def _exportable(model: DETR, path: Path) -> ExportableDETR:

@@ -1,6 +1,7 @@
 """A trained DETR ready for inference (``predict.py``, ``export.py``): weights, class names and the input
 resize, from a checkpoint of this project and its run's ``.hydra/config.yaml`` (``ckpt_path``) or from
-official weights (``model.pretrained``: a name, URL or file) with the 80 COCO class names.
+official weights (``model.pretrained``: a name, URL or file) with the 80 COCO class names, or from a
+Hugging Face DETR (``model.pretrained``: a folder or hub id) with its ``id2label`` names and its resize.
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ def load_detector(
     scale: int | None = None,
     max_size: int | None = None,
 ) -> Detector:
-    """Load a project checkpoint (``ckpt_path``) or official weights (``pretrained``: ``detr_r50`` ...,
-    a URL or a ``.pth`` file) for inference.
+    """Load a project checkpoint (``ckpt_path``) or other weights (``pretrained``: ``detr_r50`` ..., a URL,
+    a ``.pth`` file, a Hugging Face DETR folder or hub id) for inference.
 
     ``class_names`` (a list indexed by label, or a mapping) overrides the checkpoint's; ``scale`` and
     ``max_size`` override the run's ``data.val_scale`` / ``data.val_max_size`` (official: 800 / 1333).
@@ -97,9 +98,7 @@ def load_detector(
     if ckpt_path:
         detector = _load_project_checkpoint(Path(ckpt_path).expanduser())
     else:
-        model = build_from_file(read_detr_file(pretrained), aux_loss=False).eval()
-        names = COCO_CLASS_NAMES if _is_official(pretrained) else {}
-        detector = Detector(model=model, class_names=dict(names), source=str(pretrained))
+        detector = _load_pretrained(str(pretrained))
     if class_names is not None:
         detector.class_names = _as_name_dict(class_names)
     if scale is not None:
@@ -110,6 +109,33 @@ def load_detector(
         raise InferenceSettingError(
             f"scale={detector.scale}, max_size={detector.max_size}: both must be positive "
             "(shorter side and longer-side cap of the resize, in pixels)."
+        )
+    return detector
+
+
+def _load_pretrained(source: str) -> Detector:
+    """Official weights (COCO names), or any other file of ``read_detr_file`` with the class names it
+    saved (a checkpoint of this project, a Hugging Face DETR's ``id2label``) and, for a Hugging Face DETR,
+    the resize of its ``preprocessor_config.json``."""
+    file = read_detr_file(source)
+    model = build_from_file(file, aux_loss=False).eval()
+    names = COCO_CLASS_NAMES if _is_official(source) else file.contents.get("class_names") or {}
+    detector = Detector(model=model, class_names=_as_name_dict(names), source=source)
+    preprocessing = dict(file.contents.get("preprocessing") or {})
+    if "scale" in preprocessing:
+        detector.scale, detector.max_size = int(preprocessing["scale"]), preprocessing["max_size"]
+    mean, std = preprocessing.get("mean", IMAGENET_MEAN), preprocessing.get("std", IMAGENET_STD)
+    if not torch.allclose(
+        torch.tensor([*mean, *std]), torch.tensor([*IMAGENET_MEAN, *IMAGENET_STD]), atol=1e-3
+    ):
+        log.warning(
+            "%s expects images normalized by mean %s, std %s; inputs here are normalized by ImageNet's "
+            "mean %s, std %s, so its detections may differ from its own pipeline's.",
+            source,
+            mean,
+            std,
+            IMAGENET_MEAN,
+            IMAGENET_STD,
         )
     return detector
 

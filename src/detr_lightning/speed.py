@@ -2,6 +2,8 @@
 
 Both act on the model in place, so checkpoints keep the plain parameter names (no ``_orig_mod.``) and
 load into an uncompiled model. BENCHMARKS.md has what each bought, and the opt-in glibc malloc setting.
+``speed=gpu`` (``conf/speed/gpu.yaml``) sets them with the other GPU levers (precision, shape buckets,
+loader workers).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ log = logging.getLogger(__name__)
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 COMPILE_MODES = typing.get_args(CompileMode)
+CompileTarget = Literal["model", "transformer"]
+COMPILE_TARGETS = typing.get_args(CompileTarget)
 
 
 def apply_speed_options(
@@ -26,6 +30,8 @@ def apply_speed_options(
     compile: bool = False,
     compile_mode: CompileMode = "default",
     compile_dynamic: bool | None = None,
+    compile_target: CompileTarget = "model",
+    compile_recompile_limit: int | None = None,
 ) -> nn.Module:
     """Apply the speed options to ``model`` in place and return it.
 
@@ -38,16 +44,39 @@ def apply_speed_options(
             ``max-autotune`` also tunes kernels.
         compile_dynamic: ``torch.compile``'s ``dynamic``: ``True`` one graph for every input size
             (multi-scale training), ``False`` one per size, ``None`` PyTorch's choice.
+        compile_target: what ``compile`` compiles: ``model``, the whole forward (and backward); or
+            ``transformer``, the encoder-decoder only (``model.transformer``), the backbone running its
+            convolutions eagerly (cuDNN). In training, Inductor specializes the convolutions' backward on
+            the feature map's size (seen with torch 2.14), so the whole model compiles again for every
+            batch shape whatever ``compile_dynamic`` (shape buckets, ``data.pad_to_multiple``, bound how
+            often); the transformer with ``compile_dynamic=True`` compiled once for them all.
+        compile_recompile_limit: ``torch._dynamo.config.recompile_limit``, for the whole process (None:
+            PyTorch's, 8): how many graphs a function compiles before it runs uncompiled for new shapes.
     """
     if compile_mode not in COMPILE_MODES:
         raise ValueError(f"speed.compile_mode={compile_mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    if compile_target not in COMPILE_TARGETS:
+        raise ValueError(
+            f"speed.compile_target={compile_target!r}: choose one of {', '.join(COMPILE_TARGETS)}"
+        )
+    if compile_recompile_limit is not None and compile_recompile_limit <= 0:
+        raise ValueError(
+            f"speed.compile_recompile_limit={compile_recompile_limit}: must be positive, or null"
+        )
     if channels_last:
         getattr(model, "backbone", model).to(memory_format=torch.channels_last)
         log.info("Backbone in channels_last memory format")
     if compile:
-        model.compile(mode=None if compile_mode == "default" else compile_mode, dynamic=compile_dynamic)
+        if compile_recompile_limit is not None:
+            import torch._dynamo as dynamo  # here: importing it costs a second
+
+            dynamo.config.recompile_limit = compile_recompile_limit
+        target = model if compile_target == "model" else model.transformer
+        target.compile(mode=None if compile_mode == "default" else compile_mode, dynamic=compile_dynamic)
         log.info(
-            "Model compiled with torch.compile (mode %s); the first steps include compilation", compile_mode
+            "%s compiled with torch.compile (mode %s); the first steps include compilation",
+            "Model" if compile_target == "model" else "Transformer",
+            compile_mode,
         )
     return model
 

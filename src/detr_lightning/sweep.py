@@ -81,6 +81,8 @@ def run_sweep_job(
         # Who runs it: a job whose process is gone without recording its end was killed (runs.read_run).
         "pid": os.getpid(),
         "host": socket.gethostname(),
+        # The GPUs a launcher gave this job (Ray's gpu_pool, SLURM): null when none was set.
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
     }
     write_job_status(job_dir, record)
     start = time.monotonic()
@@ -176,10 +178,13 @@ def check_mode(mode: str, key: str) -> str:
 
 
 def _finish_wandb_run(failed: bool) -> None:
-    """End an open W&B run: the next job's WandbLogger would log into it (it reuses ``wandb.run``)."""
+    """End an open W&B run: the next job's WandbLogger would log into it (it reuses ``wandb.run``). Then
+    stop this process's W&B service: a launcher's worker process (Ray) may be killed once the sweep ends,
+    and a service still attached then fails at exit with a traceback."""
     wandb = sys.modules.get("wandb")  # never imported here: only a job that logged to W&B has a run open
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish(exit_code=1 if failed else 0)
+        wandb.teardown()
 
 
 # ------------------------------------------------------------------------------------------ job folders

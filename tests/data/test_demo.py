@@ -144,3 +144,18 @@ def test_command_line_crowded(tmp_path: Path) -> None:
         for image in json.loads((out / "train" / "_annotations.coco.json").read_text())["images"]
     ]
     assert all(192 <= width <= 256 for width in widths)
+
+
+def test_realistic_variant_has_coco_like_sizes_and_parallel_drawing_writes_the_same_files(
+    tmp_path: Path,
+) -> None:
+    counts = ["--num-train", "4", "--num-val", "0", "--num-test", "0"]
+    assert demo.main([str(tmp_path / "a"), "--realistic", *counts]) == 0
+    assert demo.main([str(tmp_path / "b"), "--realistic", *counts, "--processes", "2"]) == 0
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+    train = json.loads((tmp_path / "a" / "train" / "_annotations.coco.json").read_text())
+    assert all(640 <= image[side] <= 1024 for image in train["images"] for side in ("width", "height"))
+    shapes = [ann for ann in train["annotations"] if not ann["iscrowd"]]
+    per_image = [sum(ann["image_id"] == image["id"] for ann in shapes) for image in train["images"]]
+    assert per_image[demo.EMPTY_IMAGE_INDEX] == 0 and max(per_image) <= 20 and sum(per_image) >= 4
+    assert all(16 <= ann["bbox"][2] <= 320 for ann in shapes)

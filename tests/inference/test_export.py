@@ -107,7 +107,10 @@ def test_export_cli_fixed_size_onnx(training_run, tmp_path):
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("format=tflite", "format=tflite: choose onnx or torchscript"), ("height=8", "height=8, width=1066")],
+    [
+        ("format=tflite", "format=tflite: choose onnx, torchscript or huggingface"),
+        ("height=8", "height=8, width=1066"),
+    ],
 )
 def test_export_settings_are_checked(training_run, tmp_path, override, message):
     cfg = compose_config("export", [f"ckpt_path={training_run}", f"output_dir={tmp_path}", override])

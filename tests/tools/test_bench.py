@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from detr_lightning.tools.bench import main, synthetic_detections
 
 
@@ -61,3 +63,70 @@ def test_train_step_benchmark_runs_one_official_layout_step_with_breakdown(capsy
     assert figures["median_s"] > 0 and figures["peak_memory_mib"] > 0
     for phase in ("forward", "loss", "backward", "optimizer"):
         assert figures[f"{phase}_median_s"] > 0
+
+
+#: A seconds-long train.py run on the small demo set: tiny DETR, frozen backbone, small images.
+TINY_RUN = [
+    *("backbone=resnet18", "transformer=tiny", "model.num_queries=5", "optimizer.lr_backbone=0"),
+    *("data.batch_size=4", "data.val_batch_size=2", "data.num_workers=0", "data.persistent_workers=false"),
+    *("data.train_scales=[64,80]", "data.train_max_size=128", "data.train_crop_resize_scales=[64]"),
+    *("data.train_crop_size=[48,64]", "data.val_scale=64", "data.val_max_size=128"),
+    *("trainer.limit_val_batches=1", "callbacks.plots=null"),
+]
+#: speed=gpu as a CPU can run it: no compilation, no workers, nothing process-wide (cudnn.benchmark).
+CPU_SPEED_GPU = "speed=gpu speed.compile=false data.num_workers=0 data.persistent_workers=false "
+CPU_SPEED_GPU += "data.pin_memory=false trainer.benchmark=null"
+
+
+def test_train_e2e_times_the_real_training_loop_of_interleaved_settings(capsys, small_demo, tmp_path):
+    """Two settings through train.py's flow (in this process): steps timed after the warm-up, the
+    validation epoch (12 images at batch 4: after the 3rd step, inside the timed window) apart."""
+    overrides = [argument for override in TINY_RUN for argument in ("--override", override)]
+    figures = bench_in_process(
+        capsys,
+        "train-e2e",
+        *("--device", "cpu", "--in-process", "--data", str(small_demo), "--out-dir", str(tmp_path)),
+        *("--steps", "3", "--warmup-steps", "1", "--profile-steps", "0", "--flop-steps", "1"),
+        *overrides,
+        *("--setting", "baseline=", "--setting", f"fast={CPU_SPEED_GPU}"),
+    )
+    assert figures["benchmark"] == "train-e2e" and figures["steps"] == 3
+    summary = figures["summary"]
+    assert summary["baseline"]["runs"] == summary["fast"]["runs"] == 1
+    assert summary["fast"]["speedup_vs_baseline"] > 0 and summary["fast"]["model_tflop_s"] > 0
+    rows = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert [row["setting"] for row in rows] == ["baseline", "fast"]
+    for row in rows:
+        assert row["timed_steps"] == 3 and row["images"] == 12
+        assert row["train_images_per_s"] > row["e2e_images_per_s"] > 0  # validation and checkpoints apart
+        assert row["validation_s"] > 0 and [v["images"] for v in row["validations"]] == [2]
+        assert row["step_s"] > row["matching_s"] > 0 and row["data_s"] >= 0 and row["checkpoint_s"] > 0
+        parts = ("step_s", "data_s", "epoch_boundary_s", "logger_s", "validation_s", "checkpoint_s")
+        assert sum(row[part] for part in parts) == pytest.approx(row["window_s"], abs=0.01)
+        assert row["compiled_frames"] == 0 and row["gflop_per_image"] > 0
+    assert rows[1]["batch_shapes"] == 1 < rows[0]["batch_shapes"]  # buckets of 128 against 64-128 px
+    tsv = (tmp_path / "runs.tsv").read_text().splitlines()
+    assert tsv[0].startswith("setting\tround\ttrain_images_per_s") and len(tsv) == 3
+
+
+def test_train_e2e_settings_and_the_runs_overrides():
+    from argparse import Namespace
+    from pathlib import Path
+
+    from detr_lightning.tools.e2e import RUN_FRAME, TIMER_TARGET, parse_setting, run_overrides
+
+    assert parse_setting("baseline=") == ("baseline", [])
+    assert parse_setting("fast=speed=gpu speed.compile_mode=max-autotune") == (
+        "fast",
+        ["speed=gpu", "speed.compile_mode=max-autotune"],
+    )
+    with pytest.raises(SystemExit, match="NAME=OVERRIDES"):
+        parse_setting("=speed=gpu")
+    args = Namespace(
+        **{"warmup_steps": 2, "steps": 10, "profile_steps": 3, "flop_steps": 1, "sync_steps": False},
+        **{"device": "cuda", "data": Path("/d"), "override": ["data.batch_size=4"]},
+    )
+    overrides = run_overrides(args, ["speed=gpu"], Path("/out/fast_r0"))
+    assert overrides[0] == "trainer=gpu" and overrides[-2:] == ["data.batch_size=4", "speed=gpu"]
+    assert "trainer.max_steps=16" in overrides and set(RUN_FRAME) <= set(overrides)
+    assert f"+callbacks.e2e_timer._target_={TIMER_TARGET}" in overrides

@@ -172,3 +172,84 @@ def test_exact_resume_with_dropout_is_an_opt_in_callback(compose_config):
     assert isinstance(callback, EpochSeed) and callback.seed == 7
     with pytest.raises(Exception, match="callbacks=exact_resume needs a seed"):
         instantiate(compose_config(["callbacks=exact_resume", "seed=null"]).callbacks.epoch_seed)
+
+
+def test_coco_like_data_config_matches_the_generator(compose_config):
+    from detr_lightning.data.demo import REALISTIC_DEMO_OPTIONS
+
+    data = OmegaConf.to_container(compose_config(["data=coco_like"]).data, resolve=True)
+    assert {key: data["demo_options"][key] for key in REALISTIC_DEMO_OPTIONS} == REALISTIC_DEMO_OPTIONS
+    assert list(data["train_scales"]) == list(range(480, 801, 32)) and data["train_max_size"] == 1333
+
+
+@pytest.mark.filterwarnings("ignore:.pin_memory. argument is set as true")
+def test_speed_gpu_turns_on_each_lever_as_its_own_key_and_builds_on_a_cpu(
+    compose_config, small_demo, tmp_path
+):
+    """``speed=gpu``: every lever a key of its group, each switched alone by an override; with
+    ``trainer.accelerator=cpu`` the run's parts build (compilation is lazy: nothing compiles here)."""
+    import torch
+
+    from detr_lightning.speed import apply_speed_config
+
+    official = compose_config(["data.root=/data"])
+    assert (official.trainer.precision, official.optimizer.fused, official.data.pad_to_multiple) == (
+        "32-true",
+        None,
+        None,
+    )
+    assert not official.speed.compile and not official.speed.channels_last
+    cfg = compose_config(
+        ["experiment=demo", "speed=gpu", "trainer.accelerator=cpu", f"data.root={small_demo}"]
+        + [f"paths.output_dir={tmp_path}", "data.num_workers=0", "data.persistent_workers=false"]
+    )
+    speed = cfg.speed
+    assert (speed.channels_last, speed.compile, speed.compile_mode) == (True, True, "reduce-overhead")
+    assert (speed.compile_target, speed.compile_dynamic) == ("transformer", True)
+    assert (cfg.trainer.precision, cfg.trainer.benchmark) == ("bf16-mixed", True)
+    assert cfg.optimizer.fused is None  # Lightning refuses clipping with fused AdamW under bf16-mixed
+    assert (cfg.data.pad_to_multiple, cfg.data.pin_memory) == (128, True)
+    gpu = compose_config(["speed=gpu", "data.root=/data"]).data
+    assert gpu.num_workers == 8 and gpu.persistent_workers is True
+    one_lever_off = compose_config(
+        ["speed=gpu", "data.root=/data", "speed.compile=false", "data.pad_to_multiple=null"]
+    )
+    assert one_lever_off.speed.compile is False and one_lever_off.data.pad_to_multiple is None
+    assert one_lever_off.speed.channels_last is True and one_lever_off.trainer.precision == "bf16-mixed"
+
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    assert all(side % 128 == 0 for side in next(iter(datamodule.train_dataloader())).images.shape[-2:])
+    module = build_module(cfg, num_classes=datamodule.num_classes)
+    apply_speed_config(module.model, cfg.speed)
+    assert module.model.transformer._compiled_call_impl is not None  # compiled on its first call
+    assert module.model._compiled_call_impl is None  # the backbone runs eagerly
+    benchmark = torch.backends.cudnn.benchmark
+    try:
+        trainer = instantiate(cfg.trainer, logger=False, callbacks=[])
+    finally:
+        torch.backends.cudnn.benchmark = benchmark  # Lightning sets it for the process
+    assert trainer.precision == "bf16-mixed"
+
+
+def test_the_whole_model_compiled_per_bucket_needs_a_recompile_limit_above_the_buckets(compose_config):
+    """``speed=gpu speed.compile_target=model speed.compile_dynamic=false speed.compile_recompile_limit=64``:
+    the alternative that compiles the whole model once per batch shape (set process-wide, restored)."""
+    import torch._dynamo
+
+    from detr_lightning.speed import apply_speed_config
+
+    overrides = [
+        "speed.compile_target=model",
+        "speed.compile_dynamic=false",
+        "speed.compile_recompile_limit=64",
+    ]
+    cfg = compose_config(["experiment=demo", "speed=gpu", *overrides])
+    limit = torch._dynamo.config.recompile_limit
+    try:
+        model = apply_speed_config(build_module(cfg, num_classes=5).model, cfg.speed)
+        assert torch._dynamo.config.recompile_limit == 64 and model._compiled_call_impl is not None
+    finally:
+        torch._dynamo.config.recompile_limit = limit
+    with pytest.raises(Exception, match="compile_target"):
+        compose_config(["speed=gpu", "speed.compile_target=backbone"])

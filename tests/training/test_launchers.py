@@ -15,7 +15,7 @@ import stat
 import subprocess
 import sys
 from datetime import datetime, timedelta
-from itertools import pairwise
+from itertools import combinations
 from pathlib import Path
 
 import pytest
@@ -25,30 +25,41 @@ from detr_lightning.sweep import summarize_sweep
 
 from .conftest import REPO_ROOT
 from .test_sweep import QUICKER, read_summary, table_rows
+from .test_wandb import wandb_records
 
 pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="the [cluster] extra is not installed")
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the [cluster] extra is not installed")
 
 
+def job_status(job_dir: Path) -> dict:
+    return json.loads((job_dir / "job_status.json").read_text())
+
+
 def job_interval(job_dir: Path) -> tuple[datetime, datetime]:
     """When a job started and ended, from its ``job_status.json``."""
-    status = json.loads((job_dir / "job_status.json").read_text())
+    status = job_status(job_dir)
     started = datetime.fromisoformat(status["started"])
     return started, started + timedelta(seconds=status["duration_s"])
 
 
 def test_local_pool_runs_jobs_side_by_side_and_goes_on_after_a_failed_job(small_demo, tmp_path):
-    """Four jobs, two at a time (2 cores, 1 each); ``model.num_classes=1`` cannot hold the demo's labels."""
+    """Four jobs, two at a time; ``model.num_classes=1`` cannot hold the demo's labels.
+
+    ``gpu_pool`` (``local_pool`` with one GPU per job) with two GPUs declared to Ray: on this CPU machine
+    they exist only as Ray resources, yet Ray hands each running job one of its own (CUDA_VISIBLE_DEVICES),
+    and only two jobs fit at once. The jobs train on the CPU (``trainer.accelerator=cpu``)."""
     sweep_dir = tmp_path / "sweep"
     arguments = [
         "-m",
-        "hydra/launcher=local_pool",
+        "hydra/launcher=gpu_pool",
         "hydra.launcher.ray.init.num_cpus=2",
+        "hydra.launcher.ray.init.num_gpus=2",
+        "hydra.launcher.ray.remote.num_cpus=1",
         "experiment=demo",
         "logger=wandb",
         f"data.root={small_demo}",
         f"hydra.sweep.dir={sweep_dir}",
-        "model.num_classes=1,5,6,7",  # demo category ids go up to 4: 1 fails, the others train
+        "model.num_classes=5,6,7,1",  # demo category ids go up to 4: 1 fails, the others train
         "test=false",
         "callbacks.plots=null",
         "callbacks.wandb_media=null",
@@ -66,9 +77,20 @@ def test_local_pool_runs_jobs_side_by_side_and_goes_on_after_a_failed_job(small_
     output = result.stdout + result.stderr
     assert "Ray Launcher is launching 4 jobs" in output
 
-    # Side by side: some two jobs ran at the same time (one starts before the other ends).
-    intervals = sorted(job_interval(sweep_dir / str(job)) for job in range(4))
-    assert any(later[0] < earlier[1] for earlier, later in pairwise(intervals)), intervals
+    # Side by side: the first two jobs start together in two fresh worker processes and train for seconds
+    # (the failing one, last, ends at once). And one GPU of its own per job: jobs that overlapped in time
+    # never shared one.
+    intervals = {job: job_interval(sweep_dir / str(job)) for job in range(4)}
+    devices = {job: job_status(sweep_dir / str(job))["cuda_visible_devices"] for job in range(4)}
+    assert set(devices.values()) <= {"0", "1"}, devices
+    overlapping = [
+        (a, b)
+        for a, b in combinations(range(4), 2)
+        if intervals[a][0] < intervals[b][1] and intervals[b][0] < intervals[a][1]
+    ]
+    assert (0, 1) in overlapping, intervals
+    for a, b in overlapping:
+        assert devices[a] != devices[b], (devices, a, b)
 
     # The summary of a sequential sweep: same columns, ranked, the failed job last with its error.
     columns, rows = read_summary(sweep_dir / "summary.csv")
@@ -85,12 +107,12 @@ def test_local_pool_runs_jobs_side_by_side_and_goes_on_after_a_failed_job(small_
         "overrides",
     ]
     assert sorted((row["job"], row["model.num_classes"], row["status"]) for row in rows) == [
-        ("0", "1", "failed"),
-        ("1", "5", "ok"),
-        ("2", "6", "ok"),
-        ("3", "7", "ok"),
+        ("0", "5", "ok"),
+        ("1", "6", "ok"),
+        ("2", "7", "ok"),
+        ("3", "1", "failed"),
     ]
-    assert rows[-1]["job"] == "0"
+    assert rows[-1]["job"] == "3"
     for row in rows[:-1]:
         assert row["best val/map"] != "" and row["error"] == "" and row["epochs"] == "1"
     best = [float(row["best val/map"]) for row in rows[:-1]]
@@ -98,8 +120,9 @@ def test_local_pool_runs_jobs_side_by_side_and_goes_on_after_a_failed_job(small_
     failed = rows[-1]
     assert failed["error"].startswith("model.num_classes=1 cannot hold the data's labels")
     assert "at least 5" in failed["error"] and failed["best val/map"] == ""
-    assert "num_classes=1 cannot hold" in (sweep_dir / "0" / "train.log").read_text()
-    assert "Traceback" not in output  # a user error: its message, no traceback
+    assert "num_classes=1 cannot hold" in (sweep_dir / "3" / "train.log").read_text()
+    assert "Traceback" not in (sweep_dir / "3" / "train.log").read_text()  # a user error: its message only
+    assert "Traceback" not in output, output[output.index("Traceback") - 2000 :][:4000]
 
     printed = table_rows(result.stdout)
     assert [cells[1:4] for cells in printed] == [
@@ -108,11 +131,13 @@ def test_local_pool_runs_jobs_side_by_side_and_goes_on_after_a_failed_job(small_
     assert "model.num_classes=1 cannot hold" in printed[-1][-1]
 
     # Each job its own process and W&B run (offline here), in the sweep's group.
-    for job in ("1", "2", "3"):
-        runs = list((sweep_dir / job / "wandb").glob("offline-run-*"))
-        assert len(runs) == 1, runs
-    run_ids = {next((sweep_dir / job / "wandb").glob("offline-run-*")).name for job in ("1", "2", "3")}
-    assert len(run_ids) == 3
+    runs = []
+    for job in ("0", "1", "2"):
+        [offline_run] = (sweep_dir / job / "wandb").glob("offline-run-*")
+        records = wandb_records(next(offline_run.glob("run-*.wandb")))
+        runs.append(next(r.run for r in records if r.WhichOneof("record_type") == "run"))
+    assert len({run.run_id for run in runs}) == 3
+    assert {run.run_group for run in runs} == {"sweep"}  # the sweep folder's name
 
 
 def write_executable(path: Path, text: str) -> None:

@@ -187,7 +187,11 @@ def job_status(cfg) -> dict:
 
 def test_a_failing_job_is_recorded_and_does_not_raise(job_config, caplog, monkeypatch):
     finished = []
-    fake_wandb = SimpleNamespace(run=object(), finish=lambda exit_code: finished.append(exit_code))
+    fake_wandb = SimpleNamespace(
+        run=object(),
+        finish=lambda exit_code: finished.append(exit_code),
+        teardown=lambda: finished.append("service stopped"),
+    )
     monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
 
     def crash(cfg):
@@ -200,7 +204,7 @@ def test_a_failing_job_is_recorded_and_does_not_raise(job_config, caplog, monkey
     assert status["error"] == "RuntimeError: CUDA out of memory. Tried to allocate 2 GiB"
     assert status["overrides"] == ["experiment=demo", "loss.bbox_loss_coef=2"]
     assert "job 3 failed" in caplog.text and "Traceback" in caplog.text
-    assert finished == [1]  # the next job's WandbLogger must not reuse this run
+    assert finished == [1, "service stopped"]  # the next job's WandbLogger must not reuse this run
     assert optimized_value(job_config, None) is None
 
     def bad_data(cfg):

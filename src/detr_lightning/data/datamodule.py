@@ -48,7 +48,7 @@ class CocoDataModule(lightning.LightningDataModule):
             of this many pixels in height and width (masked like DETR's other padding), so the batch
             shapes of an epoch are few (``torch.compile`` with static shapes, CUDA graphs). ``None``: to
             the largest image of the batch only (official). A multiple of 32 (the backbone's stride)
-            keeps the padding mask exact at the feature scale.
+            aligns the mask's down-sampling with the stride (feature row ``i`` reads pixel row ``32 i``).
         train_scales, train_max_size: shorter-side choices and longer-side cap of the multi-scale resize.
         train_crop_resize_scales, train_crop_size: the crop branch's resize choices and ``(min, max)`` crop.
         seed: of shuffling and augmentation; each rank adds its rank for its workers.

@@ -1,6 +1,7 @@
 """The built-in demo dataset: deterministic synthetic shapes in a Roboflow export layout.
 
-    python -m detr_lightning.data.demo OUT [--num-train 300 --num-val 50 --num-test 50 --seed 0] [--crowded]
+    python -m detr_lightning.data.demo OUT [--num-train 300 --num-val 50 --num-test 50 --seed 0]
+        [--crowded | --realistic] [--processes N]
 
 Squares, discs and triangles of varied size (15–80 px), colour and count (0–4 per image) on cluttered
 backgrounds, in 128–192 px images, so that a small DETR learns them on 2 CPU cores in minutes. It has
@@ -13,16 +14,21 @@ the quirks of real exports on purpose:
 - a grayscale JPEG (image 3 of train).
 
 Every image is drawn from its own generator seeded by ``(seed, split, index)``, so the output is a
-function of the arguments alone and adding images leaves the first ones unchanged. ``--crowded``
-(``data=demo_crowded``, `CROWDED_DEMO_OPTIONS`) is a harder variant for convergence comparisons.
+function of the arguments alone and adding images leaves the first ones unchanged (``--processes``
+draws them in parallel, same bytes). ``--crowded`` (``data=demo_crowded``, `CROWDED_DEMO_OPTIONS`) is a
+harder variant for convergence comparisons; ``--realistic`` (``data=coco_like``, `REALISTIC_DEMO_OPTIONS`)
+has COCO-like sizes, 640-1024 px images with 1-20 shapes of 16-320 px, for speed measurements with the
+official scales.
 """
 
 from __future__ import annotations
 
 import argparse
 import colorsys
+import concurrent.futures
 import json
 import logging
+import multiprocessing
 import shutil
 import sys
 import tempfile
@@ -72,6 +78,15 @@ CROWDED_DEMO_TRANSFORM_SCALES = {
     "train_crop_size": [128, 192],
     "val_scale": 224,
     "val_max_size": 320,
+}
+# COCO-like sizes for speed measurements with the official scales (480-800, max 1333): larger images with
+# up to 20 shapes of small to large size (shapes that find no free place are dropped).
+REALISTIC_DEMO_OPTIONS = {
+    "min_side": 640,
+    "max_side": 1024,
+    "min_object_size": 16,
+    "max_object_size": 320,
+    "max_objects": 20,
 }
 EMPTY_IMAGE_INDEX, CROWD_IMAGE_INDEX, GRAYSCALE_IMAGE_INDEX = 1, 2, 3
 Box = tuple[int, int, int, int]  # x, y, width, height in pixels
@@ -220,18 +235,35 @@ def render_demo_image(
     return image, objects
 
 
-def write_demo_split(out_dir: Path, split: str, num_images: int, seed: int, **shapes: Any) -> None:
-    """Write one split's JPEGs and ``_annotations.coco.json`` (Roboflow style, `DemoShapes` ``shapes``)."""
+def _write_demo_image(
+    out_dir: Path, split: str, index: int, seed: int, shapes: DemoShapes
+) -> tuple[dict[str, Any], list[tuple[int, Box, int]]]:
+    """Draw and save image ``index`` of ``split``; returns its COCO image record and its objects."""
+    image, objects = render_demo_image(seed, split, index, shapes)
+    file_name = f"{DEMO_SPLIT_FOLDERS[split]}_{index:04d}.jpg"
+    image.save(out_dir / file_name, quality=92)
+    record = {"id": index, "license": 1, "file_name": file_name, "height": image.height, "width": image.width}
+    return record, objects
+
+
+def write_demo_split(
+    out_dir: Path, split: str, num_images: int, seed: int, processes: int = 1, **shapes: Any
+) -> None:
+    """Write one split's JPEGs and ``_annotations.coco.json`` (Roboflow style, `DemoShapes` ``shapes``).
+
+    ``processes`` > 1 draws the images in that many processes; the files are the same bytes."""
     demo_shapes = DemoShapes(**shapes)
     out_dir.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
-    for index in range(num_images):
-        image, objects = render_demo_image(seed, split, index, demo_shapes)
-        file_name = f"{DEMO_SPLIT_FOLDERS[split]}_{index:04d}.jpg"
-        image.save(out_dir / file_name, quality=92)
-        images.append(
-            {"id": index, "license": 1, "file_name": file_name, "height": image.height, "width": image.width}
-        )
+    arguments = [(out_dir, split, index, seed, demo_shapes) for index in range(num_images)]
+    if processes > 1 and num_images > 1:
+        context = multiprocessing.get_context("spawn")  # safe whatever threads the caller runs
+        with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context) as pool:
+            drawn = list(pool.map(_write_demo_image, *zip(*arguments, strict=True), chunksize=4))
+    else:
+        drawn = [_write_demo_image(*item) for item in arguments]
+    for index, (record, objects) in enumerate(drawn):
+        images.append(record)
         for category_id, (x, y, w, h), iscrowd in objects:
             ids = {"id": len(annotations), "image_id": index, "category_id": category_id}
             annotations.append(
@@ -250,13 +282,20 @@ def write_demo_split(out_dir: Path, split: str, num_images: int, seed: int, **sh
 
 
 def write_demo_dataset(
-    out: Path, num_train: int = 300, num_val: int = 50, num_test: int = 50, seed: int = 0, **shapes: Any
+    out: Path,
+    num_train: int = 300,
+    num_val: int = 50,
+    num_test: int = 50,
+    seed: int = 0,
+    processes: int = 1,
+    **shapes: Any,
 ) -> None:
     """Write the demo dataset into ``out`` (``train/``, ``valid/``, ``test/``), overwriting files there;
-    ``shapes`` are `DemoShapes` fields (`CROWDED_DEMO_OPTIONS` for the harder variant), checked first."""
+    ``shapes`` are `DemoShapes` fields (`CROWDED_DEMO_OPTIONS` for the harder variant,
+    `REALISTIC_DEMO_OPTIONS` for COCO-like sizes), checked first; ``processes`` draw the images."""
     DemoShapes(**shapes)
     for split, num_images in (("train", num_train), ("val", num_val), ("test", num_test)):
-        write_demo_split(out / DEMO_SPLIT_FOLDERS[split], split, num_images, seed, **shapes)
+        write_demo_split(out / DEMO_SPLIT_FOLDERS[split], split, num_images, seed, processes, **shapes)
 
 
 def is_demo_dataset_complete(path: Path) -> bool:
@@ -307,19 +346,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-side", type=int, default=128)
     parser.add_argument("--max-side", type=int, default=192)
-    parser.add_argument(
+    variant = parser.add_mutually_exclusive_group()
+    variant.add_argument(
         "--crowded",
         action="store_true",
         help="the harder variant: 192-256 px images with 1-10 shapes of 10-40 px (--min/max-side ignored)",
     )
+    variant.add_argument(
+        "--realistic",
+        action="store_true",
+        help="COCO-like sizes: 640-1024 px images with 1-20 shapes of 16-320 px (--min/max-side ignored)",
+    )
+    parser.add_argument("--processes", type=int, default=1, help="draw the images in N processes")
     args = parser.parse_args(argv)
     if is_demo_dataset_complete(args.out):
         print(f"{args.out} already holds a dataset; nothing written (delete it to regenerate)")
         return 0
-    shapes = CROWDED_DEMO_OPTIONS if args.crowded else {"min_side": args.min_side, "max_side": args.max_side}
+    shapes = {"min_side": args.min_side, "max_side": args.max_side}
+    shapes = CROWDED_DEMO_OPTIONS if args.crowded else REALISTIC_DEMO_OPTIONS if args.realistic else shapes
     counts = {"num_train": args.num_train, "num_val": args.num_val, "num_test": args.num_test}
     try:
-        ensure_demo_dataset(args.out, seed=args.seed, **counts, **shapes)
+        ensure_demo_dataset(args.out, seed=args.seed, processes=args.processes, **counts, **shapes)
     except DataError as err:
         print(f"demo dataset not written: {err}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m detr_lightning.tools.bench {train-step,inference,data,metric} [options]``.
+"""Benchmarks: ``python -m detr_lightning.tools.bench {train-step,inference,data,metric,train-e2e} ...``.
 
 Each prints a few lines and, last, one JSON line of figures (``tail -n 1``); BENCHMARKS.md has them.
 
@@ -8,6 +8,9 @@ Each prints a few lines and, last, one JSON line of figures (``tail -n 1``); BEN
 - ``inference``: an 800x1066 image at batch 1 (latency) and at ``--batch-size`` (images/s).
 - ``data``: images/s through the dataset, training transforms and collate on generated 416x416 JPEGs.
 - ``metric``: seconds of COCO mAP over 2,000 images x 100 detections, faster_coco_eval vs pycocotools.
+- ``train-e2e``: steady-state training images/s of ``train.py`` itself (official augmentation, DETR-R50, a
+  generated COCO-like set), settings such as the baseline and ``speed=gpu`` interleaved; data loading,
+  matching, logging and validation timed apart (`detr_lightning.tools.e2e`).
 
 ``--impl huggingface`` runs the Hugging Face ``DetrForObjectDetection`` on the same work as a baseline
 (``pip install -e '.[bench]'``). ``--no-fold-norm --attention-weights`` run our model the official
@@ -36,6 +39,7 @@ from torch import Tensor, nn
 from detr_lightning.batching import pad_images_to_batch
 from detr_lightning.models import PostProcess, ResNetBackbone, build_detr
 from detr_lightning.speed import COMPILE_MODES, apply_speed_options
+from detr_lightning.tools import e2e
 
 PRECISIONS = {"32": None, "32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 R50_MODEL = {"num_classes": 91, "backbone": "resnet50", "num_queries": 100, "aux_loss": True}
@@ -441,6 +445,7 @@ BENCHMARKS = {
     "inference": bench_inference,
     "data": bench_data,
     "metric": bench_metric,
+    "train-e2e": e2e.bench_train_e2e,
 }
 
 
@@ -480,6 +485,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     metric = sub.add_parser("metric", help="COCO mAP: faster_coco_eval vs pycocotools")
     metric.add_argument("--images", type=int, default=2000)
     metric.add_argument("--detections", type=int, default=100)
+    e2e_help = "images/s of train.py end to end: baseline and speed=gpu interleaved"
+    e2e.add_arguments(sub.add_parser("train-e2e", help=e2e_help))
     return parser.parse_args(argv)
 
 
