@@ -13,18 +13,12 @@ from torchvision import tv_tensors
 from detr_lightning.batching import pad_images_to_batch, padded_size
 from detr_lightning.data.collate import collate_detection
 from detr_lightning.data.datamodule import CocoDataModule
+from detr_lightning.data.demo import DEMO_TRANSFORM_SCALES
 from detr_lightning.data.errors import DataError
 from detr_lightning.models import PostProcess, build_detr
 from tiny_detr import tiny_detr_kwargs
 
-DEMO_SCALES = {
-    "train_scales": [128, 144, 160, 176, 192],
-    "train_max_size": 256,
-    "train_crop_resize_scales": [128, 160, 192],
-    "train_crop_size": [96, 160],
-    "val_scale": 160,
-    "val_max_size": 256,
-}
+DEMO_SCALES = DEMO_TRANSFORM_SCALES  # the demo's own (conf/data/demo.yaml)
 
 
 def test_padded_size_rounds_up_to_the_multiple():
