@@ -168,6 +168,7 @@ def test_slurm_launcher_writes_the_sbatch_script_of_the_config(compose_config, t
             "hydra.launcher.tasks_per_node=2",
             "hydra.launcher.timeout_min=720",
             "hydra.launcher.array_parallelism=2",
+            "+hydra.launcher.additional_parameters.account=my_lab",  # any other sbatch option (README)
             f"hydra.sweep.dir={sweep_dir}",
             "experiment=demo",
         ]
@@ -184,6 +185,7 @@ def test_slurm_launcher_writes_the_sbatch_script_of_the_config(compose_config, t
     logs = sweep_dir / ".submitit" / "%A_%a"
     assert {
         "--partition=gpu-long",
+        "--account=my_lab",
         "--gpus-per-node=2",
         "--ntasks-per-node=2",
         "--nodes=1",
