@@ -117,6 +117,7 @@ EOF
             --setting "no_cudagraphs=speed=gpu speed.compile_mode=default" \
             --setting "no_buckets=speed=gpu data.pad_to_multiple=null" \
             --setting "fp32_compiled=speed=gpu trainer.precision=32-true" \
+            --setting "unfused_adamw=speed=gpu optimizer.fused=null" \
             --setting "two_workers=speed=gpu data.num_workers=2" \
             --setting "buckets_256=speed=gpu data.pad_to_multiple=256" \
             --setting "whole_model=speed=gpu speed.compile_target=model speed.compile_dynamic=false speed.compile_recompile_limit=64"

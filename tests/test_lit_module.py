@@ -165,3 +165,33 @@ def test_mixed_precision_trains_with_finite_losses(tmp_path, precision):
     )
     assert torch.isfinite(trainer.callback_metrics["train/loss_epoch"])
     assert torch.isfinite(trainer.callback_metrics["val/loss"])
+
+
+def test_fused_adamw_clips_gradients_under_bf16_as_the_default_adamw(tmp_path):
+    """Lightning's mixed-precision plugin refuses to clip for a fused optimizer; without a gradient scaler
+    (bf16-mixed) the module clips itself, by norm, as Lightning does for the default AdamW."""
+
+    def trained_weights(fused: bool | None, clip: float | None) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        module = make_module(fused=fused)
+        trainer = lightning.Trainer(
+            accelerator="cpu",
+            precision="bf16-mixed",
+            max_steps=2,
+            logger=False,
+            enable_progress_bar=False,
+            enable_checkpointing=False,
+            gradient_clip_val=clip,
+            default_root_dir=tmp_path,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+        )
+        trainer.fit(module, train_dataloaders=loader(synthetic_batches(2)))
+        assert all(group["fused"] is fused for group in trainer.optimizers[0].param_groups)
+        return {name: p.detach().clone() for name, p in module.model.named_parameters()}
+
+    fused, default = trained_weights(True, 0.1), trained_weights(None, 0.1)
+    for name, weight in fused.items():
+        torch.testing.assert_close(weight, default[name], rtol=1e-5, atol=1e-6, msg=name)
+    unclipped = trained_weights(True, None)
+    assert any(not torch.allclose(fused[name], weight) for name, weight in unclipped.items())  # it clipped

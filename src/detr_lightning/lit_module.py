@@ -254,6 +254,29 @@ class DETRLitModule(LightningModule):
         self._pending_losses.append((detached, total.detach(), len(batch[2])))
         return total
 
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Lightning's clipping (``trainer.gradient_clip_val``, by norm as officially), also for a fused AdamW
+        (``optimizer.fused=true``) when no gradient scaler runs (fp32, bf16-mixed).
+
+        Lightning's mixed-precision plugin refuses every fused optimizer, because one that unscales
+        fp16 gradients itself would be clipped while still scaled (Lightning-AI/pytorch-lightning#21435).
+        Without a scaler the gradients are the true ones: they are clipped here with the same
+        ``torch.nn.utils.clip_grad_norm_`` call over the optimizer's parameters that Lightning makes.
+        """
+        fused = any(group.get("fused") for group in optimizer.param_groups)
+        unscaled = getattr(self.trainer.precision_plugin, "scaler", None) is None
+        by_norm = gradient_clip_algorithm in (None, "norm")
+        if gradient_clip_val and fused and unscaled and by_norm:
+            parameters = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(parameters, gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Skip the update when the loss or any gradient is NaN/inf (on any process), and count it.
 
