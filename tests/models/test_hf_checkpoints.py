@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -29,12 +27,12 @@ from detr_lightning.lit_module import DETRLitModule
 from detr_lightning.models import build_detr
 from detr_lightning.models.weight_files import CheckpointError, WeightsUnavailableError
 from detr_lightning.predict import predict
+from inference.conftest import compose_config  # tests/inference/conftest.py
 from tiny_detr import tiny_detr_kwargs
 
 transformers = pytest.importorskip("transformers")
 huggingface_hub = pytest.importorskip("huggingface_hub")
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 ATOL = 1e-4  # outputs of the two implementations (float32 on CPU; measured: below 1e-6)
 IMAGENET = HFPreprocessing(96, 160, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 #: The tiny HF DETR: ResNet-18, 2 + 2 layers of width 32, 5 queries, 3 classes.
@@ -305,15 +303,6 @@ def test_models_transformers_cannot_compute_are_not_exported(tmp_path):
 
 
 # ------------------------------------------------------------------ export.py and predict.py
-
-
-def compose_config(name: str, overrides: list[str]):
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
-            return compose(config_name=name, overrides=overrides)
-    finally:
-        GlobalHydra.instance().clear()
 
 
 @pytest.fixture(scope="module")
