@@ -227,11 +227,14 @@ class DETRLitModule(LightningModule):
     def forward(self, images: Tensor, mask: Tensor | None = None) -> dict[str, Any]:
         return self.model(images, mask)
 
-    def _losses(self, batch: Any, training: bool = True) -> tuple[dict[str, Any], dict[str, Tensor], Tensor]:
+    def _losses(
+        self, batch: Any, across_processes: bool = True
+    ) -> tuple[dict[str, Any], dict[str, Tensor], Tensor]:
+        """Outputs, loss dict and weighted total of ``batch``. ``across_processes``: the box normalizer
+        counts every process's boxes (training); evaluation passes False, its shards differ in length."""
         images, mask, targets = batch
         outputs = self.model(images, mask)
-        # Box normalizer over all processes in training only: evaluation shards may differ in length.
-        losses = self.criterion(outputs, targets, across_processes=training)
+        losses = self.criterion(outputs, targets, across_processes=across_processes)
         return outputs, losses, self.criterion.weighted_total(losses)
 
     def _log_losses(self, stage: str, losses: dict[str, Tensor], total: Tensor, batch_size: int) -> None:
@@ -322,7 +325,7 @@ class DETRLitModule(LightningModule):
         return self.postprocess(outputs, torch.stack([t["orig_size"] for t in targets]))
 
     def _evaluation_step(self, stage: str, batch: Any) -> dict[str, Any]:
-        outputs, losses, total = self._losses(batch, training=False)
+        outputs, losses, total = self._losses(batch, across_processes=False)
         targets = batch[2]
         self._log_losses(stage, losses, total, batch_size=len(targets))
         return {

@@ -76,6 +76,7 @@ def read_run(path: Path, label: str | None = None, metric: str | None = None, mo
     hydra = _mapping(_read_yaml(path / ".hydra" / "hydra.yaml")).get("hydra") or {}
     config = _mapping(_read_yaml(path / ".hydra" / "config.yaml"))
     status = read_json(path / JOB_STATUS_FILE)
+    killed = _killed(status)
     job_name = str((hydra.get("job") or {}).get("name") or "train")
     overrides = _read_yaml(path / ".hydra" / "overrides.yaml")
     if not isinstance(overrides, list):
@@ -93,8 +94,8 @@ def read_run(path: Path, label: str | None = None, metric: str | None = None, mo
             if option is not None and not str(group).startswith("hydra/")
         },
         config=config,
-        status="failed" if _killed(status) else status.get("status"),
-        error=_killed_error(status) if _killed(status) else str(status.get("error", "")),
+        status="failed" if killed else status.get("status"),
+        error=_killed_error(status) if killed else str(status.get("error", "")),
         started=_started(path, job_name, status),
         duration_s=_duration(path, status),
         duration_measured=is_number(status.get("duration_s")),
