@@ -58,7 +58,8 @@ class DemoSweep:
 @pytest.fixture(scope="session")
 def demo_sweep(small_demo, tmp_path_factory) -> DemoSweep:
     """``python train.py -m experiment=demo logger=wandb loss.bbox_loss_coef=2,5``, as a user runs it with no
-    W&B credentials: two jobs of 2 epochs (one training step each, every val/test image in one batch).
+    W&B credentials: two jobs of 2 epochs (one training step each, every val/test image in one batch, no
+    sanity check, no ``last.ckpt``, 4 images in ``val_predictions.png``).
     The one real sweep of the suite: the sweep summary, report, plot and W&B tests all read it."""
     work_dir = tmp_path_factory.mktemp("demo_sweep")
     sweep_dir = work_dir / "sweep"
@@ -72,8 +73,12 @@ def demo_sweep(small_demo, tmp_path_factory) -> DemoSweep:
         # An untrained model scores low: draw every query in the plots and W&B images.
         "callbacks.plots.score_threshold=0",
         "callbacks.wandb_media.score_threshold=0",
+        # A grid row of 4 images is drawn faster than 6 in two; W&B still gets every val image (8 > 6).
+        "callbacks.plots.num_images=4",
         "callbacks.progress_bar=null",
         "trainer.accelerator=cpu",
+        "trainer.num_sanity_val_steps=0",
+        "callbacks.model_checkpoint.save_last=false",  # the test stage reads best.ckpt, nothing last.ckpt
         "trainer.max_epochs=2",
         "trainer.limit_train_batches=1",
         "trainer.limit_val_batches=1",

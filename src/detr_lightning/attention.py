@@ -2,8 +2,7 @@
 
 As in the paper's figures: the last decoder layer's cross-attention (where each object query looks) and
 the last encoder layer's self-attention at one pixel (which regions that pixel's feature attends to).
-:func:`capture_attention` sets ``need_weights`` and hooks only inside its ``with`` block, so a model
-outside it runs its usual fast path.
+Outside :func:`capture_attention` the model runs its usual fast path: no weights, no hooks.
 
 Shapes: ``B`` images, ``Q`` queries, ``h x w`` feature map of the padded batch (``S = h * w``),
 ``(h', w')`` its valid (unpadded) part for one image, ``(H_in, W_in)`` the image as fed to the model
@@ -22,6 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from detr_lightning.models.detr import DETR
+
+Size = Sequence[int]  # (height, width) in pixels
 
 
 @dataclass
@@ -78,7 +79,7 @@ def valid_feature_size(feature_mask: Tensor) -> tuple[int, int]:
 
 
 def feature_maps_to_image(
-    maps: Tensor, feature_mask: Tensor, input_size: Sequence[int], image_size: Sequence[int], stride: int
+    maps: Tensor, feature_mask: Tensor, input_size: Size, image_size: Size, stride: int
 ) -> Tensor:
     """``(K, h, w)`` attention over the padded feature grid -> ``(K, H, W)`` float32 maps summing to one.
 
@@ -107,8 +108,8 @@ def decoder_attention_maps(
     capture: AttentionCapture,
     image_index: int,
     query_indices: Sequence[int] | Tensor,
-    input_size: Sequence[int],
-    image_size: Sequence[int],
+    input_size: Size,
+    image_size: Size,
 ) -> Tensor:
     """``(K, H, W)``: where each of the ``K`` given queries of image ``image_index`` looked."""
     feature_mask, cross = _captured(capture, "decoder_cross", image_index)  # (h, w), (Q, S)
@@ -118,11 +119,7 @@ def decoder_attention_maps(
 
 
 def encoder_attention_map(
-    capture: AttentionCapture,
-    image_index: int,
-    pixel_xy: Sequence[float],
-    input_size: Sequence[int],
-    image_size: Sequence[int],
+    capture: AttentionCapture, image_index: int, pixel_xy: Sequence[float], input_size: Size, image_size: Size
 ) -> Tensor:
     """``(H, W)``: the encoder self-attention of the feature cell under original-image pixel ``(x, y)``."""
     feature_mask, self_attention = _captured(capture, "encoder_self", image_index)  # (h, w), (S, S)
@@ -132,11 +129,7 @@ def encoder_attention_map(
 
 
 def feature_cell(
-    pixel_xy: Sequence[float],
-    input_size: Sequence[int],
-    image_size: Sequence[int],
-    stride: int,
-    feature_mask: Tensor,
+    pixel_xy: Sequence[float], input_size: Size, image_size: Size, stride: int, feature_mask: Tensor
 ) -> tuple[int, int]:
     """``(row, column)`` of the valid feature cell holding original-image pixel ``(x, y)`` (clamped)."""
     height, width = int(image_size[0]), int(image_size[1])

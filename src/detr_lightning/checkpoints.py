@@ -86,9 +86,7 @@ def infer_architecture(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
         "dim_feedforward": int(state_dict["transformer.decoder.layers.0.linear1.weight"].shape[0]),
         "pre_norm": "transformer.encoder.norm.weight" in state_dict,
         "backbone_norm": "batch" if any(k.endswith("num_batches_tracked") for k in state_dict) else "frozen",
-        "backbone_output_stage": "layer4"
-        if any(k.startswith(f"{body}layer4.") for k in state_dict)
-        else "layer3",
+        "backbone_output_stage": "layer4" if _layer_count(state_dict, f"{body}layer4.") else "layer3",
         "position_embedding": "learned" if "backbone.1.row_embed.weight" in state_dict else "sine",
         "spatial_prior": "gaussian" if "spatial_prior.anchor_logits" in state_dict else "none",
     }
@@ -105,62 +103,55 @@ def _official_hints(contents: Mapping[str, Any], source: str) -> dict[str, Any]:
     return hints
 
 
+def _saved_section(contents: Mapping[str, Any], *keys: str) -> dict[str, Any]:
+    """``contents[key][key2]...`` of a weight file as a dict; empty where a level is missing."""
+    for key in keys:
+        contents = contents.get(key) or {}
+    return dict(contents)
+
+
 @dataclass(frozen=True)
 class DETRFile:
-    """A weight file read safely, with the DETR it holds.
+    """A weight file read safely, with the DETR it holds."""
 
-    Attributes:
-        source: as given (name, URL, path or hub id); ``path``: the local file (a Hugging Face DETR: its
-            folder).
-        contents: the whole loaded file (``hyper_parameters``, ``class_names``, official ``args`` ...); for
-            a Hugging Face DETR its ``config`` (``config.json``), ``class_names`` (from ``id2label``) and
-            ``preprocessing`` (``scale``, ``max_size``, ``mean``, ``std`` of ``preprocessor_config.json``).
-        state_dict: the DETR weights (keys as in :class:`DETR`).
-        architecture: the :func:`build_detr` arguments of those weights.
-    """
-
-    source: str
-    path: Path
+    source: str  # as given: official name, URL, path or hub id
+    path: Path  # the local file (a Hugging Face DETR: its folder)
+    # The whole loaded file (hyper_parameters, class_names, official args ...); of a Hugging Face DETR: its
+    # config (config.json), class_names (of id2label) and preprocessing (scale, max_size, mean and std of
+    # preprocessor_config.json).
     contents: Mapping[str, Any]
-    state_dict: dict[str, Tensor]
-    architecture: dict[str, Any]
+    state_dict: dict[str, Tensor]  # the DETR weights (keys as in DETR)
+    architecture: dict[str, Any]  # the build_detr arguments of those weights
 
     @property
     def hyper_parameters(self) -> dict[str, Any]:
         """The LightningModule arguments of a checkpoint of this project (empty for other files)."""
-        return dict(self.contents.get("hyper_parameters") or {})
+        return _saved_section(self.contents, "hyper_parameters")
 
 
 def saved_scoring(contents: Mapping[str, Any]) -> tuple[str, int | None]:
     """``(score, top_k)`` of a weight file's contents: ``softmax`` or ``sigmoid`` (how its class logits
     are read, from the saved ``loss.class_loss``) and its saved ``postprocess.top_k``. Official files and
     checkpoints from before the option: ``("softmax", None)``."""
-    hyper_parameters = dict(contents.get("hyper_parameters") or {})
-    class_loss = dict(hyper_parameters.get("loss") or {}).get("class_loss") or "ce"
     try:
-        score = class_score(class_loss)
+        score = class_score(_saved_section(contents, "hyper_parameters", "loss").get("class_loss") or "ce")
     except ValueError as error:
         raise CheckpointError(str(error)) from None
-    return score, dict(hyper_parameters.get("postprocess") or {}).get("top_k")
+    return score, _saved_section(contents, "hyper_parameters", "postprocess").get("top_k")
 
 
 def read_detr_file(
     source: str | os.PathLike, *, nheads: int | None = None, dilation: bool | None = None
 ) -> DETRFile:
     """Read ``source`` (official name, URL, file, Hugging Face folder or hub id) and work out its
-    architecture.
-
-    ``nheads`` and ``dilation`` fill in what a bare state dict cannot say (defaults 8 and False); a
-    value contradicting the file is a :class:`CheckpointError`.
-    """
+    architecture. ``nheads`` and ``dilation`` fill in what a bare state dict cannot say (defaults 8 and
+    False); a value contradicting the file is a :class:`CheckpointError`."""
     if is_hf_source(source):  # config.json says everything
         hf = read_hf_checkpoint(source)
         path, state_dict, architecture = hf.folder, hf.state_dict, dict(hf.architecture)
-        contents: Mapping[str, Any] = {
-            "config": hf.config,
-            "class_names": hf.class_names,
-            "preprocessing": hf.preprocessing,
-        }
+        contents: Mapping[str, Any] = dict(
+            config=hf.config, class_names=hf.class_names, preprocessing=hf.preprocessing
+        )
         known = architecture
     else:
         path = resolve_weights(source)
@@ -181,55 +172,50 @@ def _file_architecture(
     contents: Mapping[str, Any], state_dict: Mapping[str, Tensor], path: Path, source: str
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The architecture of a ``torch.load``-ed file, and the part of it the file states (not inferred)."""
-    saved_model = dict(dict(contents.get("hyper_parameters") or {}).get("model") or {})
+    saved_model = _saved_section(contents, "hyper_parameters", "model")
     if saved_model:  # a checkpoint of this project says everything
         architecture = {k: v for k, v in saved_model.items() if k in _BUILD_ARGUMENTS}
-        known = architecture
-    else:
-        try:
-            architecture = infer_architecture(state_dict)
-        except CheckpointError as error:
-            raise CheckpointError(f"{path}: {error}") from None
-        known = _official_hints(contents, source)
-        architecture.update(known)
-    return architecture, known
+        return architecture, architecture
+    try:
+        architecture = infer_architecture(state_dict)
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    known = _official_hints(contents, source)
+    return {**architecture, **known}, known
 
 
 def _check_keys(model: DETR, state_dict: Mapping[str, Tensor], ignored: set[str], path: Path) -> None:
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict) - ignored)
-    unexpected = sorted(set(state_dict) - set(expected) - ignored)
-    mismatched = sorted(
-        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(expected) & set(state_dict) - ignored
-        if state_dict[k].shape != expected[k].shape
-    )
-    problems = []
-    for title, names in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-        if names:
-            shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
-            problems.append(f"{title}: {shown}")
-    if problems:
-        raise CheckpointError(f"{path} does not fit the DETR it describes; " + "; ".join(problems))
+    problems = {
+        "missing": sorted(set(expected) - set(state_dict) - ignored),
+        "unexpected": sorted(set(state_dict) - set(expected) - ignored),
+        "shape mismatch": sorted(
+            f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+            for k in set(expected) & set(state_dict) - ignored
+            if state_dict[k].shape != expected[k].shape
+        ),
+    }
+    listed = [
+        f"{title}: " + ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
+        for title, names in problems.items()
+        if names
+    ]
+    if listed:
+        raise CheckpointError(f"{path} does not fit the DETR it describes; " + "; ".join(listed))
 
 
 def build_from_file(
     file: DETRFile, num_classes: int | None = None, *, aux_loss: bool = True, **overrides: Any
 ) -> DETR:
-    """The DETR of ``file`` with its weights loaded strictly.
-
-    Args:
-        num_classes: when it differs from the file's, the class head is re-initialised (the usual
-            fine-tuning recipe) and everything else is loaded.
-        aux_loss: whether the model returns aux outputs (does not change the weights).
-        overrides: :func:`build_detr` arguments that weights do not fix (``dropout``, ``train_backbone`` ...).
-    """
-    architecture = {**file.architecture, **overrides, "aux_loss": aux_loss}
+    """The DETR of ``file`` with its weights loaded strictly; for another ``num_classes`` than the file's,
+    all but the class head, which is re-initialised (the usual fine-tuning recipe). ``aux_loss`` and
+    ``overrides`` (:func:`build_detr` arguments that weights do not fix: ``dropout``, ``train_backbone``
+    ...) leave the weights as they are."""
     file_classes = int(file.state_dict["class_embed.weight"].shape[0]) - 1
-    architecture["num_classes"] = file_classes if num_classes is None else num_classes
-    model = build_detr(**architecture)
+    num_classes = file_classes if num_classes is None else num_classes
+    model = build_detr(**{**file.architecture, **overrides, "aux_loss": aux_loss, "num_classes": num_classes})
     state_dict, ignored = file.state_dict, set()
-    if architecture["num_classes"] != file_classes:
+    if num_classes != file_classes:
         ignored = {"class_embed.weight", "class_embed.bias"}
         state_dict = {k: v for k, v in state_dict.items() if k not in ignored}
         log.info(

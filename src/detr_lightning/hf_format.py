@@ -1,16 +1,12 @@
 """The Hugging Face ``transformers`` DETR format, both ways.
 
 Reading (:func:`read_hf_checkpoint`, for :func:`detr_lightning.checkpoints.read_detr_file`): a folder
-(``config.json`` plus ``model.safetensors`` or ``pytorch_model.bin``) or a hub id such as
-``facebook/detr-resnet-50`` becomes our weights, :func:`~detr_lightning.models.build_detr` arguments and
-class names. The ``config.json`` fields that decide what the model computes are read, and refused when
-this DETR cannot compute the same; transformers' training fields and metadata are ignored; any other
-field is refused. Weights are converted key by key, strictly, for both HF backbones: timm's ResNet
-(torchvision's names) and transformers' own ``ResNetBackbone``. Writing (:func:`write_hf_folder`): a
-folder that ``DetrForObjectDetection.from_pretrained`` and ``transformers.pipeline`` load.
-
-Reading needs ``safetensors`` only (``pytorch_model.bin``: ``torch.load(weights_only=True)``); hub ids
-need ``huggingface_hub``; writing needs ``transformers``, imported when used.
+(``config.json`` plus ``model.safetensors`` or ``pytorch_model.bin``) or a hub id becomes our weights,
+:func:`~detr_lightning.models.build_detr` arguments and class names; ``config.json`` fields are read,
+ignored (transformers' training, metadata) or refused, and weights are converted key by key, strictly,
+for timm's and transformers' own ResNet. Writing (:func:`write_hf_folder`): a folder that
+``DetrForObjectDetection.from_pretrained`` and ``transformers.pipeline`` load. Reading needs
+``safetensors`` only; hub ids need ``huggingface_hub``; writing needs ``transformers``.
 """
 
 from __future__ import annotations
@@ -19,7 +15,7 @@ import contextlib
 import functools
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -123,6 +119,8 @@ BACKBONE_FIELDS = {
         "layer_type depths hidden_sizes num_channels out_features out_indices stage_names".split()
     ).union(NATIVE_FIXED),
 }
+#: The timm ``backbone_kwargs`` read (transformers 4 configs without a ``backbone_config``).
+TIMM_KWARGS = frozenset({"out_indices", "output_stride", "in_chans", "features_only"})
 #: Our :func:`build_detr` arguments of which transformers' DETR has one value: (the value, why).
 HF_FIXED = {
     "pre_norm": (False, "transformers' DETR is post-norm"),
@@ -143,6 +141,28 @@ def _shown(values: Sequence[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(values)} in all)" if len(values) > limit else "")
 
 
+def _backbone_config(config: Mapping[str, Any], problems: list[str]) -> Any:
+    """The ``backbone_config`` of a ``config.json``, made up from the other fields where it is missing:
+    transformers 4's timm backbone by name, or else transformers' default ``ResNetConfig`` (ResNet-50)."""
+    sub = config.get("backbone_config")
+    if sub is not None:
+        return sub
+    if config.get("use_timm_backbone", True):
+        kwargs = dict(config.get("backbone_kwargs") or {})
+        if unknown := sorted(set(kwargs) - TIMM_KWARGS):
+            problems.append(f"backbone_kwargs {unknown} (not read here)")
+        stride = 16 if config.get("dilation") else None
+        return {
+            "output_stride": stride,
+            **kwargs,
+            "backbone": config.get("backbone"),
+            "model_type": "timm_backbone",
+        }
+    if config.get("backbone"):
+        problems.append(f"backbone={config['backbone']!r} without backbone_config (give the ResNetConfig)")
+    return {"model_type": "resnet"}
+
+
 def _backbone(sub: Any, problems: list[str]) -> tuple[str, bool, str]:
     """``(our backbone, dilation, flavour)`` of a ``backbone_config``; what cannot be built goes to
     ``problems``."""
@@ -150,11 +170,9 @@ def _backbone(sub: Any, problems: list[str]) -> tuple[str, bool, str]:
     if kind not in BACKBONE_FIELDS:
         problems.append(f"backbone_config of model_type {kind!r} (only timm_backbone or resnet)")
         return "resnet50", False, "timm"
-    unknown = sorted(set(sub) - BACKBONE_FIELDS[kind] - HF_GENERIC_FIELDS)
-    if unknown:
+    if unknown := sorted(set(sub) - BACKBONE_FIELDS[kind] - HF_GENERIC_FIELDS):
         problems.append(f"backbone_config fields {unknown} (not read here)")
-    channels = sub.get("num_channels", sub.get("in_chans", 3))
-    if channels != 3:
+    if (channels := sub.get("num_channels", sub.get("in_chans", 3))) != 3:
         problems.append(f"num_channels={channels} (RGB only)")
     if kind == "resnet":  # transformers' ResNet cannot dilate; its config's `dilation` is unused there too
         layout = (
@@ -162,8 +180,8 @@ def _backbone(sub: Any, problems: list[str]) -> tuple[str, bool, str]:
             tuple(sub.get("depths") or (3, 4, 6, 3)),
             tuple(sub.get("hidden_sizes") or (256, 512, 1024, 2048)),
         )
-        names = [name for name, known in NATIVE_RESNETS.items() if known == layout]
-        if not names:
+        name = next((name for name, known in NATIVE_RESNETS.items() if known == layout), None)
+        if name is None:
             problems.append(
                 f"ResNet layer_type={layout[0]!r} depths={list(layout[1])} hidden_sizes={list(layout[2])} "
                 "(only ResNet-18/34/50/101)"
@@ -173,26 +191,22 @@ def _backbone(sub: Any, problems: list[str]) -> tuple[str, bool, str]:
             for k, v in NATIVE_FIXED.items()
             if sub.get(k, v) != v
         )
-        out_features = sub.get("out_features")
-        if out_features and out_features[-1] != "stage4":
+        if (out_features := sub.get("out_features")) and out_features[-1] != "stage4":
             problems.append(f"out_features={list(out_features)} (DETR reads the last stage, stage4)")
-        return (names[0] if names else "resnet50"), False, "native"
+        return name or "resnet50", False, "native"
     name = str(sub.get("backbone") or "resnet50")
     base = name.removeprefix("timm/").split(".")[0]  # "resnet50.a1_in1k": the resnet50 architecture
     if base not in NATIVE_RESNETS:
         problems.append(f"backbone={name!r} (only timm's resnet18, resnet34, resnet50, resnet101)")
-    stride = sub.get("output_stride")
-    if stride not in (None, 16, 32):
+    if (stride := sub.get("output_stride")) not in (None, 16, 32):
         problems.append(f"output_stride={stride} (16 for DC5, or none)")
-    dilation = stride == 16
-    if dilation and base in ("resnet18", "resnet34"):
+    if stride == 16 and base in ("resnet18", "resnet34"):
         problems.append(f"dilation with {base} (torchvision dilates bottleneck ResNets only)")
-    out_indices = sub.get("out_indices")
-    if out_indices and out_indices[-1] not in (4, -1):
+    if (out_indices := sub.get("out_indices")) and out_indices[-1] not in (4, -1):
         problems.append(f"out_indices={list(out_indices)} (DETR reads the last stage, 4)")
     if sub.get("features_only") is False:
         problems.append("features_only=false")
-    return base, dilation, "timm"
+    return base, stride == 16, "timm"
 
 
 def hf_architecture(config: Mapping[str, Any], where: str | os.PathLike) -> tuple[dict[str, Any], str]:
@@ -204,13 +218,11 @@ def hf_architecture(config: Mapping[str, Any], where: str | os.PathLike) -> tupl
     """
     problems: list[str] = []
     known = HF_FIELDS.keys() | HF_ALIASES.keys() | HF_OTHER_FIELDS | HF_TRAINING_FIELDS | HF_GENERIC_FIELDS
-    unknown = sorted(set(config) - known)
-    if unknown:
+    if unknown := sorted(set(config) - known):
         problems.append(f"fields {unknown} (not read here)")
     if config.get("model_type", "detr") != "detr":
         problems.append(f"model_type={config['model_type']!r} (DETR only; not Conditional/Deformable DETR)")
-    architectures = [a for a in config.get("architectures") or () if a != "DetrForObjectDetection"]
-    if architectures:
+    if architectures := [a for a in config.get("architectures") or () if a != "DetrForObjectDetection"]:
         problems.append(f"architectures={architectures} (DetrForObjectDetection only: no heads or masks)")
     value = {field: config.get(field, default) for field, (_, default) in HF_FIELDS.items()}
     for alias, field in HF_ALIASES.items():
@@ -225,26 +237,14 @@ def hf_architecture(config: Mapping[str, Any], where: str | os.PathLike) -> tupl
             problems.append(f"{first}={value[first]} != {field}={value[field]} (one value for both here)")
     if value["d_model"] % value["encoder_attention_heads"]:
         problems.append(f"d_model={value['d_model']} is not a multiple of the heads")
-    for field, allowed in HF_CHOICES.items():
-        if value[field] not in allowed:
-            problems.append(f"{field}={value[field]!r} (only {allowed})")
+    problems.extend(
+        f"{field}={value[field]!r} (only {allowed})"
+        for field, allowed in HF_CHOICES.items()
+        if value[field] not in allowed
+    )
     if config.get("num_channels", 3) != 3:
         problems.append(f"num_channels={config['num_channels']} (RGB only)")
-    sub = config.get("backbone_config")
-    if sub is None and config.get("use_timm_backbone", True):  # transformers 4: the timm backbone by name
-        kwargs = dict(config.get("backbone_kwargs") or {})
-        unknown = sorted(set(kwargs) - {"out_indices", "output_stride", "in_chans", "features_only"})
-        if unknown:
-            problems.append(f"backbone_kwargs {unknown} (not read here)")
-        sub = {**kwargs, "backbone": config.get("backbone"), "model_type": "timm_backbone"}
-        sub.setdefault("output_stride", 16 if config.get("dilation") else None)
-    elif sub is None:  # transformers' default ResNetConfig: ResNet-50
-        if config.get("backbone"):
-            problems.append(
-                f"backbone={config['backbone']!r} without backbone_config (give the ResNetConfig)"
-            )
-        sub = {"model_type": "resnet"}
-    backbone, dilation, flavour = _backbone(sub, problems)
+    backbone, dilation, flavour = _backbone(_backbone_config(config, problems), problems)
     if problems:
         raise CheckpointError(
             f"{where}: this Hugging Face DETR config cannot be reproduced here: {'; '.join(problems)}. "
@@ -254,7 +254,7 @@ def hf_architecture(config: Mapping[str, Any], where: str | os.PathLike) -> tupl
     id2label = config.get("id2label")
     architecture = {ours: type(default)(value[field]) for field, (ours, default) in HF_FIELDS.items()}
     architecture.update(
-        {argument: value for argument, (value, _) in HF_FIXED.items()},
+        {argument: fixed for argument, (fixed, _) in HF_FIXED.items()},
         backbone=backbone,
         dilation=dilation,
         backbone_norm="frozen",
@@ -268,6 +268,16 @@ def hf_architecture(config: Mapping[str, Any], where: str | os.PathLike) -> tupl
 
 HF_BACKBONE = "model.backbone.conv_encoder.model."
 OUR_BACKBONE = "backbone.0.body."
+#: Our key template -> HF's, outside the encoder/decoder layers and the backbone.
+HEAD_KEYS = {
+    "class_embed.{p}": "class_labels_classifier.{p}",
+    "bbox_embed.layers.{i}.{p}": "bbox_predictor.layers.{i}.{p}",
+    "query_embed.weight": "model.query_position_embeddings.weight",
+    "input_proj.{p}": "model.input_projection.{p}",
+    "backbone.1.row_embed.weight": "model.position_embedding.row_embeddings.weight",
+    "backbone.1.col_embed.weight": "model.position_embedding.column_embeddings.weight",
+    "transformer.decoder.norm.{p}": "model.decoder.layernorm.{p}",
+}
 #: Per encoder / decoder layer: our module -> HF's (an attention's packed ``in_proj`` is HF's q/k/v).
 _LAYER = {"self_attn": "self_attn", "norm1": "self_attn_layer_norm", "linear1": "fc1", "linear2": "fc2"}
 LAYER_MODULES = {
@@ -287,73 +297,55 @@ HF_KEY_ALIASES = [
     (re.compile(r"\.o_proj\."), ".out_proj."),
     (re.compile(r"\.layers\.(\d+)\.mlp\.fc([12])\."), r".layers.\1.fc\2."),
 ]
-_PLACEHOLDERS = {"i": r"\d+", "p": r"[a-z_]+", "rest": r".+"}
+#: The placeholders of key templates: an index, a parameter or buffer name, anything, and one of HF's
+#: q/k/v projections (stacked along dim 0 in our packed ``in_proj``).
+_PLACEHOLDERS = {"i": r"\d+", "p": r"[a-z_]+", "rest": r".+", "qkv": r"[qkv]"}
 
 
+@functools.cache
 def _regex(template: str) -> re.Pattern[str]:
-    """``template`` with its placeholders ``{i}`` (an index), ``{p}`` (a parameter or buffer name) and
-    ``{rest}`` (anything) as named groups."""
     pattern = re.escape(template)
     for name, expression in _PLACEHOLDERS.items():
         pattern = pattern.replace(re.escape("{" + name + "}"), f"(?P<{name}>{expression})")
     return re.compile(pattern)
 
 
-class _Rule:
-    """One of our key templates and its HF one(s): one (renamed) or three (q, k, v, concatenated along
-    dim 0)."""
-
-    def __init__(self, ours: str, hf: str | tuple[str, ...]) -> None:
-        self.ours, self.hf = ours, (hf,) if isinstance(hf, str) else hf
-        self._ours, self._hf = _regex(ours), [_regex(template) for template in self.hf]
-
-    def from_hf(self, key: str) -> tuple[str, int] | None:
-        """Our key and the part (0 for a rename, 0/1/2 for q/k/v) of an HF key, or None."""
-        for part, pattern in enumerate(self._hf):
-            if match := pattern.fullmatch(key):
-                return self.ours.format(**match.groupdict()), part
-        return None
-
-    def to_hf(self, key: str) -> list[str] | None:
-        """The HF key(s) of our key, or None."""
-        match = self._ours.fullmatch(key)
-        return [template.format(**match.groupdict()) for template in self.hf] if match else None
-
-
 @functools.cache
-def _rules(flavour: str) -> tuple[_Rule, ...]:
+def _key_templates(flavour: str) -> tuple[tuple[str, str], ...]:
+    """``(our key template, HF's)`` of every weight of a DETR with the backbone ``flavour``."""
     if flavour not in FLAVOURS:
         raise ValueError(f"unknown backbone flavour {flavour!r}; choose one of {FLAVOURS}")
-    rules = [
-        _Rule("class_embed.{p}", "class_labels_classifier.{p}"),
-        _Rule("bbox_embed.layers.{i}.{p}", "bbox_predictor.layers.{i}.{p}"),
-        _Rule("query_embed.weight", "model.query_position_embeddings.weight"),
-        _Rule("input_proj.{p}", "model.input_projection.{p}"),
-        _Rule("backbone.1.row_embed.weight", "model.position_embedding.row_embeddings.weight"),
-        _Rule("backbone.1.col_embed.weight", "model.position_embedding.column_embeddings.weight"),
-        _Rule("transformer.decoder.norm.{p}", "model.decoder.layernorm.{p}"),
-    ]
+    templates = dict(HEAD_KEYS)
     for part, modules in LAYER_MODULES.items():
         ours, hf = f"transformer.{part}.layers.{{i}}.", f"model.{part}.layers.{{i}}."
         for our_name, hf_name in modules.items():
             if our_name.endswith("attn"):  # in_proj is HF's q/k/v; then out_proj is renamed below
-                qkv = tuple(f"{hf}{hf_name}.{x}_proj.{{p}}" for x in "qkv")
-                rules.append(_Rule(f"{ours}{our_name}.in_proj_{{p}}", qkv))
+                templates[f"{ours}{our_name}.in_proj_{{p}}"] = f"{hf}{hf_name}.{{qkv}}_proj.{{p}}"
                 our_name, hf_name = f"{our_name}.out_proj", f"{hf_name}.out_proj"
-            rules.append(_Rule(f"{ours}{our_name}.{{p}}", f"{hf}{hf_name}.{{p}}"))
-    if flavour == "timm":  # timm's ResNet has torchvision's names
-        return (*rules, _Rule(OUR_BACKBONE + "{rest}", HF_BACKBONE + "{rest}"))
+            templates[f"{ours}{our_name}.{{p}}"] = f"{hf}{hf_name}.{{p}}"
     ours, hf = OUR_BACKBONE, HF_BACKBONE
-    rules.append(_Rule(f"{ours}conv1.weight", f"{hf}embedder.embedder.convolution.weight"))
-    rules.append(_Rule(f"{ours}bn1.{{p}}", f"{hf}embedder.embedder.normalization.{{p}}"))
+    if flavour == "timm":  # timm's ResNet has torchvision's names
+        templates[f"{ours}{{rest}}"] = f"{hf}{{rest}}"
+        return tuple(templates.items())
+    templates[f"{ours}conv1.weight"] = f"{hf}embedder.embedder.convolution.weight"
+    templates[f"{ours}bn1.{{p}}"] = f"{hf}embedder.embedder.normalization.{{p}}"
     for stage in range(4):
         layer, hf_layer = f"{ours}layer{stage + 1}.{{i}}.", f"{hf}encoder.stages.{stage}.layers.{{i}}."
-        rules.append(_Rule(f"{layer}downsample.0.weight", f"{hf_layer}shortcut.convolution.weight"))
-        rules.append(_Rule(f"{layer}downsample.1.{{p}}", f"{hf_layer}shortcut.normalization.{{p}}"))
+        templates[f"{layer}downsample.0.weight"] = f"{hf_layer}shortcut.convolution.weight"
+        templates[f"{layer}downsample.1.{{p}}"] = f"{hf_layer}shortcut.normalization.{{p}}"
         for conv in range(3):
-            rules.append(_Rule(f"{layer}conv{conv + 1}.weight", f"{hf_layer}layer.{conv}.convolution.weight"))
-            rules.append(_Rule(f"{layer}bn{conv + 1}.{{p}}", f"{hf_layer}layer.{conv}.normalization.{{p}}"))
-    return tuple(rules)
+            templates[f"{layer}conv{conv + 1}.weight"] = f"{hf_layer}layer.{conv}.convolution.weight"
+            templates[f"{layer}bn{conv + 1}.{{p}}"] = f"{hf_layer}layer.{conv}.normalization.{{p}}"
+    return tuple(templates.items())
+
+
+def _translate(key: str, templates: Iterable[tuple[str, str]]) -> tuple[str, dict[str, str]] | None:
+    """The second template of the first pair whose first template matches ``key``, with the values of
+    its placeholders; None when no template matches."""
+    for source, target in templates:
+        if match := _regex(source).fullmatch(key):
+            return target, match.groupdict()
+    return None
 
 
 def hf_to_ours(hf_state: Mapping[str, Tensor], flavour: str, where: str | os.PathLike) -> dict[str, Tensor]:
@@ -365,9 +357,9 @@ def hf_to_ours(hf_state: Mapping[str, Tensor], flavour: str, where: str | os.Pat
     Raises:
         CheckpointError: naming the HF keys that have no counterpart, or a q/k/v set with a part missing.
     """
-    rules = _rules(flavour)
+    templates = [(hf, ours) for ours, hf in _key_templates(flavour)]
     ours: dict[str, Tensor] = {}
-    packed: dict[str, dict[int, Tensor]] = {}
+    packed: dict[str, dict[str, Tensor]] = {}  # our in_proj key -> {"q": ..., "k": ..., "v": ...}
     unmapped = []
     for original, tensor in hf_state.items():
         key = original
@@ -375,13 +367,15 @@ def hf_to_ours(hf_state: Mapping[str, Tensor], flavour: str, where: str | os.Pat
             key = pattern.sub(replacement, key)
         if key.startswith(HF_BACKBONE) and key.endswith(".num_batches_tracked"):
             continue
-        rule, hit = next(((rule, hit) for rule in rules if (hit := rule.from_hf(key))), (None, None))
-        if rule is None:
+        if (hit := _translate(key, templates)) is None:
             unmapped.append(original)
-        elif len(rule.hf) == 3:
-            packed.setdefault(hit[0], {})[hit[1]] = tensor
+            continue
+        template, values = hit
+        projection = values.pop("qkv", None)
+        if projection is None:
+            ours[template.format(**values)] = tensor
         else:
-            ours[hit[0]] = tensor
+            packed.setdefault(template.format(**values), {})[projection] = tensor
     incomplete = sorted(key for key, parts in packed.items() if len(parts) != 3)
     if unmapped or incomplete:
         flavour_name = "timm" if flavour == "timm" else "transformers ResNet"
@@ -392,8 +386,7 @@ def hf_to_ours(hf_state: Mapping[str, Tensor], flavour: str, where: str | os.Pat
             "Fix: give a DetrForObjectDetection folder written by save_pretrained, with the config.json "
             "of those weights."
         )
-    ours.update({key: torch.cat([parts[0], parts[1], parts[2]]) for key, parts in packed.items()})
-    return ours
+    return ours | {key: torch.cat([parts[x] for x in "qkv"]) for key, parts in packed.items()}
 
 
 def ours_to_hf(state_dict: Mapping[str, Tensor], flavour: str) -> dict[str, Tensor]:
@@ -402,15 +395,19 @@ def ours_to_hf(state_dict: Mapping[str, Tensor], flavour: str) -> dict[str, Tens
     Raises:
         CheckpointError: naming our keys that have no HF counterpart.
     """
-    rules = _rules(flavour)
+    templates = _key_templates(flavour)
     hf: dict[str, Tensor] = {}
     unmapped = []
     for key, tensor in state_dict.items():
-        names = next((hit for rule in rules if (hit := rule.to_hf(key))), None)
-        if names is None:
+        if (hit := _translate(key, templates)) is None:
             unmapped.append(key)
+            continue
+        template, values = hit
+        if "{qkv}" in template:  # in_proj (3D, D): q, k and v (D, D) stacked
+            for projection, part in zip("qkv", tensor.chunk(3), strict=True):
+                hf[template.format(**values, qkv=projection)] = part
         else:
-            hf.update(zip(names, tensor.chunk(len(names)), strict=True))
+            hf[template.format(**values)] = tensor
     if unmapped:
         raise CheckpointError(f"no Hugging Face DETR weight for {_shown(sorted(unmapped))}")
     return hf
@@ -422,9 +419,8 @@ def ours_to_hf(state_dict: Mapping[str, Tensor], flavour: str) -> dict[str, Tens
 @dataclass(frozen=True)
 class HFCheckpoint:
     """A Hugging Face DETR read into our terms: its local ``folder`` (a hub id's snapshot in the hub
-    cache), ``config.json``, the weights under our key names, the :func:`build_detr` arguments, the
-    backbone ``flavour`` (``timm`` | ``native``), label -> name from ``id2label``, and ``scale``,
-    ``max_size``, ``mean``, ``std`` of ``preprocessor_config.json`` when present."""
+    cache), the weights under our key names, the backbone ``flavour`` (``timm`` | ``native``), label ->
+    name from ``id2label``, and ``scale``, ``max_size``, ``mean``, ``std`` of ``preprocessor_config.json``."""
 
     folder: Path
     config: dict[str, Any]
@@ -458,9 +454,8 @@ def _in_hf_folder(path: Path) -> bool:
 
 def resolve_hf_folder(source: str | os.PathLike) -> Path:
     """The local folder of a Hugging Face DETR: ``source`` itself, or the hub id's snapshot in the hub
-    cache (``config.json``, the first of :data:`WEIGHT_FILES` the repository has, and
-    ``preprocessor_config.json``), downloaded when missing unless ``HF_HUB_OFFLINE=1`` or
-    ``DETR_LIGHTNING_OFFLINE=1``.
+    cache (``config.json``, the first of :data:`WEIGHT_FILES`, ``preprocessor_config.json``), downloaded
+    when missing unless ``HF_HUB_OFFLINE=1`` or ``DETR_LIGHTNING_OFFLINE=1``.
 
     Raises:
         CheckpointError: a folder without ``config.json``, an id the hub does not know.
@@ -497,8 +492,8 @@ def _download(repo_id: str) -> Path:
     )
 
     def fetch(filename: str) -> Path | None:
-        # The file in the hub cache (downloaded unless offline); None when the repository (offline: the
-        # cache) does not have it.
+        """The file in the hub cache (downloaded unless offline); None when the repository (offline: the
+        cache) does not have it."""
         try:
             return Path(hf_hub_download(repo_id, filename, local_files_only=offline))
         except errors.LocalEntryNotFoundError:  # before its base class
@@ -541,13 +536,12 @@ def _download(repo_id: str) -> Path:
 
 def _read_json_object(path: Path) -> dict[str, Any]:
     """:func:`~detr_lightning.files.read_json`, with an error where it would give {}."""
-    content = read_json(path)
-    if not content:
-        raise CheckpointError(
-            f"{path} is not a readable JSON object (unreadable, not JSON, or empty). Fix: restore it from "
-            "the source."
-        )
-    return content
+    if content := read_json(path):
+        return content
+    raise CheckpointError(
+        f"{path} is not a readable JSON object (unreadable, not JSON, or empty). Fix: restore it from "
+        "the source."
+    )
 
 
 def read_hf_weights(folder: Path) -> dict[str, Tensor]:
@@ -640,6 +634,20 @@ def import_transformers(purpose: str) -> ModuleType:
     return transformers
 
 
+def _export_problems(arch: Mapping[str, Any], flavour: str) -> list[str]:
+    """What transformers' DETR cannot compute of a model of ``arch`` (as override-style settings)."""
+    problems = [
+        f"model.{argument}={str(arch[argument]).lower()} ({why})"  # true/false as in an override
+        for argument, (value, why) in HF_FIXED.items()
+        if arch[argument] != value
+    ]
+    if arch["activation"] not in HF_CHOICES["activation_function"]:
+        problems.append(f"model.activation={arch['activation']} (transformers' DETR: relu or gelu)")
+    if flavour == "native" and arch["dilation"]:
+        problems.append("model.dilation=true with transformers' ResNet (only timm's dilates: flavour=timm)")
+    return problems
+
+
 def write_hf_folder(
     model: DETR,
     folder: str | os.PathLike,
@@ -649,7 +657,8 @@ def write_hf_folder(
 ) -> Path:
     """Write ``model`` as a Hugging Face DETR folder: ``config.json`` (transformers' ``DetrConfig``,
     ``id2label`` from ``class_names``, unnamed labels as ``class <label>``), ``model.safetensors`` and
-    ``preprocessor_config.json`` (``DetrImageProcessor`` with ``preprocessing``).
+    ``preprocessor_config.json`` (``DetrImageProcessor`` with ``preprocessing``; its defaults for the rest:
+    COCO format, rescale by 1/255, padding).
 
     Args:
         flavour: the backbone as transformers builds it: ``native`` (transformers' ResNet, no timm
@@ -667,44 +676,20 @@ def write_hf_folder(
             "architecture to describe)."
         )
     flavour = flavour or ("timm" if arch["dilation"] else "native")
-    problems = [
-        f"model.{argument}={str(arch[argument]).lower()} ({why})"  # true/false as in an override
-        for argument, (value, why) in HF_FIXED.items()
-        if arch[argument] != value
-    ]
-    if arch["activation"] not in HF_CHOICES["activation_function"]:
-        problems.append(f"model.activation={arch['activation']} (transformers' DETR: relu or gelu)")
-    if flavour == "native" and arch["dilation"]:
-        problems.append("model.dilation=true with transformers' ResNet (only timm's dilates: flavour=timm)")
-    if problems:
+    if problems := _export_problems(arch, flavour):
         raise CheckpointError(f"transformers' DETR cannot reproduce this model: {'; '.join(problems)}.")
-    state = {
+    state = {  # Group DETR's extra queries only train; frozen batch norm has no counter.
         key: value
         for key, value in model.state_dict().items()
-        # Group DETR's extra queries only train; frozen batch norm has no counter.
         if key != "query_embed_groups" and not key.endswith(".num_batches_tracked")
     }
     weights = {
         key: value.detach().to("cpu", copy=True).contiguous()
         for key, value in ours_to_hf(state, flavour).items()
     }
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     id2label = {label: str(class_names.get(label, f"class {label}")) for label in range(model.num_classes)}
-    common = {field: arch[ours] for field, (ours, _) in HF_FIELDS.items()}
-    common.update(
-        # One dropout everywhere, as here and in the official code (transformers' default: 0 in attention).
-        attention_dropout=arch["dropout"],
-        activation_dropout=arch["dropout"],
-        id2label=id2label,
-        label2id={name: label for label, name in id2label.items()},
-        architectures=["DetrForObjectDetection"],
-        use_pretrained_backbone=False,
-    )
     if flavour == "timm":
-        config = transformers.DetrConfig(
-            use_timm_backbone=True, backbone=arch["backbone"], dilation=arch["dilation"], **common
-        )
+        backbone = {"use_timm_backbone": True, "backbone": arch["backbone"], "dilation": arch["dilation"]}
     else:
         layer_type, depths, hidden_sizes = NATIVE_RESNETS[arch["backbone"]]
         resnet = transformers.ResNetConfig(
@@ -714,21 +699,26 @@ def write_hf_folder(
             out_features=["stage4"],
             **NATIVE_FIXED,
         )
-        config = transformers.DetrConfig(use_timm_backbone=False, backbone_config=resnet, **common)
+        backbone = {"use_timm_backbone": False, "backbone_config": resnet}
+    config = transformers.DetrConfig(
+        **backbone,
+        **{field: arch[ours] for field, (ours, _) in HF_FIELDS.items()},
+        # One dropout everywhere, as here and in the official code (transformers' default: 0 in attention).
+        attention_dropout=arch["dropout"],
+        activation_dropout=arch["dropout"],
+        id2label=id2label,
+        label2id={name: label for label, name in id2label.items()},
+        architectures=["DetrForObjectDetection"],
+        use_pretrained_backbone=False,
+    )
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(folder)
     save_file(weights, folder / WEIGHT_FILES[0], metadata={"format": "pt"})
+    longest_edge = preprocessing.max_size or NO_CAP_FACTOR * preprocessing.scale
     transformers.DetrImageProcessor(
-        format="coco_detection",
-        do_resize=True,
-        size={
-            "shortest_edge": preprocessing.scale,
-            "longest_edge": preprocessing.max_size or NO_CAP_FACTOR * preprocessing.scale,
-        },
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
+        size={"shortest_edge": preprocessing.scale, "longest_edge": longest_edge},
         image_mean=list(preprocessing.mean),
         image_std=list(preprocessing.std),
-        do_pad=True,
     ).save_pretrained(folder)
     return folder

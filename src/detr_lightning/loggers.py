@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -44,18 +46,20 @@ class WandbLoggerWithSyncHint(WandbLogger):
     def __init__(self, *args: Any, offline_reason: str = "offline mode", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.offline_reason = offline_reason
-        # Lightning always passes anonymous=None, which wandb (>= 0.19) answers with a deprecation warning.
+        self._sync_hint_logged = False
+        # Lightning always passes anonymous=None, which wandb (>= 0.19) answers with a deprecation warning;
+        # WandbLogger has no public way to leave the argument out.
         if self._wandb_init.get("anonymous") is None:
             self._wandb_init.pop("anonymous", None)
 
     @property
     def experiment(self) -> Any:
-        starting = self._experiment is None
         run = super().experiment
-        if starting and self._experiment is not None and getattr(run, "offline", False):
-            log.info(
-                "W&B offline (%s): run `wandb sync %s` to upload", self.offline_reason, run.settings.sync_dir
-            )
+        # `is True`: on ranks other than 0 Lightning returns a stand-in whose every attribute is a function.
+        if not self._sync_hint_logged and getattr(run, "offline", False) is True:
+            self._sync_hint_logged = True
+            sync_dir = run.settings.sync_dir
+            log.info("W&B offline (%s): run `wandb sync %s` to upload", self.offline_reason, sync_dir)
         return run
 
 
@@ -73,10 +77,10 @@ def wandb_logger(
 ) -> WandbLoggerWithSyncHint:
     """A `WandbLogger` in a mode that needs no prompt (``offline``: see the module docstring).
 
-    ``name`` defaults to the Hydra job's ``override_dirname`` and ``group`` to the sweep folder's name in
-    a multirun; ``log_model`` is switched off with a warning when offline; the W&B files go to
-    ``<save_dir>/wandb``; the rest goes to ``wandb.init``. Raises `ValueError` when asked to go online
-    without credentials, where wandb would prompt.
+    ``name`` defaults to the Hydra job's ``override_dirname``, ``group`` to the sweep folder's name in a
+    multirun; ``log_model`` is switched off (with a warning) offline; the W&B files go to
+    ``<save_dir>/wandb``; the rest goes to ``wandb.init``. A `ValueError` where wandb would prompt: online
+    without credentials.
     """
     mode, offline_reason = resolve_wandb_mode(offline)
     if mode == "offline" and log_model:
@@ -111,14 +115,12 @@ def resolve_wandb_mode(offline: bool | None) -> tuple[str, str]:
     if offline:
         return "offline", "logger.wandb.offline=true"
     env_mode = os.environ.get("WANDB_MODE", "").strip().lower()
-    if env_mode:
-        if env_mode not in _ENV_MODES:
-            raise ValueError(
-                f"WANDB_MODE={env_mode!r} is not a W&B mode. "
-                f"Fix: unset it or use one of {', '.join(_ENV_MODES)}."
-            )
-        if _ENV_MODES[env_mode] != "online":
-            return _ENV_MODES[env_mode], f"WANDB_MODE={env_mode}"
+    if env_mode not in ("", *_ENV_MODES):
+        raise ValueError(
+            f"WANDB_MODE={env_mode!r} is not a W&B mode. Fix: unset it or use one of {', '.join(_ENV_MODES)}."
+        )
+    if _ENV_MODES.get(env_mode, "online") != "online":
+        return _ENV_MODES[env_mode], f"WANDB_MODE={env_mode}"
     wants_online = offline is False or bool(env_mode)
     base_url = os.environ.get("WANDB_BASE_URL") or WANDB_DEFAULT_BASE_URL
     if not wandb_credentials_found(base_url):
@@ -176,9 +178,6 @@ def wandb_server_reachable(base_url: str, timeout_s: float = SERVER_PROBE_TIMEOU
 
 def _hydra_names() -> tuple[str | None, str | None]:
     """The Hydra job's overrides as ``key=value,...`` and, in a multirun, the sweep folder's name."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     if not HydraConfig.initialized():
         return None, None
     config = HydraConfig.get()

@@ -76,7 +76,7 @@ def read_run(path: Path, label: str | None = None, metric: str | None = None, mo
     hydra = _mapping(_read_yaml(path / ".hydra" / "hydra.yaml")).get("hydra") or {}
     config = _mapping(_read_yaml(path / ".hydra" / "config.yaml"))
     status = read_json(path / JOB_STATUS_FILE)
-    killed = _killed(status)
+    killed_error = _killed_error(status)
     job_name = str((hydra.get("job") or {}).get("name") or "train")
     overrides = _read_yaml(path / ".hydra" / "overrides.yaml")
     if not isinstance(overrides, list):
@@ -94,14 +94,12 @@ def read_run(path: Path, label: str | None = None, metric: str | None = None, mo
             if option is not None and not str(group).startswith("hydra/")
         },
         config=config,
-        status="failed" if killed else status.get("status"),
-        error=_killed_error(status) if killed else str(status.get("error", "")),
+        status="failed" if killed_error else status.get("status"),
+        error=killed_error or str(status.get("error", "")),
         started=_started(path, job_name, status),
         duration_s=_duration(path, status),
         duration_measured=is_number(status.get("duration_s")),
-        final={
-            key: float(value) for key, value in read_json(path / METRICS_FILE).items() if is_number(value)
-        },
+        final={k: float(v) for k, v in read_json(path / METRICS_FILE).items() if is_number(v)},
         epochs=read_epoch_rows(path),
         plots=[plot for plot in plots if plot.is_file()],
         metric=metric or str(config.get("optimized_metric") or "val/map"),
@@ -116,8 +114,7 @@ def command_line(job_name: str, overrides: Iterable[str], multirun: bool = False
 
 
 def override_values(overrides: Iterable[str]) -> dict[str, str]:
-    """``{key: value}`` of ``key=value`` overrides (``+``/``++`` prefixes dropped, ``~key`` kept with no
-    value)."""
+    """``{key: value}`` of ``key=value`` overrides (``+``/``++`` dropped, ``~key`` kept with no value)."""
     pairs = (override.partition("=") for override in overrides)
     return {key.lstrip("+"): value for key, _, value in pairs}
 
@@ -164,21 +161,17 @@ def read_sweep_config(sweep_dir: Path) -> dict[str, Any]:
 
 
 def run_data_config(run_dir: Path) -> dict[str, Any] | None:
-    """The resolved ``data`` settings of a run folder's ``.hydra/config.yaml``; None without one (or when
-    it cannot be read: a warning says why).
-
-    ``paths.root_dir`` (``${hydra:runtime.cwd}`` when training) is set to the training run's working
-    directory from ``.hydra/hydra.yaml``, so relative data paths resolve as they did then.
-    """
+    """The resolved ``data`` settings of a run folder's ``.hydra/config.yaml``; None without them (a
+    warning says why when they cannot be read). ``paths.root_dir`` is the training run's working directory
+    (of ``.hydra/hydra.yaml``), so relative data paths resolve as they did then."""
     run_dir = run_dir.resolve()
-    config_file = run_dir / ".hydra" / "config.yaml"
+    config_file, hydra_file = run_dir / ".hydra" / "config.yaml", run_dir / ".hydra" / "hydra.yaml"
     if not config_file.is_file():
         return None
     try:
         config = OmegaConf.load(config_file)
         if "data" not in config:
             return None
-        hydra_file = run_dir / ".hydra" / "hydra.yaml"
         cwd = (
             OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.cwd")
             if hydra_file.is_file()
@@ -215,11 +208,11 @@ def epoch_series(rows: list[dict[str, str]], metric: str) -> list[tuple[int, flo
 def best_of_epochs(rows: list[dict[str, str]], metric: str, mode: str) -> tuple[float, int] | None:
     """The best value of ``metric`` over epoch rows (``mode``: max|min) and the first epoch that reached
     it; None without one."""
-    best: tuple[float, int] | None = None
-    for epoch, value in epoch_series(rows, metric):
-        if best is None or (value > best[0] if mode == "max" else value < best[0]):
-            best = (value, epoch)
-    return best
+    series = epoch_series(rows, metric)
+    if not series:
+        return None
+    epoch, value = (max if mode == "max" else min)(series, key=lambda pair: pair[1])  # the first of ties
+    return value, epoch
 
 
 def first_reaching(series: Iterable[tuple[int, float]], target: float, mode: str) -> int | None:
@@ -230,7 +223,7 @@ def first_reaching(series: Iterable[tuple[int, float]], target: float, mode: str
 
 
 def first_epoch_reaching(rows: list[dict[str, str]], metric: str, target: float, mode: str) -> int | None:
-    """The first epoch whose ``metric`` is as good as ``target`` or better (``mode``: max|min), or None."""
+    """`first_reaching` over the ``metric`` column of epoch rows."""
     return first_reaching(epoch_series(rows, metric), target, mode)
 
 
@@ -247,31 +240,23 @@ def _mapping(content: Any) -> dict[str, Any]:
     return content if isinstance(content, dict) else {}
 
 
-def _killed(status: dict[str, Any]) -> bool:
-    """Whether a job recorded as ``running`` on this machine has no process any more: it was killed (out of
-    memory, SIGKILL, a lost launcher worker) before it could record its end. Other machines' jobs (SLURM)
-    cannot be checked from here and stay ``running``."""
-    pid = status.get("pid")
-    if (
-        status.get("status") != "running"
-        or status.get("host") != socket.gethostname()
-        or not isinstance(pid, int)
-    ):
-        return False
+def _killed_error(status: dict[str, Any]) -> str | None:
+    """The error of a job recorded as ``running`` on this machine that has no process any more: it was
+    killed (out of memory, SIGKILL, a lost launcher worker) before it could record its end. None for any
+    other job; other machines' jobs (SLURM) cannot be checked from here and stay ``running``."""
+    pid, host = status.get("pid"), status.get("host")
+    if status.get("status") != "running" or host != socket.gethostname() or not isinstance(pid, int):
+        return None
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
-        return True
+        return (
+            f"killed: its process ({pid} on {host}) ended without recording an end "
+            "(out of memory, SIGKILL or a lost launcher worker); see the job's log"
+        )
     except PermissionError:  # it exists, under another user
-        return False
-    return False
-
-
-def _killed_error(status: dict[str, Any]) -> str:
-    return (
-        f"killed: its process ({status['pid']} on {status['host']}) ended without recording an end "
-        "(out of memory, SIGKILL or a lost launcher worker); see the job's log"
-    )
+        pass
+    return None
 
 
 def _started(path: Path, job_name: str, status: dict[str, Any]) -> str | None:

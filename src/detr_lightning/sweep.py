@@ -1,12 +1,11 @@
-"""Hydra multirun sweeps: every job's outcome in its folder, and a ranked summary of the whole sweep.
+"""Hydra multirun sweeps: each job's outcome in its folder, and a ranked summary of the whole sweep.
 
-``python train.py -m ...`` runs each job through `run_sweep_job`, which records it in
-``<job dir>/job_status.json`` (``running``, then ``ok``, ``failed`` or ``interrupted``, and the
-``optimized_value`` returned to the sweeper) and keeps a failing job from stopping the sweep. After each
-job the Hydra callback `SweepSummary` writes ``summary.csv`` into the sweep folder (swept values, best
-epoch of the optimized metric, final figures; best job first, unfinished jobs last) and prints it when the
-sweep ends, with the best job as a single-run command line; ``python -m detr_lightning.tools.sweep_summary
-SWEEP_DIR`` does it for a stopped sweep.
+`run_sweep_job` records each job of ``python train.py -m ...`` in ``<job dir>/job_status.json`` (``running``,
+then ``ok``, ``failed`` or ``interrupted``; the ``optimized_value`` returned to the sweeper) and keeps a
+failing job from stopping the sweep. After each job the Hydra callback `SweepSummary` writes the sweep's
+``summary.csv`` (swept values, best epoch of the optimized metric, final figures; best job first, unfinished
+jobs last); when the sweep ends it prints it with the best job as a single-run command.
+``python -m detr_lightning.tools.sweep_summary SWEEP_DIR`` does the same for a stopped sweep.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import sys
 import time
@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 MODES = ("max", "min")
 #: Final figures of ``metrics.json`` shown beside the best value (when the jobs have them).
 DEFAULT_FINAL_METRICS = ("test/map", "test/map_50")
+STATUS_STYLES = {"ok": "green", "failed": "red", "interrupted": "yellow", "incomplete": "yellow"}
+#: Hydra's own overrides (``hydra.sweep.dir=...``, ``hydra=...``, ``+hydra/launcher=...``).
+_HYDRA_OVERRIDE = re.compile(r"[+~]*hydra([./=]|$)")
 
 
 # ---------------------------------------------------------------------------------------------- one job
@@ -68,9 +71,9 @@ def run_sweep_job(
 ) -> dict[str, float] | None:
     """Run ``task(cfg)`` as one job of a multirun and record its outcome in ``<job dir>/job_status.json``.
 
-    A job that raises is logged to its own log (with the traceback, except for ``user_errors``, whose
-    message says it all), recorded as ``failed`` with the error on one line, and returns None so that the
-    sweep goes on with the next job. Ctrl-C or an exit is recorded as ``interrupted`` and stops the sweep.
+    A job that raises is logged (with its traceback, except for ``user_errors``, whose message says it all),
+    recorded as ``failed`` with the error on one line, and returns None: the sweep goes on with the next
+    job. Ctrl-C or an exit is recorded as ``interrupted`` and stops the sweep.
     """
     hydra_config = HydraConfig.get()
     job_dir = Path(hydra_config.runtime.output_dir)
@@ -81,8 +84,7 @@ def run_sweep_job(
         # Who runs it: a job whose process is gone without recording its end was killed (runs.read_run).
         "pid": os.getpid(),
         "host": socket.gethostname(),
-        # The GPUs a launcher gave this job (Ray's gpu_pool, SLURM): null when none was set.
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),  # set by a launcher (Ray, SLURM)
     }
     write_job_status(job_dir, record)
     start = time.monotonic()
@@ -111,17 +113,12 @@ def run_sweep_job(
 
 
 def optimized_value(cfg: DictConfig, metrics: dict[str, float] | None) -> float | None:
-    """What ``train.py`` returns to a sweeper: the best ``cfg.optimized_metric`` of this job, as a float.
-
-    Best over the epochs of the job's ``metrics.csv`` (in the direction ``cfg.optimized_metric_mode``, max
-    by default), as for ``best.ckpt`` and the sweep summary; else its final value in ``metrics``. None for a
-    failed job (``metrics`` None), a metric that was never logged, or no ``optimized_metric``: the Optuna
-    sweeper counts a trial without a float as failed and goes on (it stops the whole search on a NaN).
-    """
+    """What ``train.py`` returns to a sweeper: the best ``cfg.optimized_metric`` over the epochs of the
+    job's ``metrics.csv`` (as for ``best.ckpt`` and the sweep summary), else its final value in ``metrics``.
+    None for a failed job (``metrics`` None), a metric never logged or no ``optimized_metric``: the Optuna
+    sweeper counts a trial without a float as failed and goes on (it stops the whole search on a NaN)."""
     name = cfg.optimized_metric
-    if not name:
-        return None
-    if metrics is None:
+    if not name or metrics is None:
         return None
     mode = str(cfg.optimized_metric_mode)  # max | min, checked by the config schema
     job_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -141,16 +138,11 @@ def optimized_value(cfg: DictConfig, metrics: dict[str, float] | None) -> float 
 
 def record_optimized_value(value: float | None) -> float | None:
     """Add ``value`` (what ``train.py`` returns to the sweeper) to the running job's ``job_status.json``
-    as ``"optimized_value"``, and return it.
-
-    A failed job's None (and a NaN or infinite value, which JSON cannot hold) is written as null. Global
-    rank 0 only, as `write_job_status`.
-    """
+    as ``"optimized_value"`` (null for None, NaN or infinity, which JSON cannot hold), and return it."""
     if rank_zero_only.rank == 0:
         job_dir = Path(HydraConfig.get().runtime.output_dir)
         record = read_json(job_dir / JOB_STATUS_FILE)
-        finite = value is not None and math.isfinite(value)
-        record["optimized_value"] = float(value) if finite else None
+        record["optimized_value"] = float(value) if value is not None and math.isfinite(value) else None
         write_job_status(job_dir, record)
     return value
 
@@ -207,27 +199,26 @@ class JobResult:
 def read_job(job_dir: Path, sweep_dir: Path, metric: str, mode: str) -> JobResult:
     """Read one job folder; missing or unreadable files leave their fields empty."""
     run = read_run(job_dir, metric=metric, mode=mode)
-    result = JobResult(
+    best, best_epoch = best_of_epochs(run.epochs, metric, mode) or (None, None)
+    if best is None and not math.isnan(run.final.get(metric, math.nan)):
+        best = run.final[metric]
+    status, error = run.status or "incomplete", run.error
+    if status == "running":
+        status, error = "incomplete", "started but no end recorded: the job was killed, or is still running"
+    elif run.status is None:
+        error = f"no {JOB_STATUS_FILE}: the job was killed before training, or never ran train.py"
+    return JobResult(
         job=job_dir.relative_to(sweep_dir).as_posix(),
-        status=run.status or "incomplete",
+        status=status,
         overrides=run.overrides,
+        best=best,
+        best_epoch=best_epoch,
         epochs=len(run.epochs),
         final=run.final,
         duration_s=run.duration_s if run.duration_measured else None,
-        error=run.error,
+        error=error,
         job_name=run.job_name,
     )
-    best = best_of_epochs(run.epochs, metric, mode)
-    if best is not None:
-        result.best, result.best_epoch = best
-    elif metric in run.final and not math.isnan(run.final[metric]):
-        result.best = run.final[metric]
-    if result.status == "running":
-        result.status = "incomplete"
-        result.error = "started but no end recorded: the job was killed, or is still running"
-    elif run.status is None:
-        result.error = f"no {JOB_STATUS_FILE}: the job was killed before training, or never ran train.py"
-    return result
 
 
 def summarize_sweep(sweep_dir: Path, metric: str, mode: str = "max") -> list[JobResult]:
@@ -248,11 +239,9 @@ def swept_keys(jobs: Sequence[JobResult]) -> list[str]:
 def summary_rows(
     jobs: Sequence[JobResult], metric: str, final_metrics: Sequence[str]
 ) -> list[dict[str, Any]]:
-    """One ``summary.csv`` row per job, in the order of ``jobs``, all with the same columns (rank, job,
-    status, the swept keys, best ``metric``, its epoch, epochs, the ``final_metrics`` that some job has,
-    duration_s, error, overrides); empty cells for what a job lacks."""
-    keys = swept_keys(jobs)
-    finals = _shown_finals(jobs, final_metrics)
+    """One ``summary.csv`` row per job, in the order of ``jobs``, all with the same columns (only the
+    ``final_metrics`` that some job has); empty cells for what a job lacks."""
+    keys, finals = swept_keys(jobs), _shown_finals(jobs, final_metrics)
     rows = []
     for rank, job in enumerate(jobs, start=1):
         values = override_values(job.overrides)
@@ -277,30 +266,20 @@ def write_summary_csv(
     return path
 
 
-STATUS_STYLES = {"ok": "green", "failed": "red", "interrupted": "yellow", "incomplete": "yellow"}
-
-
 def summary_table(
     jobs: Sequence[JobResult], metric: str, mode: str, final_metrics: Sequence[str] = DEFAULT_FINAL_METRICS
 ) -> Table:
     """The summary as a rich table: the swept parameters, best ``metric`` and its epoch, and the errors."""
-    keys = swept_keys(jobs)
-    finals = _shown_finals(jobs, final_metrics)
+    keys, finals = swept_keys(jobs), _shown_finals(jobs, final_metrics)
+    show_errors = any(job.error for job in jobs)
+    right, clipped = {"justify": "right"}, {"max_width": 80, "no_wrap": True, "overflow": "ellipsis"}
+    columns = [("#", right), ("job", {}), ("status", {}), *((key, clipped) for key in keys or ["overrides"])]
+    columns += [(f"best {metric}", right), ("epoch", right), *((name, right) for name in finals)]
+    columns += [("time", right), *([("error (whole in summary.csv)", clipped)] if show_errors else [])]
     # Text, not markup: overrides and errors hold brackets (`a=[1,2]`, `shape [2, 3]`).
     table = Table(title=Text(f"Sweep summary: {len(jobs)} jobs, best {metric} ({mode}) first"))
-    table.add_column("#", justify="right")
-    table.add_column("job")
-    table.add_column("status")
-    for key in keys or ["overrides"]:
-        table.add_column(Text(key), max_width=80, no_wrap=True, overflow="ellipsis")
-    table.add_column(Text(f"best {metric}"), justify="right")
-    table.add_column("epoch", justify="right")
-    for name in finals:
-        table.add_column(Text(name), justify="right")
-    table.add_column("time", justify="right")
-    show_errors = any(job.error for job in jobs)
-    if show_errors:
-        table.add_column("error (whole in summary.csv)", max_width=80, no_wrap=True, overflow="ellipsis")
+    for header, options in columns:
+        table.add_column(Text(header), **options)
     for rank, job in enumerate(jobs, start=1):
         values = override_values(job.overrides)
         cells: list[Any] = [rank, job.job]
@@ -308,8 +287,7 @@ def summary_table(
         cells += [_format_figure(job.best), "" if job.best_epoch is None else job.best_epoch]
         cells += [_format_figure(job.final.get(name)) for name in finals]
         cells.append("" if job.duration_s is None else format_duration(job.duration_s))
-        if show_errors:
-            cells.append(job.error)
+        cells += [job.error] if show_errors else []
         texts = [Text(str(cell)) for cell in cells]
         texts.insert(2, Text(job.status, style=STATUS_STYLES.get(job.status, "yellow")))
         table.add_row(*texts)
@@ -317,19 +295,14 @@ def summary_table(
 
 
 def single_run_overrides(overrides: Sequence[str]) -> list[str]:
-    """A job's overrides without those of Hydra itself (``hydra.*``, ``hydra/...``: sweep folder, sweeper,
-    launcher), which say how the sweep ran, not what the job trained."""
-    kept = []
-    for override in overrides:
-        key = override.partition("=")[0].lstrip("+~")
-        if not (key == "hydra" or key.startswith(("hydra.", "hydra/"))):
-            kept.append(override)
-    return kept
+    """A job's overrides without Hydra's own (sweep folder, sweeper, launcher), which say how the sweep
+    ran, not what the job trained."""
+    return [override for override in overrides if not _HYDRA_OVERRIDE.match(override)]
 
 
 def best_job(jobs: Sequence[JobResult]) -> JobResult | None:
-    """The first job of ``jobs`` (ranked best first, as `summarize_sweep` returns them) that finished with
-    a value of the metric; None without one."""
+    """The first job of ``jobs`` (ranked, as `summarize_sweep` returns them) that finished with a value of
+    the metric; None without one."""
     return next((job for job in jobs if job.status == "ok" and job.best is not None), None)
 
 
@@ -348,8 +321,7 @@ def print_summary(
     csv_path: Path | None = None,
     console: Console | None = None,
 ) -> None:
-    """Print :func:`summary_table`, captioned with the path of ``summary.csv``, and the best job as a
-    single-run command (:func:`best_command`)."""
+    """Print :func:`summary_table`, captioned with ``csv_path``, and then :func:`best_command`."""
     console = console or Console()
     table = summary_table(jobs, metric, mode, final_metrics)
     if csv_path is not None:
@@ -367,11 +339,9 @@ def print_summary(
 
 # ------------------------------------------------------------------------------------- Hydra callback
 class SweepSummary(Callback):
-    """Hydra callback: ``summary.csv`` in the sweep folder after every job, and a table when the sweep ends.
-
-    Registered under ``hydra.callbacks`` (``conf/hydra/callbacks/sweep_summary.yaml``); it does nothing in
-    single runs. Rewriting the file after every job keeps it current while a long sweep runs and leaves it
-    behind when the sweep is stopped. Only global rank 0 writes (DDP ranks may start their own sweep).
+    """Hydra callback (``conf/hydra/callbacks/sweep_summary.yaml``): ``summary.csv`` in the sweep folder
+    after every job, current while a long sweep runs and left behind when it is stopped, and the table when
+    the sweep ends. Nothing in single runs; only global rank 0 writes (DDP ranks may start their own sweep).
 
     Args:
         metric: the figure jobs are ranked by (``optimized_metric``), best over each job's epochs.
@@ -397,8 +367,7 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if rank_zero_only.rank != 0:
             return
-        sweep_dir = Path(str(config.hydra.sweep.dir))
-        jobs, csv_path = self.write(sweep_dir)
+        jobs, csv_path = self.write(Path(str(config.hydra.sweep.dir)))
         print_summary(jobs, self.metric, self.mode, self.final_metrics, csv_path)
         log.info("Sweep summary of %d jobs: %s", len(jobs), csv_path)
 
@@ -408,7 +377,6 @@ class SweepSummary(Callback):
         return jobs, write_summary_csv(jobs, sweep_dir / SUMMARY_FILE, self.metric, self.final_metrics)
 
 
-# ---------------------------------------------------------------------------------------------- helpers
 def _shown_finals(jobs: Sequence[JobResult], final_metrics: Sequence[str]) -> list[str]:
     return [name for name in final_metrics if any(name in job.final for job in jobs)]
 

@@ -99,15 +99,13 @@ def save_attention_figure(
     boxes: Tensor,
     captions: Sequence[str],
     labels: Sequence[int],
-    encoder_map: Tensor | None,
-    encoder_pixel: Sequence[float] | None,
+    encoder_map: Tensor,
+    encoder_pixel: Sequence[float],
 ) -> None:
     """One PNG: a panel per detection (its ``(H, W)`` decoder map over the ``(3, H, W)`` uint8 image, with
-    its xyxy box of ``(K, 4)`` ``boxes``), then the ``(H, W)`` encoder map at ``encoder_pixel`` (a cross);
-    four panels a row."""
-    panels = len(decoder_maps) + (encoder_map is not None)
-    if panels == 0:
-        return
+    its xyxy box of ``(K, 4)`` ``boxes``), then the ``(H, W)`` encoder map at ``encoder_pixel`` ``(x, y)``
+    (a cross); four panels a row."""
+    panels = len(decoder_maps) + 1
     columns = min(4, panels)
     rows = -(-panels // columns)
     height, width = image.shape[-2:]
@@ -120,14 +118,8 @@ def save_attention_figure(
     figure = Figure(figsize=(fig_w, fig_h))
     FigureCanvasAgg(figure)
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
-    figure.subplots_adjust(
-        left=margin / fig_w,
-        right=1 - margin / fig_w,
-        bottom=margin / fig_h,
-        top=1 - title_h / fig_h,
-        wspace=0.02,
-        hspace=title_h / panel_h,
-    )
+    figure.subplots_adjust(left=margin / fig_w, right=1 - margin / fig_w, bottom=margin / fig_h)
+    figure.subplots_adjust(top=1 - title_h / fig_h, wspace=0.02, hspace=title_h / panel_h)
     pixels = image.permute(1, 2, 0).cpu().numpy()
     for ax in axes:
         ax.axis("off")
@@ -135,12 +127,11 @@ def save_attention_figure(
         _overlay(ax, pixels, heat)
         draw_boxes(ax, box[None], color=np.array(class_color(label)) / 255, linewidth=2)
         ax.set_title(f"decoder: {caption}", fontsize=9)
-    if encoder_map is not None:
-        ax = axes[len(decoder_maps)]
-        _overlay(ax, pixels, encoder_map)
-        if encoder_pixel is not None:
-            ax.plot([encoder_pixel[0]], [encoder_pixel[1]], marker="x", color="white", markersize=10, mew=2)
-            ax.set_title(f"encoder at x={encoder_pixel[0]:.0f}, y={encoder_pixel[1]:.0f}", fontsize=9)
+    x, y = encoder_pixel
+    ax = axes[len(decoder_maps)]
+    _overlay(ax, pixels, encoder_map)
+    ax.plot([x], [y], marker="x", color="white", markersize=10, mew=2)
+    ax.set_title(f"encoder at x={x:.0f}, y={y:.0f}", fontsize=9)
     figure.savefig(path, dpi=100, pil_kwargs={"compress_level": 1})
 
 

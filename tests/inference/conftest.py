@@ -108,14 +108,32 @@ def compose_config(name: str, overrides: list[str]) -> DictConfig:
         GlobalHydra.instance().clear()
 
 
-def run_cli(script: str, args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    """``python SCRIPT ARGS`` from ``cwd``, offline, as a user would run it."""
+def start_cli(script: str, args: list[str], cwd: Path) -> subprocess.Popen:
+    """``python SCRIPT ARGS`` from ``cwd``, offline, as a user would run it: started, not awaited
+    (:func:`finish_cli` waits for it)."""
     env = {**os.environ, "DETR_LIGHTNING_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(
+    return subprocess.Popen(
         [sys.executable, str(REPO_ROOT / script), *args],
         cwd=cwd,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
     )
+
+
+def finish_cli(process: subprocess.Popen, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Wait for a :func:`start_cli` process, as ``subprocess.run(..., timeout=timeout)`` does: killed and
+    ``TimeoutExpired`` past ``timeout`` seconds."""
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def run_cli(script: str, args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python SCRIPT ARGS`` from ``cwd``, offline, as a user would run it."""
+    return finish_cli(start_cli(script, args, cwd), timeout)

@@ -20,7 +20,7 @@ from detr_lightning.export import (
 )
 from detr_lightning.inference import InferenceSettingError, load_detector
 
-from .conftest import compose_config, run_cli, tiny_module
+from .conftest import compose_config, finish_cli, start_cli, tiny_module
 
 ATOL = 1e-4
 
@@ -28,6 +28,21 @@ ATOL = 1e-4
 @pytest.fixture(scope="module")
 def model():
     return tiny_module(seed=1).model
+
+
+@pytest.fixture(scope="module")
+def fixed_size_export_command(training_run, tmp_path_factory):
+    """``python export.py`` of a fixed-size ONNX model, as documented; the run's checkpoint gives the
+    description's resize and names. Started before the first test, it runs in a process of its own (on
+    the other core) while this one exports in-process, and `test_export_cli_fixed_size_onnx` awaits it.
+    Yields the folder it writes and its (running) process."""
+    output_dir = tmp_path_factory.mktemp("export_cli")
+    args = [f"ckpt_path={training_run}", "dynamic=false", "batch_size=2", "height=64", "width=96"]
+    process = start_cli("export.py", [*args, f"output_dir={output_dir}"], cwd=output_dir)
+    yield output_dir, process
+    if process.returncode is None:  # no test awaited it (deselected, or failed before)
+        process.kill()
+        process.communicate()
 
 
 def reference(model, inputs):
@@ -48,6 +63,7 @@ def assert_parity(expected, actual):
         np.testing.assert_allclose(theirs, ours, atol=ATOL, rtol=0)
 
 
+@pytest.mark.usefixtures("fixed_size_export_command")  # started first: it runs meanwhile
 def test_onnx_dynamic_size_runs_other_sizes_and_batches(model, tmp_path):
     result = export_onnx(model, tmp_path / "dynamic.onnx", height=96, width=128, dynamic=True, verify=False)
     assert result.exporter == "torch.onnx.export(dynamo=True)"
@@ -82,12 +98,12 @@ def test_torchscript_reloads_and_matches(model, tmp_path):
         assert_parity(reference(model, (images,)), actual)
 
 
-def test_export_cli_fixed_size_onnx(training_run, tmp_path):
+def test_export_cli_fixed_size_onnx(training_run, fixed_size_export_command):
     """The command as documented; the run's checkpoint gives the description's resize and names."""
-    args = [f"ckpt_path={training_run}", "dynamic=false", "batch_size=2", "height=64", "width=96"]
-    result = run_cli("export.py", [*args, f"output_dir={tmp_path}"], cwd=tmp_path)
+    output_dir, process = fixed_size_export_command
+    result = finish_cli(process)
     assert result.returncode == 0, result.stderr[-3000:]
-    info = json.loads((tmp_path / "export.json").read_text())
+    info = json.loads((output_dir / "export.json").read_text())
     assert info["model_file"] == "model.onnx" and info["exporter"] == "torch.onnx.export(dynamo=True)"
     assert info["inputs"]["images"]["shape"] == [2, 3, 64, 96] and info["inputs"]["mask"]["shape"] == [
         2,
@@ -100,9 +116,9 @@ def test_export_cli_fixed_size_onnx(training_run, tmp_path):
     model = load_detector(ckpt_path=training_run).model
     inputs = example_inputs(2, 64, 96, seed=5)
     assert inputs[1][1].any() and not inputs[1][0].any()  # the second image is padded
-    assert_parity(reference(model, inputs), run_onnx(tmp_path / "model.onnx", inputs))
+    assert_parity(reference(model, inputs), run_onnx(output_dir / "model.onnx", inputs))
     with pytest.raises(Exception):  # noqa: B017 - a fixed-size graph rejects another size
-        run_onnx(tmp_path / "model.onnx", example_inputs(2, 64, 128))
+        run_onnx(output_dir / "model.onnx", example_inputs(2, 64, 128))
 
 
 @pytest.mark.parametrize(

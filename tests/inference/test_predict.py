@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -11,15 +12,24 @@ import pytest
 import torch
 from PIL import Image
 
+from cli_runs import run_script
 from detr_lightning.data.errors import DataError
 from detr_lightning.inference import COCO_CLASS_NAMES, InferenceSettingError, load_detector
 from detr_lightning.models import build_detr
 from detr_lightning.models.weight_files import CheckpointError, WeightsUnavailableError
 from detr_lightning.predict import DetectorModule, ImageFiles, collate_images, predict, trainer_device
 
-from .conftest import IMAGES, TINY_MODEL, compose_config, run_cli
+from .conftest import IMAGES, REPO_ROOT, TINY_MODEL, compose_config
 
 EXPECTED_NAMES = {0: "shapes", 1: "square", 2: "disc", 3: "class 3", 4: "triangle"}
+
+
+def run_predict_cli(args: list[str], cwd: Path):
+    """``python predict.py ARGS`` from ``cwd``, offline, as conftest's ``run_cli`` runs it, as a fork of the
+    preloaded server of :mod:`cli_runs`; with one OpenMP thread, as ``train.py`` runs in the tests, so that
+    the runs share that server."""
+    env = {**os.environ, "DETR_LIGHTNING_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    return run_script(REPO_ROOT / "predict.py", args, cwd=cwd, env=env, timeout=120)
 
 
 def predict_config(overrides: list[str]):
@@ -134,8 +144,7 @@ def test_only_the_model_inputs_go_to_the_device(training_run, image_dir):
 
 
 def test_predict_cli_on_a_folder(training_run, image_dir, tmp_path):
-    result = run_cli(
-        "predict.py",
+    result = run_predict_cli(
         [
             f"ckpt_path={training_run}",
             f"input={image_dir}",
@@ -152,7 +161,7 @@ def test_predict_cli_on_a_folder(training_run, image_dir, tmp_path):
 
 
 def test_cli_errors_are_one_message_and_a_non_zero_exit(tmp_path, image_dir):
-    result = run_cli("predict.py", [f"ckpt_path={tmp_path}/missing.ckpt", f"input={image_dir}"], cwd=tmp_path)
+    result = run_predict_cli([f"ckpt_path={tmp_path}/missing.ckpt", f"input={image_dir}"], cwd=tmp_path)
     assert result.returncode != 0
     assert "missing.ckpt does not exist" in result.stderr and "Traceback" not in result.stderr
 

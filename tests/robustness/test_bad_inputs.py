@@ -16,6 +16,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import open_dict
 
+from cli_runs import run_script
 from data.builders import CATEGORIES, coco_dict, write_image, write_split
 from data.test_check import BROKEN_DATASETS
 from detr_lightning import preflight
@@ -23,7 +24,7 @@ from detr_lightning.lit_module import DETRLitModule
 from detr_lightning.preflight import OutputDirError, check_output_dirs
 from detr_lightning.training import exit_on_user_error, train
 
-from .conftest import demo_args, fast, load_checkpoint, run_cli
+from .conftest import REPO_ROOT, cli_env, demo_args, fast, load_checkpoint
 
 SPLIT_FOLDERS = ("train", "valid", "test")
 
@@ -33,6 +34,12 @@ def roboflow_dataset(root: Path) -> Path:
     for folder in SPLIT_FOLDERS:
         write_split(root / folder / "_annotations.coco.json", root / folder)
     return root
+
+
+def run_train_py(args: list[str], cwd: Path, timeout: float = 240):
+    """conftest's ``run_cli(args, cwd=cwd, timeout=timeout)``: ``python train.py ARGS`` with :func:`cli_env`,
+    here as a fork of the preloaded server of :mod:`cli_runs`."""
+    return run_script(REPO_ROOT / "train.py", args, cwd=cwd, env=cli_env(), timeout=timeout)
 
 
 @pytest.fixture
@@ -159,7 +166,7 @@ def test_wrong_types_and_choices_are_refused_when_composing(compose_config, over
 
 
 def test_a_wrong_type_through_train_py_names_the_key_without_traceback(small_demo, tmp_path):
-    result = run_cli(
+    result = run_train_py(
         demo_args(small_demo, tmp_path / "run", "data.batch_size=abc"), cwd=tmp_path, timeout=120
     )
     assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
@@ -193,7 +200,7 @@ def _assert_clean_failure(result, *expected: str) -> str:
 def test_broken_dataset_through_train_py(dataset, tmp_path):
     _edit(dataset / "valid" / "_annotations.coco.json", lambda d: d["annotations"][1].update(category_id=7))
     run_dir = tmp_path / "run"
-    result = run_cli(demo_args(dataset, run_dir), cwd=tmp_path, timeout=120)
+    result = run_train_py(demo_args(dataset, run_dir), cwd=tmp_path, timeout=120)
     _assert_clean_failure(
         result,
         str(dataset / "valid" / "_annotations.coco.json"),
@@ -206,7 +213,7 @@ def test_broken_dataset_through_train_py(dataset, tmp_path):
 def test_unwritable_run_folder_through_train_py(small_demo, tmp_path):
     (tmp_path / "a_file").write_text("in the way")
     run_dir = tmp_path / "a_file" / "run"
-    result = run_cli(demo_args(small_demo, run_dir), cwd=tmp_path, timeout=120)
+    result = run_train_py(demo_args(small_demo, run_dir), cwd=tmp_path, timeout=120)
     _assert_clean_failure(result, f"output folder {run_dir} cannot be written (Not a directory)", "Fix:")
 
 
@@ -253,7 +260,7 @@ def test_odd_images_train_with_a_warning_for_more_boxes_than_queries(tmp_path):
     _odd_split(root / "train", range(1, 5))
     _odd_split(root / "valid", range(11, 15))
     run_dir = tmp_path / "run"
-    result = run_cli(
+    result = run_train_py(
         demo_args(root, run_dir, "trainer.limit_val_batches=null", "trainer.max_epochs=1"), cwd=tmp_path
     )
     output = result.stdout + result.stderr

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -237,12 +238,15 @@ class MultiNodeRun:
     nodes: list[Node]
     ranks: list[dict]  # the probe's record of rank 0 and rank 1
     single: dict  # the probe's record of one process on the same global batch
+    resumed_dir: Path
+    resumed: subprocess.CompletedProcess  # one process resuming from the two-node run's last.ckpt
 
 
 @pytest.fixture(scope="module")
 def multi_node_run(square_demo, tmp_path_factory) -> MultiNodeRun:
-    """The two-node run (2 ranks x batch 2, then the test of its best checkpoint) and one process on the
-    same global batch (batch 4, no test)."""
+    """The two-node run (2 ranks x batch 2, then the test of its best checkpoint), then side by side (one
+    core each): one process on the same global batch (batch 4, no test), and one process resuming from the
+    two-node run's ``last.ckpt`` for one more epoch."""
     work = tmp_path_factory.mktemp("multi_node")
     run_dir, probe_dir = work / "run", work / "probe"
     nodes = _two_nodes(
@@ -259,14 +263,26 @@ def multi_node_run(square_demo, tmp_path_factory) -> MultiNodeRun:
     )
     for rank, node in enumerate(nodes):
         assert node.returncode == 0, f"rank {rank}:\n{node.output[-3000:]}\n{node.launcher_output[-2000:]}"
-    single_dir = work / "single"
-    result = run_cli(
-        _args(square_demo, single_dir / "run", single_dir / "probe", "test=false"), cwd=work, env=_env()
+    single_dir, resumed_dir = work / "single", work / "resumed"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    single_args = _args(square_demo, single_dir / "run", single_dir / "probe", "test=false")
+    resume_args = _args(
+        square_demo,
+        resumed_dir,
+        work / "resumed_probe",
+        f"ckpt_path={last}",
+        "trainer.max_epochs=2",
+        "test=false",
     )
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        single_run, resumed = (
+            pool.submit(run_cli, args, work, _env()) for args in (single_args, resume_args)
+        )
+        result = single_run.result()
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((probe_dir / f"rank{rank}_of_2.json").read_text()) for rank in (0, 1)]
     single = json.loads((single_dir / "probe" / "rank0_of_1.json").read_text())
-    return MultiNodeRun(run_dir, nodes, ranks, single)
+    return MultiNodeRun(run_dir, nodes, ranks, single, resumed_dir, resumed.result())
 
 
 def test_two_nodes_compute_the_loss_of_one_process_at_every_step(multi_node_run):
@@ -304,9 +320,7 @@ def test_two_nodes_evaluate_every_image_once(multi_node_run, square_demo):
     assert rank0.count(COCO_SUMMARY_LINE) == 2 and COCO_SUMMARY_LINE not in rank1  # scored once, on rank 0
 
 
-def test_rank_zero_alone_writes_last_ckpt_and_one_process_resumes_from_it(
-    multi_node_run, square_demo, tmp_path
-):
+def test_rank_zero_alone_writes_last_ckpt_and_one_process_resumes_from_it(multi_node_run):
     run_dir, nodes = multi_node_run.run_dir, multi_node_run.nodes
     writes = [
         line for node in nodes for line in node.output.splitlines() if line.startswith("checkpoint writer:")
@@ -321,14 +335,10 @@ def test_rank_zero_alone_writes_last_ckpt_and_one_process_resumes_from_it(
     state = load_checkpoint(last)
     assert state["epoch"] == 0 and state["global_step"] == 2
 
-    resumed = tmp_path / "resumed"
-    args = _args(
-        square_demo, resumed, tmp_path / "probe", f"ckpt_path={last}", "trainer.max_epochs=2", "test=false"
-    )
-    result = run_cli(args, cwd=tmp_path, env=_env())
+    result = multi_node_run.resumed  # one process, ckpt_path=<that last.ckpt>, trainer.max_epochs=2
     assert result.returncode == 0, result.stderr[-3000:]
     assert str(last) in result.stdout + result.stderr
-    state = load_checkpoint(resumed / "checkpoints" / "last.ckpt")
+    state = load_checkpoint(multi_node_run.resumed_dir / "checkpoints" / "last.ckpt")
     assert state["epoch"] == 1 and state["global_step"] == 4  # one more epoch of 2 steps, on 1 process
     assert state["optimizer_states"][0]["state"]  # AdamW moments carried over
 

@@ -101,7 +101,7 @@ def _fit(tmp_path: Path, batches, devices: int) -> None:
     trainer = lightning.Trainer(
         accelerator="cpu",
         devices=devices,
-        strategy="ddp_spawn" if devices > 1 else "auto",
+        strategy="ddp_fork" if devices > 1 else "auto",  # forks of this process: nothing to import again
         max_epochs=1,
         logger=False,
         enable_checkpointing=False,

@@ -12,6 +12,7 @@ import lightning
 import pytest
 import torch
 
+from cli_runs import run_script
 from data.builders import coco_dict, write_image, write_split
 from detr_lightning import load_detr
 from detr_lightning.checkpoints import CheckpointError
@@ -24,7 +25,7 @@ from detr_lightning.fault_tolerance import check_resume_checkpoint
 from detr_lightning.inference import load_detector
 from test_lit_module import loader, make_module, synthetic_batches
 
-from .conftest import demo_args, run_cli
+from .conftest import REPO_ROOT, cli_env, demo_args
 
 
 class _RunsCode:
@@ -59,7 +60,9 @@ def evil_checkpoint(tmp_path) -> tuple[Path, Path]:
 
 def test_resuming_from_a_code_running_checkpoint_is_refused(small_demo, evil_checkpoint, tmp_path):
     path, marker = evil_checkpoint
-    result = run_cli(demo_args(small_demo, tmp_path / "run", f"ckpt_path={path}"), cwd=tmp_path, timeout=120)
+    args = demo_args(small_demo, tmp_path / "run", f"ckpt_path={path}")
+    # conftest's run_cli(args, cwd=tmp_path, timeout=120), as a fork of the preloaded server of cli_runs
+    result = run_script(REPO_ROOT / "train.py", args, cwd=tmp_path, env=cli_env(), timeout=120)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]

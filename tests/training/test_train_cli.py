@@ -22,17 +22,45 @@ from .conftest import QUICK, run_train_cli
 @pytest.fixture(scope="module")
 def demo_run(small_demo, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """``python train.py experiment=demo`` for one short epoch: its run folder and output. The training run
-    of this module: resumed and evaluated by the tests below."""
+    of this module: resumed and evaluated by the tests below. One image per validation batch
+    (``data.val_batch_size=1``), which :func:`best_evaluated` takes over: see
+    :func:`test_ddp_evaluation_equals_single_process`."""
     work_dir = tmp_path_factory.mktemp("demo_run")
     run_dir = work_dir / "run"
     result = run_train_cli(
-        ["experiment=demo", f"data.root={small_demo}", f"hydra.run.dir={run_dir}", *QUICK], cwd=work_dir
+        [
+            "experiment=demo",
+            f"data.root={small_demo}",
+            f"hydra.run.dir={run_dir}",
+            *QUICK,
+            "data.val_batch_size=1",
+        ],
+        cwd=work_dir,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, result
 
 
-def test_demo_run_writes_everything_a_user_looks_for(demo_run, small_demo, tmp_path):
+@pytest.fixture(scope="module")
+def best_evaluated(demo_run, tmp_path_factory) -> Path:
+    """``python eval.py ckpt_path=<demo run>/checkpoints/best.ckpt`` in one process, with the run's data
+    settings (so one image per batch): its output folder."""
+    work_dir = tmp_path_factory.mktemp("best_evaluated")
+    eval_dir = work_dir / "eval"
+    result = run_train_cli(
+        [
+            f"ckpt_path={demo_run[0] / 'checkpoints' / 'best.ckpt'}",
+            f"hydra.run.dir={eval_dir}",
+            "data.num_workers=0",
+        ],
+        cwd=work_dir,
+        script="eval.py",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return eval_dir
+
+
+def test_demo_run_writes_everything_a_user_looks_for(demo_run, best_evaluated, small_demo):
     run_dir, result = demo_run
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in result.stdout
     for name in ("square", "disc", "triangle"):
@@ -63,20 +91,9 @@ def test_demo_run_writes_everything_a_user_looks_for(demo_run, small_demo, tmp_p
     assert abs(evaluation.stats[0] - metrics["val/map"]) < 1e-6
 
     # eval.py on the best checkpoint reuses the run's data settings and gives the same figures.
-    eval_dir = tmp_path / "eval"
-    result = run_train_cli(
-        [
-            f"ckpt_path={run_dir / 'checkpoints' / 'best.ckpt'}",
-            f"hydra.run.dir={eval_dir}",
-            "data.num_workers=0",
-        ],
-        cwd=tmp_path,
-        script="eval.py",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    evaluated = json.loads((eval_dir / "metrics.json").read_text())
+    evaluated = json.loads((best_evaluated / "metrics.json").read_text())
     assert abs(evaluated["val/map"] - metrics["val/map"]) < 1e-6
-    assert (eval_dir / "predictions.coco.json").is_file()
+    assert (best_evaluated / "predictions.coco.json").is_file()
 
 
 def test_missing_data_is_one_clear_message(tmp_path):
@@ -178,27 +195,29 @@ def test_fire_extinguishers_fast_dev_run_from_official_format_weights(small_demo
     assert "Re-initialised the class head for num_classes=5" in result.stdout + result.stderr
 
 
-def test_ddp_evaluation_equals_single_process(demo_run, tmp_path):
+def test_ddp_evaluation_equals_single_process(demo_run, best_evaluated, tmp_path):
     """The same checkpoint scored by 2 CPU processes (gloo) and by 1: every image once, the same detections
     and the same mAP. One image per batch: DETR's outputs depend on how a batch pads an image (the
-    feature grid and its mask), and the two runs batch the images differently."""
-    checkpoint = demo_run[0] / "checkpoints" / "last.ckpt"
+    feature grid and its mask), and the two runs batch the images differently. The 1-process run is
+    :func:`best_evaluated` (one image per batch from the run's settings)."""
+    checkpoint = demo_run[0] / "checkpoints" / "best.ckpt"
+    two_processes = tmp_path / "eval_2"
+    result = run_train_cli(
+        [
+            f"ckpt_path={checkpoint}",
+            f"hydra.run.dir={two_processes}",
+            "data.num_workers=0",
+            "data.val_batch_size=1",
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+        ],
+        cwd=tmp_path,
+        script="eval.py",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
     figures, detections = {}, {}
-    for devices in (1, 2):
-        out = tmp_path / f"eval_{devices}"
-        extra = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"] if devices == 2 else []
-        result = run_train_cli(
-            [
-                f"ckpt_path={checkpoint}",
-                f"hydra.run.dir={out}",
-                "data.num_workers=0",
-                "data.val_batch_size=1",
-                *extra,
-            ],
-            cwd=tmp_path,
-            script="eval.py",
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
+    for devices, out in ((1, best_evaluated), (2, two_processes)):
         figures[devices] = json.loads((out / "metrics.json").read_text())
         detections[devices] = json.loads((out / "predictions.coco.json").read_text())
         assert len({p["image_id"] for p in detections[devices]}) == 6  # every validation image, once

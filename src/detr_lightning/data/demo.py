@@ -14,11 +14,9 @@ the quirks of real exports on purpose:
 - a grayscale JPEG (image 3 of train).
 
 Every image is drawn from its own generator seeded by ``(seed, split, index)``, so the output is a
-function of the arguments alone and adding images leaves the first ones unchanged (``--processes``
-draws them in parallel, same bytes). ``--crowded`` (``data=demo_crowded``, `CROWDED_DEMO_OPTIONS`) is a
-harder variant for convergence comparisons; ``--realistic`` (``data=coco_like``, `REALISTIC_DEMO_OPTIONS`)
-has COCO-like sizes, 640-1024 px images with 1-20 shapes of 16-320 px, for speed measurements with the
-official scales.
+function of the arguments alone and adding images leaves the first ones unchanged. `DEMO_VARIANTS`:
+``--crowded`` (``data=demo_crowded``) for convergence comparisons, ``--realistic`` (``data=coco_like``)
+for speed measurements with the official scales (480-800, max 1333).
 """
 
 from __future__ import annotations
@@ -63,13 +61,16 @@ DEMO_TRANSFORM_SCALES = {
 }
 MIN_OBJECT_SIZE, MAX_OBJECT_SIZE = 15, 80
 OBJECT_COUNT_PROBABILITIES = (0.1, 0.3, 0.25, 0.2, 0.15)  # 0..4 objects
-# The harder variant: larger images with more and smaller shapes (`DemoShapes` fields).
-CROWDED_DEMO_OPTIONS = {
-    "min_side": 192,
-    "max_side": 256,
-    "min_object_size": 10,
-    "max_object_size": 40,
-    "max_objects": 10,
+# `DemoShapes` fields of the variants: larger images with more and smaller shapes, and COCO-like sizes.
+CROWDED_DEMO_OPTIONS = dict(
+    min_side=192, max_side=256, min_object_size=10, max_object_size=40, max_objects=10
+)
+REALISTIC_DEMO_OPTIONS = dict(
+    min_side=640, max_side=1024, min_object_size=16, max_object_size=320, max_objects=20
+)
+DEMO_VARIANTS = {
+    "crowded": ("the harder variant", CROWDED_DEMO_OPTIONS),
+    "realistic": ("COCO-like sizes", REALISTIC_DEMO_OPTIONS),
 }
 CROWDED_DEMO_TRANSFORM_SCALES = {
     "train_scales": [192, 208, 224, 240, 256],
@@ -78,15 +79,6 @@ CROWDED_DEMO_TRANSFORM_SCALES = {
     "train_crop_size": [128, 192],
     "val_scale": 224,
     "val_max_size": 320,
-}
-# COCO-like sizes for speed measurements with the official scales (480-800, max 1333): larger images with
-# up to 20 shapes of small to large size (shapes that find no free place are dropped).
-REALISTIC_DEMO_OPTIONS = {
-    "min_side": 640,
-    "max_side": 1024,
-    "min_object_size": 16,
-    "max_object_size": 320,
-    "max_objects": 20,
 }
 EMPTY_IMAGE_INDEX, CROWD_IMAGE_INDEX, GRAYSCALE_IMAGE_INDEX = 1, 2, 3
 Box = tuple[int, int, int, int]  # x, y, width, height in pixels
@@ -254,7 +246,6 @@ def write_demo_split(
     ``processes`` > 1 draws the images in that many processes; the files are the same bytes."""
     demo_shapes = DemoShapes(**shapes)
     out_dir.mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
     arguments = [(out_dir, split, index, seed, demo_shapes) for index in range(num_images)]
     if processes > 1 and num_images > 1:
         context = multiprocessing.get_context("spawn")  # safe whatever threads the caller runs
@@ -262,10 +253,10 @@ def write_demo_split(
             drawn = list(pool.map(_write_demo_image, *zip(*arguments, strict=True), chunksize=4))
     else:
         drawn = [_write_demo_image(*item) for item in arguments]
-    for index, (record, objects) in enumerate(drawn):
-        images.append(record)
+    annotations = []
+    for image_id, (_, objects) in enumerate(drawn):
         for category_id, (x, y, w, h), iscrowd in objects:
-            ids = {"id": len(annotations), "image_id": index, "category_id": category_id}
+            ids = {"id": len(annotations), "image_id": image_id, "category_id": category_id}
             annotations.append(
                 {**ids, "bbox": [x, y, w, h], "area": w * h, "segmentation": [], "iscrowd": iscrowd}
             )
@@ -275,7 +266,7 @@ def write_demo_split(
             {"id": 1, "name": "CC0 1.0", "url": "https://creativecommons.org/publicdomain/zero/1.0/"}
         ],
         "categories": DEMO_CATEGORIES,
-        "images": images,
+        "images": [record for record, _ in drawn],
         "annotations": annotations,
     }
     (out_dir / ROBOFLOW_ANNOTATION_NAME).write_text(json.dumps(coco, indent=1) + "\n", encoding="utf-8")
@@ -340,30 +331,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "out", type=Path, help="output folder (Roboflow layout); left alone if it has the dataset"
     )
-    parser.add_argument("--num-train", type=int, default=300)
-    parser.add_argument("--num-val", type=int, default=50)
-    parser.add_argument("--num-test", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--min-side", type=int, default=128)
-    parser.add_argument("--max-side", type=int, default=192)
+    for name, default in [("num-train", 300), ("num-val", 50), ("num-test", 50), ("seed", 0)]:
+        parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--min-side", type=int, default=DemoShapes.min_side)
+    parser.add_argument("--max-side", type=int, default=DemoShapes.max_side)
     variant = parser.add_mutually_exclusive_group()
-    variant.add_argument(
-        "--crowded",
-        action="store_true",
-        help="the harder variant: 192-256 px images with 1-10 shapes of 10-40 px (--min/max-side ignored)",
-    )
-    variant.add_argument(
-        "--realistic",
-        action="store_true",
-        help="COCO-like sizes: 640-1024 px images with 1-20 shapes of 16-320 px (--min/max-side ignored)",
-    )
+    for name, (what, shapes) in DEMO_VARIANTS.items():
+        images = f"{shapes['min_side']}-{shapes['max_side']} px images with 1-{shapes['max_objects']} shapes"
+        objects = f"of {shapes['min_object_size']}-{shapes['max_object_size']} px (--min/max-side ignored)"
+        variant.add_argument(
+            f"--{name}", dest="shapes", action="store_const", const=shapes, help=f"{what}: {images} {objects}"
+        )
     parser.add_argument("--processes", type=int, default=1, help="draw the images in N processes")
     args = parser.parse_args(argv)
     if is_demo_dataset_complete(args.out):
         print(f"{args.out} already holds a dataset; nothing written (delete it to regenerate)")
         return 0
-    shapes = {"min_side": args.min_side, "max_side": args.max_side}
-    shapes = CROWDED_DEMO_OPTIONS if args.crowded else REALISTIC_DEMO_OPTIONS if args.realistic else shapes
+    shapes = args.shapes or {"min_side": args.min_side, "max_side": args.max_side}
     counts = {"num_train": args.num_train, "num_val": args.num_val, "num_test": args.num_test}
     try:
         ensure_demo_dataset(args.out, seed=args.seed, processes=args.processes, **counts, **shapes)

@@ -1,20 +1,10 @@
 """Benchmarks: ``python -m detr_lightning.tools.bench {train-step,inference,data,metric,train-e2e} ...``.
 
-Each prints a few lines and, last, one JSON line of figures (``tail -n 1``); BENCHMARKS.md has them.
-
-- ``train-step``: forward, set criterion, backward, clipping (0.1) and AdamW step (backbone group) of
-  DETR-R50 (6+6 layers, 100 queries, 91 classes, aux loss, dropout 0.1) on images (3, 512, 512) and
-  (3, 512, 681) with 2 and 3 boxes.
-- ``inference``: an 800x1066 image at batch 1 (latency) and at ``--batch-size`` (images/s).
-- ``data``: images/s through the dataset, training transforms and collate on generated 416x416 JPEGs.
-- ``metric``: seconds of COCO mAP over 2,000 images x 100 detections, faster_coco_eval vs pycocotools.
-- ``train-e2e``: steady-state training images/s of ``train.py`` itself (official augmentation, DETR-R50, a
-  generated COCO-like set), settings such as the baseline and ``speed=gpu`` interleaved; data loading,
-  matching, logging and validation timed apart (`detr_lightning.tools.e2e`).
-
-``--impl huggingface`` runs the Hugging Face ``DetrForObjectDetection`` on the same work as a baseline
-(``pip install -e '.[bench]'``). ``--no-fold-norm --attention-weights`` run our model the official
-code's way: frozen norms after their convolutions, attention weights materialized.
+Each prints a few lines and, last, one JSON line of figures (``tail -n 1``); BENCHMARKS.md has them. The
+model benchmarks run DETR-R50 (6+6 layers, 100 queries, 91 classes, aux loss, dropout 0.1): ours, ours
+the official code's way (``--no-fold-norm --attention-weights``: frozen norms after their convolutions,
+attention weights materialized), or the Hugging Face ``DetrForObjectDetection`` (``--impl huggingface``,
+``pip install -e '.[bench]'``). ``train-e2e`` is `detr_lightning.tools.e2e`.
 """
 
 from __future__ import annotations
@@ -37,9 +27,11 @@ import torch
 from torch import Tensor, nn
 
 from detr_lightning.batching import pad_images_to_batch
+from detr_lightning.data.layout import ROBOFLOW_ANNOTATION_NAME
 from detr_lightning.models import PostProcess, ResNetBackbone, build_detr
 from detr_lightning.speed import COMPILE_MODES, apply_speed_options
 from detr_lightning.tools import e2e
+from detr_lightning.tools.e2e import synchronize
 
 PRECISIONS = {"32": None, "32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 R50_MODEL = {"num_classes": 91, "backbone": "resnet50", "num_queries": 100, "aux_loss": True}
@@ -47,7 +39,6 @@ TRAIN_SHAPES = [(3, 512, 512), (3, 512, 681)]
 TRAIN_NUM_BOXES = [2, 3]
 
 
-# ---------------------------------------------------------------------------- machine and timing
 def machine_info(device: torch.device) -> dict[str, Any]:
     """The figures' context: CPU model, cores, torch threads and version, GPU, glibc malloc settings."""
     cpu = platform.processor() or platform.machine()
@@ -62,11 +53,6 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     if malloc:  # the opt-in of BENCHMARKS.md, "glibc malloc"
         info["malloc_env"] = malloc
     return info
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -130,7 +116,6 @@ class PhaseTimer:
         return {f"{name}_median_s": round(statistics.median(v), 5) for name, v in self.seconds.items()}
 
 
-# ---------------------------------------------------------------------------- models
 def prepare(model: nn.Module, args: argparse.Namespace) -> nn.Module:
     """``--channels-last`` and ``--compile``, as the training run's ``speed`` options, in place."""
     return apply_speed_options(
@@ -152,9 +137,8 @@ def prepare_ours(model: nn.Module, args: argparse.Namespace) -> nn.Module:
 def huggingface_detr() -> nn.Module:
     """The Hugging Face ``DetrForObjectDetection`` with the official R50 settings and random weights.
 
-    Dropout 0.1 also on the attention weights and FFN activation, as in the official model (Hugging
-    Face's defaults leave those at 0). Its ResNet-50 comes from ``transformers``; layer2-4 are made
-    trainable as officially (transformers freezes its whole backbone, skipping most of the backward).
+    Dropout 0.1 also on the attention weights and the FFN activation, and layer2-4 of its ResNet-50
+    trainable, as in the official model (transformers' defaults: 0, and its whole backbone frozen).
     """
     try:
         from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
@@ -176,18 +160,13 @@ def huggingface_detr() -> nn.Module:
 
 
 def model_figures(args: argparse.Namespace) -> dict[str, Any]:
-    figures = {
-        "impl": args.impl,
-        "precision": args.precision,
-        "compile": args.compile and args.compile_mode,
-        "channels_last": args.channels_last,
-    }
+    figures = {"impl": args.impl, "precision": args.precision, "compile": args.compile and args.compile_mode}
+    figures["channels_last"] = args.channels_last
     if args.impl == "ours":
         figures.update(fold_norm=args.fold_norm, attention_weights=args.attention_weights)
     return figures
 
 
-# ---------------------------------------------------------------------------- train-step
 def train_batch(device: torch.device, channels_last: bool) -> tuple[Tensor, Tensor, list[dict]]:
     """Padded images ``(2, 3, 512, 681)``, their ``(2, 512, 681)`` mask and the targets."""
     generator = torch.Generator().manual_seed(0)
@@ -205,7 +184,8 @@ def train_batch(device: torch.device, channels_last: bool) -> tuple[Tensor, Tens
 def build_train_step(
     args: argparse.Namespace, device: torch.device
 ) -> tuple[Callable[[], Tensor], PhaseTimer]:
-    """One training step: ours exactly as the Lightning module trains, or the Hugging Face DETR's."""
+    """One training step (forward, loss, backward, clipping at 0.1, AdamW with the backbone's own group):
+    ours exactly as the Lightning module trains, or the Hugging Face DETR's."""
     images, mask, targets = train_batch(device, args.channels_last)
     if args.impl == "ours":
         from detr_lightning.lit_module import DETRLitModule
@@ -299,8 +279,8 @@ def bench_train_step(args: argparse.Namespace) -> dict[str, Any]:
     return figures
 
 
-# ---------------------------------------------------------------------------- inference
 def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
+    """An 800x1066 image at batch 1 (latency) and at ``--batch-size`` (images/s), postprocessing included."""
     device = args.device
     torch.manual_seed(0)
     if args.impl == "huggingface":
@@ -342,7 +322,6 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
     return figures
 
 
-# ---------------------------------------------------------------------------- data
 def write_jpeg_folder(root: Path, num_images: int, size: int = 416, boxes_per_image: int = 4) -> Path:
     """A COCO-format split ``root/train`` (with ``_annotations.coco.json``) of random square JPEGs."""
     from torchvision.io import encode_jpeg, write_file
@@ -362,7 +341,7 @@ def write_jpeg_folder(root: Path, num_images: int, size: int = 416, boxes_per_im
             box = {"bbox": [x, y, w, h], "area": w * h, "iscrowd": 0, "category_id": 1}
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, **box})
     coco = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "thing"}]}
-    (split / "_annotations.coco.json").write_text(json.dumps(coco))
+    (split / ROBOFLOW_ANNOTATION_NAME).write_text(json.dumps(coco))
     return split
 
 
@@ -373,7 +352,7 @@ def bench_data(args: argparse.Namespace) -> dict[str, Any]:
     figures: dict[str, Any] = {"images": args.images, "batch_size": args.batch_size}
     with tempfile.TemporaryDirectory() as tmp:
         split_dir = write_jpeg_folder(Path(tmp), args.images)
-        split = {"ann_file": split_dir / "_annotations.coco.json", "img_dir": split_dir}
+        split = {"ann_file": split_dir / ROBOFLOW_ANNOTATION_NAME, "img_dir": split_dir}
         for workers in args.workers:
             loader = {"batch_size": args.batch_size, "num_workers": workers, "pin_memory": False}
             datamodule = CocoDataModule(Path(tmp), train=split, val=split, check_images=False, **loader)
@@ -386,7 +365,6 @@ def bench_data(args: argparse.Namespace) -> dict[str, Any]:
     return figures
 
 
-# ---------------------------------------------------------------------------- metric
 def synthetic_detections(
     num_images: int, per_image: int, num_classes: int = 5, seed: int = 0
 ) -> tuple[list[dict[str, Tensor]], list[dict[str, Tensor]]]:
@@ -419,6 +397,7 @@ def synthetic_detections(
 
 
 def bench_metric(args: argparse.Namespace) -> dict[str, Any]:
+    """Seconds of COCO mAP over synthetic detections: faster_coco_eval against pycocotools."""
     from detr_lightning.metrics import build_map_metric
 
     predictions, targets = synthetic_detections(args.images, args.detections)
@@ -439,7 +418,6 @@ def bench_metric(args: argparse.Namespace) -> dict[str, Any]:
     return figures
 
 
-# ---------------------------------------------------------------------------- CLI
 BENCHMARKS = {
     "train-step": bench_train_step,
     "inference": bench_inference,
@@ -474,8 +452,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--breakdown", action="store_true", help="also time forward/loss/backward/optimizer (adds syncs)"
     )
     train.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP count")
-    infer_help = "DETR-R50 on 800x1066: batch-1 latency, batch-8 images/s"
-    infer = sub.add_parser("inference", parents=[model], help=infer_help)
+    infer = sub.add_parser("inference", parents=[model], help="DETR-R50 on 800x1066: latency, images/s")
     infer.add_argument("--batch-size", type=int, default=8)
 
     data = sub.add_parser("data", help="images/s through dataset + train transforms + collate")

@@ -1,38 +1,13 @@
 """``python -m detr_lightning.tools.bench train-e2e``: training images/s of ``train.py`` itself, end to end.
 
-Each setting (a list of ``train.py`` overrides: ``baseline`` none, ``fast`` ``speed=gpu``) runs as its own
+Each setting (``train.py`` overrides: by default ``baseline`` none, ``fast`` ``speed=gpu``) runs as its own
 ``python train.py ...`` process, the settings interleaved round after round, on the same data (by default
-a generated COCO-like set: ``python -m detr_lightning.data.demo --realistic``). The run is the real one
-(data check, the official multi-scale augmentation, DETR-R50, the validation epoch with the COCO
-evaluator, checkpoints, the CSV logger), with these changes for every setting alike: no weights to
-download (``model.pretrained=null``, ``model.pretrained_backbone=false``: speed does not depend on the
-weights), no test split, no progress bar, ``trainer.max_steps`` as asked, and the `E2ETimer` callback.
-
-`E2ETimer` times the steps after ``warmup_steps`` (compilation, cudnn tuning and worker start-up fall
-before them) and writes one JSON file of figures:
-
-- ``train_images_per_s``: images of the timed steps / their wall time less validation and checkpoints;
-  ``e2e_images_per_s`` counts those too.
-- Where the time went, in seconds over the timed window: ``step_s`` (``on_train_batch_start`` to
-  ``on_train_batch_end``: forward, criterion, backward, optimizer), of it ``matching_s`` (the Hungarian
-  matcher, the device synchronized when it starts) and ``step_logging_s`` (``LightningModule.log``);
-  ``data_s`` (between the steps of an epoch: fetching the next batch, the host-to-device copy, the
-  loop's bookkeeping); ``epoch_boundary_s`` (between an epoch's last step and the next one's first:
-  epoch-end callbacks such as plots, a new loader iterator, whose workers start unless persistent, and
-  its first batch); ``logger_s`` (the loggers' writes between steps); ``validation_s``
-  (``on_validation_start`` to ``on_validation_end``, the COCO evaluation included); ``checkpoint_s``
-  (``Trainer.save_checkpoint``). The gaps are net of the figures timed apart, so ``window_s`` is
-  ``step_s + data_s + epoch_boundary_s + logger_s + validation_s + checkpoint_s``.
-- GPU: peak memory allocated and reserved; ``gpu_busy_fraction``: the union of the GPU's kernels, copies
-  and memsets over ``profile_steps`` extra steps (``torch.profiler``, CUDA activity only) / their wall
-  time; ``nvml_utilization_mean``: NVML's utilization sampled during the timed window, if available.
-- ``torch.compile``: dynamo's frames compiled (first compilations and recompilations), graphs and graph
-  breaks, before and during the timed window (``torch._dynamo.utils.counters``).
-- ``batch_shapes``: distinct padded batch shapes of the timed steps; ``steps_with_new_shapes``: timed
-  steps whose shape no earlier step had (each may compile, record a CUDA graph or tune cudnn: a window
-  with many is not yet steady); ``padded_fraction``: padding pixels / all pixels.
-- ``gflop_per_image``: forward + backward FLOPs per training image counted over ``flop_steps`` extra
-  steps (``torch.utils.flop_counter``; eager models only).
+a generated COCO-like set, ``python -m detr_lightning.data.demo --realistic``). The run is the real one
+(data check, official augmentation, DETR-R50, validation with the COCO evaluator, checkpoints, CSV logger)
+in the frame `RUN_FRAME`, with ``trainer.max_steps`` as asked and the `E2ETimer` callback, which writes
+the run's figures to a JSON file. BENCHMARKS.md ("GPU end-to-end") says what each figure is. Between
+steps, the time is split net of what is timed apart, so that ``window_s = step_s + data_s +
+epoch_boundary_s + logger_s + validation_s + checkpoint_s``.
 """
 
 from __future__ import annotations
@@ -47,52 +22,40 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import defaultdict
+from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import lightning
 import torch
+from lightning import Callback, LightningModule, Trainer
+
+from detr_lightning.files import atomic_writer, format_duration, read_json
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 TIMER_TARGET = f"{__name__}.E2ETimer"
+TIMER_OPTIONS = ("warmup_steps", "steps", "profile_steps", "flop_steps", "sync_steps")  # from the CLI
+RESULT_FILE = "e2e.json"
 DEFAULT_SETTINGS = ("baseline=", "fast=speed=gpu")
-#: The frame of every run: offline weights, no test split, no progress bar (see the module docstring).
+#: The frame of every run: random weights, no test split, no progress bar.
 RUN_FRAME = (
     "model.pretrained=null",
     "model.pretrained_backbone=false",
     "test=false",
     "callbacks.progress_bar=null",
 )
-SUMMARY_KEYS = (
-    "train_images_per_s",
-    "e2e_images_per_s",
-    "step_median_s",
-    "step_s",
-    "matching_s",
-    "step_logging_s",
-    "data_s",
-    "epoch_boundary_s",
-    "logger_s",
-    "validation_s",
-    "checkpoint_s",
-    "first_steps_s",
-    "peak_allocated_mib",
-    "peak_reserved_mib",
-    "compiled_frames",
-    "recompiled_in_window",
-    "graph_breaks",
-    "gpu_busy_fraction",
-    "nvml_utilization_mean",
-    "batch_shapes",
-    "steps_with_new_shapes",
-    "padded_fraction",
-    "gflop_per_image",
+#: A run's figures that the summary takes the median of, in the order of runs.tsv's columns.
+SUMMARY_KEYS = tuple(
+    """train_images_per_s e2e_images_per_s step_median_s step_s matching_s step_logging_s data_s
+    epoch_boundary_s logger_s validation_s checkpoint_s first_steps_s peak_allocated_mib peak_reserved_mib
+    compiled_frames recompiled_in_window graph_breaks gpu_busy_fraction nvml_utilization_mean batch_shapes
+    steps_with_new_shapes padded_fraction gflop_per_image""".split()
 )
 
 
 # ------------------------------------------------------------------------------------------ the callback
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -127,50 +90,35 @@ def busy_fraction(trace: dict[str, Any], wall_s: float) -> float:
 
 
 class _NvmlSampler:
-    """``torch.cuda.utilization`` (NVML: % of time a kernel ran) sampled in a thread; None without NVML."""
+    """``torch.cuda.utilization`` (NVML: % of time a kernel ran) sampled in a thread from construction."""
 
     def __init__(self, device: torch.device, interval_s: float) -> None:
-        self.device, self.interval_s = device, interval_s
         self.samples: list[float] = []
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        if self.device.type != "cuda" or self.interval_s <= 0:
-            return
-        try:
-            torch.cuda.utilization(self.device)
-        except Exception:  # no pynvml / NVML here: the profiler's figure stands alone
-            return
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread = threading.Thread(target=self._sample, args=(device, interval_s), daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+    def _sample(self, device: torch.device, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
             try:
-                self.samples.append(float(torch.cuda.utilization(self.device)))
-            except Exception:  # NVML went away: the samples so far stand
+                self.samples.append(float(torch.cuda.utilization(device)))
+            except Exception:  # no pynvml or NVML here, or it went away: the samples so far stand
                 return
 
     def stop(self) -> float | None:
+        """The mean utilization as a fraction; None without a sample."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        self._thread.join()
         return round(statistics.mean(self.samples) / 100, 4) if self.samples else None
 
 
-class E2ETimer(lightning.Callback):
-    """Times a ``train.py`` run's steady-state training loop (see the module docstring for the figures).
+class E2ETimer(Callback):
+    """Times a ``train.py`` run's steady-state training loop; writes its figures to the JSON file ``out``.
 
-    Steps are counted from 0: ``[0, warmup_steps)`` untimed, then ``steps`` timed, ``profile_steps``
-    under ``torch.profiler`` (CUDA only) and ``flop_steps`` under the FLOP counter (eager models only);
-    ``trainer.max_steps`` should be their sum. The figures are written to ``out`` (JSON) at the end of fit.
-
-    Args:
-        out: JSON file to write.
-        warmup_steps, steps, profile_steps, flop_steps: the step counts above.
-        sync_steps: synchronize the device after every step (exact per-step times; adds a sync per step).
-        nvml_interval_s: NVML sampling period (0: off).
+    Steps count from 0: ``warmup_steps`` untimed, ``steps`` timed, then ``profile_steps`` under
+    ``torch.profiler`` (CUDA only) and ``flop_steps`` under the FLOP counter (eager models only):
+    ``trainer.max_steps`` should be their sum. ``sync_steps``: synchronize the device after every step
+    (exact step times, a sync more per step). ``nvml_interval_s``: NVML's sampling period (0: off).
     """
 
     def __init__(
@@ -183,69 +131,59 @@ class E2ETimer(lightning.Callback):
         sync_steps: bool = False,
         nvml_interval_s: float = 0.1,
     ) -> None:
-        self.out = Path(out)
-        self.warmup_steps, self.steps = int(warmup_steps), int(steps)
-        self.profile_steps, self.flop_steps = int(profile_steps), int(flop_steps)
-        self.sync_steps, self.nvml_interval_s = sync_steps, nvml_interval_s
+        self.out, self.warmup_steps, self.sync_steps = Path(out), warmup_steps, sync_steps
+        self.nvml_interval_s = nvml_interval_s
+        # The first step after the timed ones, after the profiled ones and after the FLOP-counted ones.
+        self.window_end = warmup_steps + steps
+        self.profile_end = self.window_end + profile_steps
+        self.flop_end = self.profile_end + flop_steps
         self.device = torch.device("cpu")
         self.step = 0  # train batches started
-        self.region = "gap"  # "step" | "validation" | "gap": where wrapped durations are counted
+        self.region = "gap"  # "step" | "validation" | "gap" (between steps): where a wrapped call counts
         self.in_window = False
-        self.totals: dict[str, float] = {}
+        self.seconds: defaultdict[str, float] = defaultdict(float)  # "region:kind" -> seconds in the window
         self.step_times: list[float] = []
-        self.gaps: dict[str, list[float]] = {"data": [], "epoch_boundary": []}  # net of what is timed apart
-        self.validations: list[dict[str, float]] = []
-        self.shapes: set[tuple[int, ...]] = set()  # padded batch shapes of the timed steps
-        self.warmup_shapes: set[tuple[int, ...]] = set()
-        self.new_shapes = 0  # timed steps whose shape no earlier step had (a compile, a graph, cudnn tuning)
-        self.images = 0
+        self.validations: list[dict[str, Any]] = []
+        self.window_shapes: set[tuple[int, ...]] = set()  # padded batch shapes of the timed steps
+        self.seen_shapes: set[tuple[int, ...]] = set()  # those of every step so far
+        self.new_shapes = self.images = self.pixels = self.flops = self.flop_images = 0
         self.padded = torch.zeros(())
-        self.pixels = 0
-        self.flops = 0
-        self.flop_images = 0
         self.figures: dict[str, Any] = {}
-        self._restore: list[Callable[[], None]] = []
-        self._last_end: float | None = None
+        self._started: dict[str, float] = {}  # perf_counter() as the first step, this step... began
+        self._window_s: float | None = None
+        self._last_end = 0.0
         self._timed_in_gap = 0.0  # validation, checkpoints and logger writes since the last step ended
         self._new_epoch = False
-        self._batch_start = 0.0
-        self._first_start: float | None = None
-        self._window: list[float] = []
-        self._validation_start = 0.0
-        self._validation_images = 0
+        self._unwrap = ExitStack()
+        self._depth = 0  # wrapped calls in progress: only the outermost counts
         self._profiler: Any = None
-        self._profile_start = 0.0
         self._flop_counter: Any = None
         self._nvml: _NvmlSampler | None = None
-        self._depth = 0
 
-    # ---------------------------------------------------------------- wrapping (timed regions)
     def _wrap(self, owner: Any, name: str, kind: str, sync: bool = False) -> None:
         """Time every call of ``owner.name`` (an instance attribute shadows the method) as ``kind``."""
         original = getattr(owner, name)
-        timer = self
 
         def timed(*args: Any, **kwargs: Any) -> Any:
-            outermost = timer._depth == 0
-            timer._depth += 1
+            outermost = self._depth == 0
+            self._depth += 1
             if sync and outermost:
-                _synchronize(timer.device)
+                synchronize(self.device)
             start = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
-                timer._depth -= 1
-                if outermost and timer.in_window:
+                self._depth -= 1
+                if outermost and self.in_window:
                     seconds = time.perf_counter() - start
-                    key = f"{timer.region}:{kind}"
-                    timer.totals[key] = timer.totals.get(key, 0.0) + seconds
-                    if timer.region == "gap":
-                        timer._timed_in_gap += seconds
+                    self.seconds[f"{self.region}:{kind}"] += seconds
+                    if self.region == "gap":
+                        self._timed_in_gap += seconds
 
         object.__setattr__(owner, name, timed)
-        self._restore.append(lambda: object.__delattr__(owner, name))
+        self._unwrap.callback(object.__delattr__, owner, name)
 
-    def setup(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, stage: str) -> None:
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         self.device = trainer.strategy.root_device
@@ -259,211 +197,174 @@ class E2ETimer(lightning.Callback):
             self._wrap(logger, "save", "logger")
         self._wrap(trainer, "save_checkpoint", "checkpoint", sync=True)
 
-    def teardown(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, stage: str) -> None:
-        for restore in reversed(self._restore):
-            restore()
-        self._restore.clear()
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._unwrap.close()
 
-    # ---------------------------------------------------------------- steps
     def on_train_batch_start(
-        self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, batch: Any, batch_idx: int
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self.device = pl_module.device
-        if self.step == self.warmup_steps:  # the timed window starts here, with the device idle
-            _synchronize(self.device)
-            self._window = [time.perf_counter()]
-            self.figures["first_steps_s"] = round(self._window[0] - (self._first_start or self._window[0]), 3)
-            self.figures["dynamo_before_window"] = _dynamo_counts()
-            self._nvml = _NvmlSampler(self.device, self.nvml_interval_s)
-            self._nvml.start()
-            self.in_window = True
-        if self.step == self.warmup_steps + self.steps:
+        if self.step == self.warmup_steps:
+            self._open_window()
+        if self.step == self.window_end and self.profile_end > self.window_end:
             self._start_profiler()
-        if self.step == self.warmup_steps + self.steps + self.profile_steps:
+        if self.step == self.profile_end and self.flop_end > self.profile_end:
             self._start_flop_counter(pl_module)
-        now = time.perf_counter()
-        self._first_start = self._first_start or now
-        if self.in_window and self._last_end is not None and self.step > self.warmup_steps:
-            kind = "epoch_boundary" if self._new_epoch else "data"
-            self.gaps[kind].append(now - self._last_end - self._timed_in_gap)
+        now = self._started["step"] = time.perf_counter()
+        self._started.setdefault("first_step", now)
+        if self.in_window and self.step > self.warmup_steps:
+            gap = "gap:epoch_boundary" if self._new_epoch else "gap:data"
+            self.seconds[gap] += now - self._last_end - self._timed_in_gap
         self._new_epoch = False
+        images, mask, targets = batch
+        shape = tuple(images.shape)
         if self.in_window:
-            images, mask = batch[0], batch[1]
-            shape = tuple(images.shape)
-            self.new_shapes += shape not in self.warmup_shapes and shape not in self.shapes
-            self.shapes.add(shape)
+            self.new_shapes += shape not in self.seen_shapes
+            self.window_shapes.add(shape)
             self.padded = self.padded.to(mask.device) + mask.sum()  # stays on the device: no sync
             self.pixels += mask.numel()
-            self.images += len(batch[2])
-        elif self.step < self.warmup_steps:
-            self.warmup_shapes.add(tuple(batch[0].shape))
+            self.images += len(targets)
+        self.seen_shapes.add(shape)
         if self._flop_counter is not None:
-            self.flop_images += len(batch[2])
+            self.flop_images += len(targets)
         self.region = "step"
-        self._batch_start = now
 
     def on_train_batch_end(
-        self,
-        trainer: lightning.Trainer,
-        pl_module: lightning.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        last_timed = self.step == self.warmup_steps + self.steps - 1
+        last_timed = self.step == self.window_end - 1
         if self.sync_steps or last_timed:
-            _synchronize(self.device)
+            synchronize(self.device)
         now = time.perf_counter()
         self.region = "gap"
         if self.in_window:
-            self.step_times.append(now - self._batch_start)
+            self.step_times.append(now - self._started["step"])
         if last_timed:
-            self._window.append(now)
-            self.in_window = False
-            self.figures["dynamo_after_window"] = _dynamo_counts()
-            self.figures["nvml_utilization_mean"] = self._nvml.stop() if self._nvml else None
-            self._write()  # now too: the timed figures survive a failure in the steps after them
-        if self.step == self.warmup_steps + self.steps + self.profile_steps - 1:
+            self._close_window(now)
+        if self.step == self.profile_end - 1 and self._profiler is not None:
             self._stop_profiler()
-        if self.step == self.warmup_steps + self.steps + self.profile_steps + self.flop_steps - 1:
-            self._stop_flop_counter()
-        self._last_end = now
-        self._timed_in_gap = 0.0
+        if self.step == self.flop_end - 1 and self._flop_counter is not None:
+            self._flop_counter.__exit__(None, None, None)
+            self.flops, self._flop_counter = self._flop_counter.get_total_flops(), None
+        self._last_end, self._timed_in_gap = now, 0.0
         self.step += 1
 
-    def on_train_epoch_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._new_epoch = True
 
-    # ---------------------------------------------------------------- validation
-    def on_validation_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        _synchronize(pl_module.device)
-        self.region = "validation"
-        self._validation_start = time.perf_counter()
-        self._validation_images = 0
+    def _open_window(self) -> None:
+        synchronize(self.device)  # the timed window starts with the device idle
+        now = self._started["window"] = time.perf_counter()
+        self.figures["first_steps_s"] = round(now - self._started.get("first_step", now), 3)  # the warm-up
+        self.figures["dynamo_before_window"] = _dynamo_counts()
+        if self.device.type == "cuda" and self.nvml_interval_s > 0:
+            self._nvml = _NvmlSampler(self.device, self.nvml_interval_s)
+        self.in_window = True
+
+    def _close_window(self, now: float) -> None:
+        self._window_s = now - self._started["window"]
+        self.in_window = False
+        self.figures["dynamo_after_window"] = _dynamo_counts()
+        self.figures["nvml_utilization_mean"] = self._nvml.stop() if self._nvml else None
+        self._write()  # now too: the timed figures survive a failure in the steps after them
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking:
+            synchronize(pl_module.device)
+            self.region = "validation"
+            self._started["validation"] = time.perf_counter()
+            self.validations.append({"s": 0.0, "images": 0, "in_window": self.in_window})
 
     def on_validation_batch_end(
-        self,
-        trainer: lightning.Trainer,
-        pl_module: lightning.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, *args: Any
     ) -> None:
-        self._validation_images += len(batch[2])
+        if not trainer.sanity_checking:
+            self.validations[-1]["images"] += len(batch[2])
 
-    def on_validation_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        _synchronize(pl_module.device)
-        seconds = time.perf_counter() - self._validation_start
-        self.validations.append(
-            {"s": seconds, "images": self._validation_images, "in_window": self.in_window}
-        )
-        if self.in_window:
-            self._timed_in_gap += seconds
-        self.region = "gap"
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking:
+            synchronize(pl_module.device)
+            self.validations[-1]["s"] = seconds = time.perf_counter() - self._started["validation"]
+            if self.in_window:
+                self._timed_in_gap += seconds
+            self.region = "gap"
 
-    # ---------------------------------------------------------------- profiler and FLOP counter
     def _start_profiler(self) -> None:
-        if self.profile_steps <= 0 or self.device.type != "cuda":
+        if self.device.type != "cuda":
             return
         from torch.profiler import ProfilerActivity, profile
 
-        _synchronize(self.device)
+        synchronize(self.device)
         try:
             self._profiler = profile(activities=[ProfilerActivity.CUDA])
             self._profiler.__enter__()
         except Exception as error:  # the figures of the timed steps are kept whatever the profiler does
             self.figures["profile_error"] = repr(error)
             self._profiler = None
-        self._profile_start = time.perf_counter()
+        self._started["profile"] = time.perf_counter()
 
     def _stop_profiler(self) -> None:
-        if self._profiler is None:
-            return
-        _synchronize(self.device)
-        wall_s = time.perf_counter() - self._profile_start
+        synchronize(self.device)
+        wall_s = time.perf_counter() - self._started["profile"]
         profiler, self._profiler = self._profiler, None
         try:
             profiler.__exit__(None, None, None)
             with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "trace.json"
-                profiler.export_chrome_trace(str(path))
-                trace = json.loads(path.read_text())
+                trace_path = Path(tmp) / "trace.json"
+                profiler.export_chrome_trace(str(trace_path))
+                trace = json.loads(trace_path.read_text())
         except Exception as error:
             self.figures["profile_error"] = repr(error)
             return
         self.figures["gpu_busy_fraction"] = round(busy_fraction(trace, wall_s), 4)
         self.figures["profile_wall_s"] = round(wall_s, 4)
 
-    def _start_flop_counter(self, pl_module: lightning.LightningModule) -> None:
-        model = getattr(pl_module, "model", pl_module)
-        if self.flop_steps <= 0 or getattr(model, "_compiled_call_impl", None) is not None:
+    def _start_flop_counter(self, pl_module: LightningModule) -> None:
+        if getattr(getattr(pl_module, "model", pl_module), "_compiled_call_impl", None) is not None:
             return  # the counter does not see inside compiled graphs
         from torch.utils.flop_counter import FlopCounterMode
 
         self._flop_counter = FlopCounterMode(display=False)
         self._flop_counter.__enter__()
 
-    def _stop_flop_counter(self) -> None:
-        if self._flop_counter is None:
-            return
-        self._flop_counter.__exit__(None, None, None)
-        self.flops = self._flop_counter.get_total_flops()
-        self._flop_counter = None
-
-    # ---------------------------------------------------------------- figures
-    def on_fit_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._write()
 
     def _write(self) -> None:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.out.write_text(json.dumps(self.result(), indent=1) + "\n")
+        with atomic_writer(self.out) as handle:
+            handle.write(json.dumps(self.result(), indent=1) + "\n")
 
     def result(self) -> dict[str, Any]:
-        """The figures of the run (see the module docstring)."""
-        figures: dict[str, Any] = {"warmup_steps": self.warmup_steps, "timed_steps": len(self.step_times)}
-        figures.update(self.figures)
-
-        def total(region: str, *kinds: str) -> float:
-            return sum(self.totals.get(f"{region}:{kind}", 0.0) for kind in kinds)
-
+        """The figures of the run (BENCHMARKS.md, "GPU end-to-end")."""
+        figures = {"warmup_steps": self.warmup_steps, "timed_steps": len(self.step_times), **self.figures}
         validation_s = sum(v["s"] for v in self.validations if v["in_window"])
-        if len(self._window) == 2:
-            window_s = self._window[1] - self._window[0]
-            checkpoint_s = total("gap", "checkpoint")
-            train_s = window_s - validation_s - checkpoint_s
+        if self._window_s is not None:
+            window_s, seconds = self._window_s, self.seconds
+            before, after = figures["dynamo_before_window"], figures["dynamo_after_window"]
             figures.update(
                 images=self.images,
                 window_s=round(window_s, 4),
-                train_images_per_s=round(self.images / train_s, 3),
+                train_images_per_s=round(
+                    self.images / (window_s - validation_s - seconds["gap:checkpoint"]), 3
+                ),
                 e2e_images_per_s=round(self.images / window_s, 3),
                 step_s=round(sum(self.step_times), 4),
                 step_median_s=round(statistics.median(self.step_times), 5),
-                matching_s=round(total("step", "matching"), 4),
-                step_logging_s=round(total("step", "logging"), 4),
-                data_s=round(sum(self.gaps["data"]), 4),
-                epoch_boundary_s=round(sum(self.gaps["epoch_boundary"]), 4),
-                logger_s=round(total("gap", "logger", "logging"), 4),
+                matching_s=round(seconds["step:matching"], 4),
+                step_logging_s=round(seconds["step:logging"], 4),
+                data_s=round(seconds["gap:data"], 4),
+                epoch_boundary_s=round(seconds["gap:epoch_boundary"], 4),
+                logger_s=round(seconds["gap:logger"] + seconds["gap:logging"], 4),
                 validation_s=round(validation_s, 4),
-                checkpoint_s=round(checkpoint_s, 4),
-                batch_shapes=len(self.shapes),
+                checkpoint_s=round(seconds["gap:checkpoint"], 4),
+                batch_shapes=len(self.window_shapes),
                 steps_with_new_shapes=self.new_shapes,
                 padded_fraction=round(float(self.padded) / max(self.pixels, 1), 4),
+                compiled_frames=after["frames"],
+                recompiled_in_window=after["frames"] - before["frames"],
+                graph_breaks=after["graph_breaks"],
             )
-            before, after = figures.get("dynamo_before_window", {}), figures.get("dynamo_after_window", {})
-            figures.update(
-                compiled_frames=after.get("frames"),
-                recompiled_in_window=after.get("frames", 0) - before.get("frames", 0),
-                graph_breaks=after.get("graph_breaks"),
-            )
-        figures["validations"] = [
-            {"s": round(v["s"], 4), "images": v["images"], "in_window": v["in_window"]}
-            for v in self.validations
-        ]
+        figures["validations"] = [{**v, "s": round(v["s"], 4)} for v in self.validations]
         if self.flops and self.flop_images:
             figures["gflop_per_image"] = round(self.flops / self.flop_images / 1e9, 2)
         if self.device.type == "cuda":
@@ -475,6 +376,10 @@ class E2ETimer(lightning.Callback):
 
 
 # ------------------------------------------------------------------------------------------ the driver
+def _progress(message: str) -> None:
+    print(f"train-e2e: {message}", flush=True)
+
+
 def parse_setting(text: str) -> tuple[str, list[str]]:
     """``NAME=OVERRIDES`` (space-separated ``train.py`` overrides, possibly none) -> ``(NAME, overrides)``."""
     name, _, overrides = text.partition("=")
@@ -483,36 +388,15 @@ def parse_setting(text: str) -> tuple[str, list[str]]:
     return name, shlex.split(overrides)
 
 
-def ensure_coco_like(root: Path, train_images: int, val_images: int, processes: int) -> Path:
-    """The COCO-like set (``--realistic`` demo) at ``root``, written if absent."""
-    from detr_lightning.data.demo import REALISTIC_DEMO_OPTIONS, ensure_demo_dataset
-
-    start = time.perf_counter()
-    # A test split of 2 images: the layout needs one with images; test=false leaves it unused.
-    options = {"num_train": train_images, "num_val": val_images, "num_test": 2, "processes": processes}
-    ensure_demo_dataset(root, **options, **REALISTIC_DEMO_OPTIONS)
-    print(f"train-e2e: data at {root} ({time.perf_counter() - start:.1f} s)", flush=True)
-    return root
-
-
 def run_overrides(args: argparse.Namespace, overrides: Sequence[str], run_dir: Path) -> list[str]:
-    """The ``train.py`` overrides of one run: the frame, the timer, the common and the setting's own."""
-    timed = args.warmup_steps + args.steps + args.profile_steps + args.flop_steps
-    timer = {
-        "_target_": TIMER_TARGET,
-        "out": str(run_dir / "e2e.json"),
-        "warmup_steps": args.warmup_steps,
-        "steps": args.steps,
-        "profile_steps": args.profile_steps,
-        "flop_steps": args.flop_steps,
-        "sync_steps": args.sync_steps,
-    }
-    device = ["trainer=gpu"] if torch.device(args.device).type == "cuda" else ["trainer=cpu"]
+    """The ``train.py`` overrides of one run: the frame, the timer, ``--override`` and the setting's own."""
+    timer = {"_target_": TIMER_TARGET, "out": run_dir / RESULT_FILE}
+    timer.update({option: getattr(args, option) for option in TIMER_OPTIONS})
     return [
-        *device,
+        "trainer=gpu" if torch.device(args.device).type == "cuda" else "trainer=cpu",
         f"data.root={args.data}",
         f"paths.output_dir={run_dir}",
-        f"trainer.max_steps={timed}",
+        f"trainer.max_steps={args.warmup_steps + args.steps + args.profile_steps + args.flop_steps}",
         *RUN_FRAME,
         *(f"+callbacks.e2e_timer.{key}={value}" for key, value in timer.items()),
         *args.override,
@@ -531,60 +415,56 @@ def _run_in_process(overrides: list[str]) -> None:
     from detr_lightning.training import train
 
     register_configs()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
-            cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-        HydraConfig().set_config(cfg)  # ${hydra:...} resolves as under train.py
-        with open_dict(cfg):
-            del cfg["hydra"]  # as train.py's task sees its config
-        train(cfg)
-    finally:
-        GlobalHydra.instance().clear()
+    GlobalHydra.instance().clear()  # the context below restores this cleared state on exit
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    HydraConfig().set_config(cfg)  # ${hydra:...} resolves as under train.py
+    with open_dict(cfg):
+        del cfg["hydra"]  # as train.py's task sees its config
+    train(cfg)
+
+
+def _run_train_py(overrides: list[str], log_path: Path, timeout: float) -> str | None:
+    """``python train.py OVERRIDES`` in a process of its own, output to ``log_path``: what failed, if any."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "DETR_LIGHTNING_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    argv = [sys.executable, str(REPO_ROOT / "train.py"), *overrides]
+    with log_path.open("w") as log:
+        print("$", shlex.join(argv), file=log, flush=True)
+        try:
+            run = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            return f"stopped after {format_duration(timeout)}"
+    return f"exit status {run.returncode}; log in logs/{log_path.name}" if run.returncode else None
 
 
 def run_setting(
     args: argparse.Namespace, name: str, overrides: list[str], round_: int, timeout: float
 ) -> dict[str, Any]:
     """One run of one setting (stopped after ``timeout`` seconds): its figures (or its error) as a dict."""
-    run_dir = args.out_dir / "runs" / f"{name}_r{round_}"
-    (run_dir / "e2e.json").unlink(missing_ok=True)  # never a former run's figures
+    run_name = f"{name}_r{round_}"
+    run_dir = args.out_dir / "runs" / run_name
+    (run_dir / RESULT_FILE).unlink(missing_ok=True)  # never a former run's figures
     command = run_overrides(args, overrides, run_dir)
-    row: dict[str, Any] = {"setting": name, "round": round_, "overrides": " ".join(overrides)}
     start = time.perf_counter()
     if args.in_process:
         _run_in_process(command)
-        returncode = 0
+        error = None
     else:
-        log_path = args.out_dir / "logs" / f"{name}_r{round_}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "DETR_LIGHTNING_OFFLINE": "1", "WANDB_MODE": "disabled"}
-        argv = [sys.executable, str(REPO_ROOT / "train.py"), *command, f"hydra.run.dir={run_dir}"]
-        with log_path.open("w") as log:
-            print("$", shlex.join(argv), file=log, flush=True)
-            try:
-                returncode = subprocess.run(
-                    argv, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=env
-                ).returncode
-            except subprocess.TimeoutExpired:
-                returncode = -9
-                row["error"] = f"stopped after {timeout:.0f} s"
+        error = _run_train_py(
+            [*command, f"hydra.run.dir={run_dir}"], args.out_dir / "logs" / f"{run_name}.log", timeout
+        )
+    row: dict[str, Any] = {"setting": name, "round": round_, "overrides": " ".join(overrides)}
     row["run_s"] = round(time.perf_counter() - start, 1)
-    result = run_dir / "e2e.json"
-    if result.is_file():  # written when the timed steps end, again when fit ends
-        row.update(json.loads(result.read_text()))
-    if returncode != 0:  # the timed figures, if any, are kept: what failed came after them
-        row.setdefault("error", f"exit status {returncode}; log in logs/{name}_r{round_}.log")
+    row.update(read_json(run_dir / RESULT_FILE))  # written when the timed steps end, again when fit ends
+    if error:  # the timed figures, if any, are kept: what failed came after them
+        row["error"] = error
     if not args.keep_checkpoints:  # DETR-R50 with its AdamW state: about 0.5 GB a file
         for checkpoint in run_dir.glob("checkpoints/*.ckpt"):
             checkpoint.unlink()
-    print(f"train-e2e: {name} round {round_}: {_one_line(row)}", flush=True)
+    shown = (*SUMMARY_KEYS[:4], "data_s", "validation_s", "recompiled_in_window", "error")
+    _progress(f"{name} round {round_}: " + ", ".join(f"{key} {row[key]}" for key in shown if key in row))
     return row
-
-
-def _one_line(row: dict[str, Any]) -> str:
-    keys = (*SUMMARY_KEYS[:4], "data_s", "validation_s", "recompiled_in_window", "error")
-    return ", ".join(f"{key} {row[key]}" for key in keys if key in row)
 
 
 def summarize(rows: list[dict[str, Any]], names: list[str], peak_tflops: float | None) -> dict[str, Any]:
@@ -605,17 +485,17 @@ def summarize(rows: list[dict[str, Any]], names: list[str], peak_tflops: float |
         figures["train_images_per_s_runs"] = [row["train_images_per_s"] for row in done]
         summary[name] = figures
     first = summary[names[0]]
-    for name in names:
-        figures = summary[name]
-        if first.get("gflop_per_image") and figures.get("train_images_per_s"):
+    for name, figures in summary.items():
+        if not figures.get("train_images_per_s"):
+            continue
+        if first.get("gflop_per_image"):
             tflops = first["gflop_per_image"] * figures["train_images_per_s"] / 1e3
             figures["model_tflop_s"] = round(tflops, 4)
             if peak_tflops:
                 figures["fraction_of_peak"] = round(tflops / peak_tflops, 4)
-        if name != names[0] and first.get("train_images_per_s") and figures.get("train_images_per_s"):
-            figures[f"speedup_vs_{names[0]}"] = round(
-                figures["train_images_per_s"] / first["train_images_per_s"], 3
-            )
+        if name != names[0] and first.get("train_images_per_s"):
+            speedup = figures["train_images_per_s"] / first["train_images_per_s"]
+            figures[f"speedup_vs_{names[0]}"] = round(speedup, 3)
     return summary
 
 
@@ -623,11 +503,14 @@ def write_tsv(path: Path, rows: list[dict[str, Any]]) -> None:
     columns = ["setting", "round", *SUMMARY_KEYS, "run_s", "overrides", "error"]
     lines = ["\t".join(columns)]
     lines += ["\t".join("" if row.get(c) is None else str(row.get(c)) for c in columns) for row in rows]
-    path.write_text("\n".join(lines) + "\n")
+    with atomic_writer(path) as handle:
+        handle.write("\n".join(lines) + "\n")
 
 
 def bench_train_e2e(args: argparse.Namespace) -> dict[str, Any]:
     """The benchmark: the settings interleaved over ``--rounds``; figures to ``--out-dir``."""
+    from detr_lightning.data.demo import REALISTIC_DEMO_OPTIONS, ensure_demo_dataset
+
     if not (REPO_ROOT / "train.py").is_file() or not (REPO_ROOT / "conf").is_dir():
         raise SystemExit(f"train-e2e runs the repository's train.py and conf/; not found under {REPO_ROOT}")
     settings = [parse_setting(text) for text in (args.setting or DEFAULT_SETTINGS)]
@@ -635,38 +518,38 @@ def bench_train_e2e(args: argparse.Namespace) -> dict[str, Any]:
     if len(set(names)) != len(names):
         raise SystemExit(f"--setting names must differ: {names}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    if args.data is None:
-        args.data = args.out_dir / "coco_like"
-    ensure_coco_like(args.data, args.train_images, args.val_images, args.processes)
-    rows: list[dict[str, Any]] = []
+    args.data = args.data or args.out_dir / "coco_like"
     start = time.perf_counter()
-    budget = args.budget_s if args.budget_s is not None else float("inf")
+    # A test split of 2 images: the layout needs one with images; test=false leaves it unused.
+    sizes = {"num_train": args.train_images, "num_val": args.val_images, "num_test": 2}
+    ensure_demo_dataset(args.data, **sizes, processes=args.processes, **REALISTIC_DEMO_OPTIONS)
+    _progress(f"data at {args.data} ({time.perf_counter() - start:.1f} s)")
+    rows: list[dict[str, Any]] = []
+    deadline = time.perf_counter() + (args.budget_s if args.budget_s is not None else float("inf"))
     for round_ in range(args.rounds):  # ABBA...: each setting runs first as often as last
         for name, overrides in settings if round_ % 2 == 0 else settings[::-1]:
-            left = budget - (time.perf_counter() - start)
-            # A setting's longest run so far, else the longest of any: what this run should take.
-            before = [row["run_s"] for row in rows if row["setting"] == name] or [
+            left = deadline - time.perf_counter()
+            # What this run should take: the setting's longest run so far, else the longest of any.
+            expected = [row["run_s"] for row in rows if row["setting"] == name] or [
                 row["run_s"] for row in rows
             ]
-            if left <= 0 or (before and max(before) > left):  # would not end within --budget-s
-                print(
-                    f"train-e2e: {name} round {round_} skipped: {left:.0f} s of the budget left", flush=True
-                )
+            if left <= 0 or max(expected, default=0.0) > left:
+                _progress(f"{name} round {round_} skipped: {left:.0f} s of the budget left")
                 continue
             rows.append(run_setting(args, name, overrides, round_, timeout=min(args.run_timeout, left)))
             with (args.out_dir / "runs.jsonl").open("a") as file:
                 file.write(json.dumps(rows[-1]) + "\n")
             write_tsv(args.out_dir / "runs.tsv", rows)
-    summary = summarize(rows, names, args.peak_tflops)
     figures = {
         "settings": {name: " ".join(overrides) for name, overrides in settings},
         "common_overrides": " ".join(args.override),
         "steps": args.steps,
         "warmup_steps": args.warmup_steps,
         "rounds": args.rounds,
-        "summary": summary,
+        "summary": summarize(rows, names, args.peak_tflops),
     }
-    (args.out_dir / "summary.json").write_text(json.dumps(figures, indent=1) + "\n")
+    with atomic_writer(args.out_dir / "summary.json") as handle:
+        handle.write(json.dumps(figures, indent=1) + "\n")
     return figures
 
 
@@ -687,12 +570,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--sync-steps", action="store_true", help="synchronize the device after each step")
     add("--rounds", type=int, default=1, help="interleaved rounds of all settings")
     add("--run-timeout", type=float, default=1800, help="seconds before a run is stopped")
-    add(
-        "--budget-s",
-        type=float,
-        default=None,
-        help="seconds for all runs: later ones that would not fit are skipped",
-    )
+    add("--budget-s", type=float, default=None, help="seconds for all runs: skip those that would not fit")
     add("--keep-checkpoints", action="store_true", help="keep each run's checkpoints (deleted by default)")
     add("--peak-tflops", type=float, default=None, help="the device's peak, for fraction_of_peak")
     add("--out-dir", type=Path, default=Path("bench_e2e"), help="runs.jsonl, runs.tsv, summary.json, runs/")

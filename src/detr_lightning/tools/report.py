@@ -7,14 +7,10 @@ Several runs get a side-by-side table and a plot of their validation curves; a s
 its jobs plus its ``summary.csv``. Plots outside the report's folder are copied into ``plots/`` beside it.
 
 Runs whose composed configuration (``.hydra/config.yaml``; else their overrides) differs only in the seed
-and `RESULT_NEUTRAL_KEYS` are pooled into one *variant*, whose curve is the per-epoch mean over its seeds.
-Variants are compared over the same epoch budget, the fewest epochs any run reached (runs stopped by
-``trainer.max_time`` reach slightly different counts); the first variant is the reference, and each
-variant gets the epoch at which its mean curve first reaches the reference's figure at the end of the
-budget ("the same mAP in fewer epochs").
-
-Writing into an existing file replaces only the text between the ``report:begin`` and ``report:end``
-markers; a file without them keeps its text as the introduction.
+and `RESULT_NEUTRAL_KEYS` are pooled into one *variant*, compared with the others over the fewest epochs
+any run reached (runs stopped by ``trainer.max_time`` reach slightly different counts): see
+`variants_table`. Writing into an existing file replaces only the text between the ``report:begin`` and
+``report:end`` markers (see `compose_document`).
 """
 
 from __future__ import annotations
@@ -82,6 +78,7 @@ PLOT_CAPTIONS = {
     METRICS_PLOT: "Losses, validation COCO figures and learning rate per epoch",
     PREDICTIONS_PLOT: "Validation images: predictions (red, dashed, with scores) and ground truth (green)",
 }
+SPLITS = ("val", "test")
 SPLIT_NOTES = {
     "train": {"val": "the last validation epoch", "test": "the best checkpoint on the test split"},
     "eval": {"val": "the evaluated checkpoint", "test": "the evaluated checkpoint"},
@@ -198,11 +195,8 @@ def run_settings(run: Run) -> dict[str, str]:
     """The settings that make a variant: the flattened composed configuration (else the overrides),
     less `RESULT_NEUTRAL_KEYS`."""
     values = _flatten(run.config) if run.config else run.override_values()
-    return {
-        key: value
-        for key, value in values.items()
-        if not any(key == neutral or key.startswith(f"{neutral}.") for neutral in RESULT_NEUTRAL_KEYS)
-    }
+    neutral = tuple(f"{key}." for key in RESULT_NEUTRAL_KEYS)  # a key, or a key below it
+    return {key: value for key, value in values.items() if not f"{key}.".startswith(neutral)}
 
 
 def group_by_seed(runs: Sequence[Run]) -> list[Variant]:
@@ -243,8 +237,8 @@ def variants_table(
 ) -> tuple[list[str], list[list[str]], int]:
     """Header, rows and epoch budget of the variants table: per variant its seeds, each curve of
     `COMPARISON_FIGURES` at the last epoch of the budget (mean, then each seed), the mean of each seed's
-    best ``metric`` within the budget, and the first epoch its mean ``metric`` curve reaches the
-    reference's at that last epoch (within half the budget or not)."""
+    best ``metric`` within the budget, and the first epoch its mean ``metric`` curve reaches the first
+    variant's (the reference's) at that last epoch ("the same mAP in fewer epochs")."""
     budget = common_budget(variants)
     last = budget - 1
     reference = variants[0].mean_curve(metric, budget)[last]
@@ -287,10 +281,8 @@ def save_curves(
                 continue
             (line,) = axis.plot(*zip(*points, strict=True), marker=".", label=label)
             if spans is not None:
-                lows, highs = [min(values) for values in spans], [max(values) for values in spans]
-                axis.fill_between(
-                    [epoch for epoch, _ in points], lows, highs, color=line.get_color(), alpha=0.15
-                )
+                epochs, lows, highs = [e for e, _ in points], [min(v) for v in spans], [max(v) for v in spans]
+                axis.fill_between(epochs, lows, highs, color=line.get_color(), alpha=0.15)
         if budget is not None:
             axis.axvline(budget - 1, color="grey", linestyle="--", linewidth=1)
         axis.set_title(f"{title} ({key})")
@@ -340,19 +332,19 @@ class Renderer:
         for metric in sorted({run.metric for run in runs}):
             best = [_best_text(run, metric, run.mode) for run in runs]
             rows.append([f"best `{metric}` over the epochs", *best])
-        for split in ("val", "test"):
+        for split in SPLITS:
             if any(f"{split}/map" in run.final for run in runs):
                 for key, label in MAIN_FIGURES:
                     figures = [format_figure(run.final.get(f"{split}/{key}")) for run in runs]
                     rows.append([f"{split} {label} (`{split}/{key}`)", *figures])
-        reference = runs[0]
-        reference_best = best_of_epochs(reference.epochs, reference.metric, reference.mode)
+        reference, metric, mode = runs[0], runs[0].metric, runs[0].mode
+        reference_best = best_of_epochs(reference.epochs, metric, mode)
         if reference_best is not None:
-            target, metric, mode = reference_best[0], reference.metric, reference.mode
+            target = reference_best[0]
             label = f"first epoch at `{reference.label}`'s best `{metric}` ({format_figure(target)})"
             reached = [first_epoch_reaching(run.epochs, metric, target, mode) for run in runs]
             rows.append([label, *map(_reached_text, reached)])
-        rows.append(["duration", *(_duration_text(run) for run in runs)])
+        rows.append(["duration", *map(_duration_text, runs)])
         intro = (
             f"Final figures from each run's `{METRICS_FILE}` (val: the last validation, test: the best "
             f"checkpoint), best epochs from `{EPOCH_METRICS_FILE}`; the first run is the reference."
@@ -368,8 +360,7 @@ class Renderer:
         return blocks
 
     def variants_section(self, variants: Sequence[Variant]) -> list[str]:
-        reference = variants[0].runs[0]
-        metric, mode = reference.metric, reference.mode
+        metric, mode = variants[0].runs[0].metric, variants[0].runs[0].mode
         header, rows, budget = variants_table(variants, metric, mode)
         intro = (
             f"Runs whose configuration differs only in `{SEED_KEY}` (or in output paths, loggers and the "
@@ -439,7 +430,7 @@ class Renderer:
         heading = f"### COCO box figures (`{METRICS_FILE}`)"
         notes = SPLIT_NOTES.get(run.job_name, SPLIT_NOTES["train"])
         lines = []
-        for split in ("val", "test"):
+        for split in SPLITS:
             figures = {key: run.final.get(f"{split}/{key}") for key in COCO_KEYS}
             if None not in figures.values():
                 lines += [f"{split}: {notes[split]}", *coco_summary_lines(figures)]
@@ -448,7 +439,7 @@ class Renderer:
         return [heading, _fence("text", lines)]
 
     def per_class_section(self, run: Run) -> list[str]:
-        splits = [split for split in ("val", "test") if any(k.startswith(f"{split}/ap/") for k in run.final)]
+        splits = [split for split in SPLITS if any(k.startswith(f"{split}/ap/") for k in run.final)]
         prefixes = [f"{split}/ap/" for split in splits]
         names = dict.fromkeys(k[len(p) :] for p in prefixes for k in run.final if k.startswith(p))
         if not names:
