@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 from PIL import Image
 
+from cli_runs import cli_env
 from detr_lightning.lit_module import DETRLitModule
 from tiny_detr import tiny_detr_kwargs
 
@@ -111,11 +111,10 @@ def compose_config(name: str, overrides: list[str]) -> DictConfig:
 def start_cli(script: str, args: list[str], cwd: Path) -> subprocess.Popen:
     """``python SCRIPT ARGS`` from ``cwd``, offline, as a user would run it: started, not awaited
     (:func:`finish_cli` waits for it)."""
-    env = {**os.environ, "DETR_LIGHTNING_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.Popen(
         [sys.executable, str(REPO_ROOT / script), *args],
         cwd=cwd,
-        env=env,
+        env=cli_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cli_runs import run_script
+from cli_runs import cli_env, run_script
 from detr_lightning.data.errors import DataError
 from detr_lightning.inference import COCO_CLASS_NAMES, InferenceSettingError, load_detector
 from detr_lightning.models import build_detr
@@ -26,10 +25,8 @@ EXPECTED_NAMES = {0: "shapes", 1: "square", 2: "disc", 3: "class 3", 4: "triangl
 
 def run_predict_cli(args: list[str], cwd: Path):
     """``python predict.py ARGS`` from ``cwd``, offline, as conftest's ``run_cli`` runs it, as a fork of the
-    preloaded server of :mod:`cli_runs`; with one OpenMP thread, as ``train.py`` runs in the tests, so that
-    the runs share that server."""
-    env = {**os.environ, "DETR_LIGHTNING_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    return run_script(REPO_ROOT / "predict.py", args, cwd=cwd, env=env, timeout=120)
+    preloaded server of :mod:`cli_runs`, in the environment of every run of the tests (:func:`cli_env`)."""
+    return run_script(REPO_ROOT / "predict.py", args, cwd=cwd, env=cli_env(), timeout=120)
 
 
 def predict_config(overrides: list[str]):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli_runs import cli_env
 from training.conftest import QUICK, REPO_ROOT, compose_config, run_train_cli  # noqa: F401
 
 #: QUICK (3 training batches of 2) for 2 epochs on 64-pixel images, one validation batch, no test or plots.
@@ -40,24 +40,6 @@ def fast(*extra: str) -> list[str]:
 def demo_args(data_root: Path, run_dir: Path, *extra: str) -> list[str]:
     """``train.py`` arguments of a seconds-long demo run into ``run_dir``."""
     return ["experiment=demo", f"data.root={data_root}", f"hydra.run.dir={run_dir}", *fast(*extra)]
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    """The environment of a ``train.py`` run here: offline (also the Hugging Face hub), no W&B, one OpenMP
-    thread.
-
-    One thread: the runs are seconds of tiny steps, and on a few cores a second thread only spins against
-    the data workers and the runs beside it (a demo run on 2 busy cores: half the CPU time with one)."""
-    env = {
-        **os.environ,
-        "DETR_LIGHTNING_OFFLINE": "1",
-        "HF_HUB_OFFLINE": "1",
-        "WANDB_MODE": "disabled",
-        "PYTHONWARNINGS": "ignore",
-        "OMP_NUM_THREADS": "1",
-    }
-    env.update(extra)
-    return env
 
 
 class RunningTrain:
@@ -103,7 +85,9 @@ def run_cli(
     script: str = "train.py",
     timeout: float = 240,
 ) -> subprocess.CompletedProcess:
-    """``python SCRIPT ARGS`` from ``cwd`` as a user runs it (offline), optionally with extra environment."""
+    """``python SCRIPT ARGS`` from ``cwd`` as a user runs it (offline), optionally with extra environment.
+    A process of its own, not a fork of :mod:`cli_runs`' server: these runs are started from threads and
+    beside runs killed by signals."""
     return subprocess.run(
         [sys.executable, str(REPO_ROOT / script), *args],
         cwd=cwd,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from cli_runs import run_script
+from cli_runs import cli_env, run_script
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "conf"
@@ -43,18 +42,6 @@ def compose_config():
 def run_train_cli(
     args: list[str], cwd: Path, timeout: float = 240, script: str = "train.py"
 ) -> subprocess.CompletedProcess:
-    """Run ``python train.py ARGS`` (or another entry point) as a user would, from ``cwd``: offline (also
-    the Hugging Face hub, for module-scoped fixtures too, which run before the autouse fixture that sets
-    it), no W&B, one OpenMP thread, as a fork of the preloaded server of :mod:`cli_runs`.
-
-    One thread: the runs are seconds of tiny steps, and on 2 busy cores a second thread only spins against
-    the other processes (a demo run: 10 s with one thread, 21-33 s with two, measured side by side)."""
-    env = {
-        **os.environ,
-        "DETR_LIGHTNING_OFFLINE": "1",
-        "HF_HUB_OFFLINE": "1",
-        "WANDB_MODE": "disabled",
-        "PYTHONWARNINGS": "ignore",
-        "OMP_NUM_THREADS": "1",
-    }
-    return run_script(REPO_ROOT / script, args, cwd=cwd, env=env, timeout=timeout)
+    """Run ``python train.py ARGS`` (or another entry point) as a user would, from ``cwd``, in the tests'
+    environment (:func:`cli_runs.cli_env`), as a fork of the preloaded server of :mod:`cli_runs`."""
+    return run_script(REPO_ROOT / script, args, cwd=cwd, env=cli_env(), timeout=timeout)
