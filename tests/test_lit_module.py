@@ -76,17 +76,25 @@ def test_zero_backbone_lr_freezes_the_backbone():
     assert [g["name"] for g in module.configure_optimizers()["optimizer"].param_groups] == ["transformer"]
 
 
-def test_fit_logs_the_official_losses_and_checkpoints_load_safely(tmp_path):
-    module = make_module()
-    trainer = lightning.Trainer(
+def cpu_trainer(root, **overrides) -> lightning.Trainer:
+    """A quiet CPU Trainer writing under ``root``: no logger, progress bar, model summary or sanity check, the
+    official clipping (0.1), one epoch; ``overrides`` replace any of these."""
+    options = dict(
         accelerator="cpu",
-        max_epochs=2,
+        max_epochs=1,
         logger=False,
         enable_progress_bar=False,
+        enable_model_summary=False,
         gradient_clip_val=0.1,
-        default_root_dir=tmp_path,
+        default_root_dir=root,
         num_sanity_val_steps=0,
     )
+    return lightning.Trainer(**(options | overrides))
+
+
+def test_fit_logs_the_official_losses_and_checkpoints_load_safely(tmp_path):
+    module = make_module()
+    trainer = cpu_trainer(tmp_path, max_epochs=2)
     before = {k: v.clone() for k, v in module.model.state_dict().items()}
     trainer.fit(
         module, train_dataloaders=loader(synthetic_batches()), val_dataloaders=loader(synthetic_batches(1))
@@ -149,17 +157,7 @@ def test_pretrained_weights_replace_the_class_head(tmp_path):
 def test_mixed_precision_trains_with_finite_losses(tmp_path, precision):
     """CPU autocast (16-mixed falls back to bf16 on CPU); matching and losses stay in float32."""
     module = make_module()
-    trainer = lightning.Trainer(
-        accelerator="cpu",
-        precision=precision,
-        max_epochs=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        gradient_clip_val=0.1,
-        default_root_dir=tmp_path,
-        num_sanity_val_steps=0,
-    )
+    trainer = cpu_trainer(tmp_path, precision=precision, enable_checkpointing=False)
     trainer.fit(
         module, train_dataloaders=loader(synthetic_batches(2)), val_dataloaders=loader(synthetic_batches(1))
     )
@@ -174,16 +172,13 @@ def test_fused_adamw_clips_gradients_under_bf16_as_the_default_adamw(tmp_path):
     def trained_weights(fused: bool | None, clip: float | None) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
         module = make_module(fused=fused)
-        trainer = lightning.Trainer(
-            accelerator="cpu",
+        trainer = cpu_trainer(
+            tmp_path,
             precision="bf16-mixed",
+            max_epochs=None,
             max_steps=2,
-            logger=False,
-            enable_progress_bar=False,
             enable_checkpointing=False,
             gradient_clip_val=clip,
-            default_root_dir=tmp_path,
-            num_sanity_val_steps=0,
             limit_val_batches=0,
         )
         trainer.fit(module, train_dataloaders=loader(synthetic_batches(2)))

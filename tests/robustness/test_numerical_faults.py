@@ -12,24 +12,13 @@ import torch
 from detr_lightning.fault_tolerance import RobustModelCheckpoint
 from detr_lightning.models import HungarianMatcher, SetCriterion, build_weight_dict
 from detr_lightning.training import exit_on_user_error
-from test_lit_module import loader, make_module, synthetic_batches
+from test_lit_module import cpu_trainer, loader, make_module, synthetic_batches
 
 from .conftest import load_checkpoint
 
 
 def _trainer(tmp_path, **kwargs) -> lightning.Trainer:
-    options = dict(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        gradient_clip_val=0.1,
-        default_root_dir=tmp_path,
-    )
-    return lightning.Trainer(**{**options, **kwargs})
+    return cpu_trainer(tmp_path, **({"enable_checkpointing": False, "limit_val_batches": 0} | kwargs))
 
 
 def _nan_boxes(batches, indices):
