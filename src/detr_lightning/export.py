@@ -20,7 +20,6 @@ checked with transformers' own forward.
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -34,7 +33,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from detr_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from detr_lightning.files import atomic_writer
+from detr_lightning.files import write_json
 from detr_lightning.hf_format import WEIGHT_FILES, HFPreprocessing, import_transformers, write_hf_folder
 from detr_lightning.inference import Detector, InferenceSettingError, load_detector
 from detr_lightning.models.detr import DETR
@@ -410,5 +409,4 @@ def write_export_info(result: ExportResult, detector: Detector, settings: Export
         "class_names": {str(label): name for label, name in sorted(detector.class_names.items())},
         "max_abs_diff_to_pytorch": result.max_abs_diff,
     }
-    with atomic_writer(path) as handle:
-        json.dump(info, handle, indent=1)
+    write_json(path, info)

@@ -58,6 +58,13 @@ def _fsync_directory(directory: Path) -> None:
         os.close(descriptor)
 
 
+def write_json(path: str | os.PathLike, content: Any, indent: int | None = 1) -> None:
+    """Write ``content`` as JSON (and a final newline) to ``path`` through :func:`atomic_writer`."""
+    with atomic_writer(path) as handle:
+        json.dump(content, handle, indent=indent)
+        handle.write("\n")
+
+
 def read_json(path: Path) -> dict[str, Any]:
     """The JSON object in ``path``; empty when the file is missing, unreadable or not an object."""
     try:

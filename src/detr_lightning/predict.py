@@ -12,7 +12,6 @@ with :class:`DetectorModule` (forward, post-process) -> :class:`PredictionWriter
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -24,7 +23,6 @@ import lightning
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, RichProgressBar
 from omegaconf import DictConfig, OmegaConf
-from PIL import UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import clip_boxes_to_image
@@ -37,8 +35,8 @@ from detr_lightning.attention import (
 )
 from detr_lightning.batching import pad_images_to_batch
 from detr_lightning.data.errors import DataError
-from detr_lightning.data.images import DECODABLE_FORMATS, read_image_header, read_image_rgb
-from detr_lightning.files import atomic_writer
+from detr_lightning.data.images import DECODABLE_FORMATS, image_header_or_error, read_image_rgb
+from detr_lightning.files import write_json
 from detr_lightning.inference import Detector, InferenceSettingError, load_detector, preprocess_image
 from detr_lightning.viz import draw_detections, save_attention_figure, save_image
 
@@ -134,9 +132,7 @@ def list_images(input_path: str | Path) -> list[Path]:
 
 def _not_an_image(path: Path) -> str | None:
     """Why ``path`` cannot be read as an image, or None (reads the header only)."""
-    try:
-        header = read_image_header(path)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+    if isinstance(header := image_header_or_error(path), Exception):
         return "is not an image file"
     if header.format not in DECODABLE_FORMATS:
         return f"is a {header.format} image, which cannot be decoded (supported: {sorted(DECODABLE_FORMATS)})"
@@ -317,8 +313,7 @@ class PredictionWriter(BasePredictionWriter):
             "class_names": {str(label): name for label, name in sorted(detector.class_names.items())},
             "images": self.records,
         }
-        with atomic_writer(path) as handle:
-            json.dump(content, handle, indent=1)
+        write_json(path, content)
         log.info(
             "%d detection(s) in %d image(s): %s (drawn images in %s)",
             sum(len(record["scores"]) for record in self.records),

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import gc
-import json
 import logging
 import math
 import os
@@ -34,7 +33,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from detr_lightning.files import atomic_writer, format_duration, read_json
+from detr_lightning.files import atomic_writer, format_duration, read_json, write_json
 from detr_lightning.runs import (
     JOB_STATUS_FILE,
     SUMMARY_FILE,
@@ -150,8 +149,7 @@ def record_optimized_value(value: float | None) -> float | None:
 def write_job_status(job_dir: Path, record: dict[str, Any]) -> None:
     """Write ``job_status.json`` into ``job_dir`` (global rank 0 only: DDP ranks share the folder)."""
     if rank_zero_only.rank == 0:
-        with atomic_writer(job_dir / JOB_STATUS_FILE) as handle:
-            handle.write(json.dumps(record, indent=2) + "\n")
+        write_json(job_dir / JOB_STATUS_FILE, record, indent=2)
 
 
 def one_line(error: BaseException, with_type: bool) -> str:

@@ -8,17 +8,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torchvision import tv_tensors
 
 from detr_lightning.batching import pad_images_to_batch, padded_size
 from detr_lightning.data.collate import collate_detection
 from detr_lightning.data.datamodule import CocoDataModule
-from detr_lightning.data.demo import DEMO_TRANSFORM_SCALES
 from detr_lightning.data.errors import DataError
 from detr_lightning.models import PostProcess, build_detr
 from tiny_detr import tiny_detr_kwargs
 
-DEMO_SCALES = DEMO_TRANSFORM_SCALES  # the demo's own (conf/data/demo.yaml)
+#: The demo's own transform sizes (conf/data/demo.yaml).
+DEMO_SCALES = {
+    key: value
+    for key, value in OmegaConf.to_container(
+        OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "data" / "demo.yaml")
+    ).items()
+    if key.startswith(("train_", "val_"))
+}
 
 
 def test_padded_size_rounds_up_to_the_multiple():

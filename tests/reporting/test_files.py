@@ -11,6 +11,7 @@ from detr_lightning.files import (
     read_csv_rows,
     read_json,
     to_float,
+    write_json,
 )
 
 
@@ -39,6 +40,17 @@ def test_read_json_is_empty_for_what_is_not_a_json_object(tmp_path):
     assert read_json(tmp_path / "list.json") == {}
     (tmp_path / "ok.json").write_text('{"val/map": 0.5}')
     assert read_json(tmp_path / "ok.json") == {"val/map": 0.5}
+
+
+def test_write_json_round_trips_through_read_json_and_keeps_the_old_file_on_error(tmp_path):
+    path = tmp_path / "run" / "metrics.json"
+    write_json(path, {"val/map": 0.5, "names": ["a"]}, indent=2)
+    assert path.read_text() == '{\n  "val/map": 0.5,\n  "names": [\n    "a"\n  ]\n}\n'
+    assert read_json(path) == {"val/map": 0.5, "names": ["a"]}
+    with pytest.raises(TypeError):
+        write_json(path, {"not serializable": object()})
+    assert read_json(path) == {"val/map": 0.5, "names": ["a"]}
+    assert sorted(p.name for p in tmp_path.rglob("*.tmp")) == []
 
 
 def test_read_csv_rows(tmp_path):

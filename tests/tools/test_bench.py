@@ -80,12 +80,19 @@ CPU_SPEED_GPU += "data.pin_memory=false trainer.benchmark=null"
 
 def test_train_e2e_times_the_real_training_loop_of_interleaved_settings(capsys, small_demo, tmp_path):
     """Two settings through train.py's flow (in this process): steps timed after the warm-up, the
-    validation epoch (12 images at batch 4: after the 3rd step, inside the timed window) apart."""
+    validation epoch (12 images at batch 4: after the 3rd step, inside the timed window) apart. ``--data``
+    is read as it is: here the demo images in the official COCO layout, which is no demo folder."""
+    coco = tmp_path / "coco"
+    for split, folder in (("train", "train"), ("val", "valid")):
+        (coco / "annotations").mkdir(parents=True, exist_ok=True)
+        annotations = (small_demo / folder / "_annotations.coco.json").read_text()
+        (coco / "annotations" / f"instances_{split}2017.json").write_text(annotations)
+        (coco / f"{split}2017").symlink_to(small_demo / folder, target_is_directory=True)
     overrides = [argument for override in TINY_RUN for argument in ("--override", override)]
     figures = bench_in_process(
         capsys,
         "train-e2e",
-        *("--device", "cpu", "--in-process", "--data", str(small_demo), "--out-dir", str(tmp_path)),
+        *("--device", "cpu", "--in-process", "--data", str(coco), "--out-dir", str(tmp_path / "out")),
         *("--steps", "3", "--warmup-steps", "1", "--profile-steps", "0", "--flop-steps", "1"),
         *overrides,
         *("--setting", "baseline=", "--setting", f"fast={CPU_SPEED_GPU}"),
@@ -94,7 +101,7 @@ def test_train_e2e_times_the_real_training_loop_of_interleaved_settings(capsys, 
     summary = figures["summary"]
     assert summary["baseline"]["runs"] == summary["fast"]["runs"] == 1
     assert summary["fast"]["speedup_vs_baseline"] > 0 and summary["fast"]["model_tflop_s"] > 0
-    rows = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "out" / "runs.jsonl").read_text().splitlines()]
     assert [row["setting"] for row in rows] == ["baseline", "fast"]
     for row in rows:
         assert row["timed_steps"] == 3 and row["images"] == 12
@@ -105,7 +112,7 @@ def test_train_e2e_times_the_real_training_loop_of_interleaved_settings(capsys, 
         assert sum(row[part] for part in parts) == pytest.approx(row["window_s"], abs=0.01)
         assert row["compiled_frames"] == 0 and row["gflop_per_image"] > 0
     assert rows[1]["batch_shapes"] == 1 < rows[0]["batch_shapes"]  # buckets of 128 against 64-128 px
-    tsv = (tmp_path / "runs.tsv").read_text().splitlines()
+    tsv = (tmp_path / "out" / "runs.tsv").read_text().splitlines()
     assert tsv[0].startswith("setting\tround\ttrain_images_per_s") and len(tsv) == 3
 
 

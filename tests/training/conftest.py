@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 
 from cli_runs import cli_env, run_script
 
@@ -28,15 +30,20 @@ QUICK = [
 
 @pytest.fixture
 def compose_config():
-    """``compose_config(overrides)`` -> the composed train config (with the hydra node)."""
+    """``compose_config(overrides)`` -> the composed train config (with the hydra node). As in a run,
+    ``${hydra:...}`` interpolations resolve: HydraConfig holds a copy (it makes the hydra node it holds
+    read-only), until the test ends."""
 
     def compose_with(overrides: list[str]):
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            return compose(config_name="train", overrides=overrides, return_hydra_config=True)
+            cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+        HydraConfig.instance().set_config(copy.deepcopy(cfg))
+        return cfg
 
     yield compose_with
     GlobalHydra.instance().clear()
+    HydraConfig.instance().cfg = None
 
 
 def run_train_cli(

@@ -123,40 +123,45 @@ def test_no_aux_loss_switches_the_aux_outputs_off(compose_config):
 
 def test_trainer_and_loggers_instantiate(compose_config, tmp_path):
     cfg = compose_config(["experiment=demo", "logger=csv", f"hydra.run.dir={tmp_path}"])
-    from hydra.core.hydra_config import HydraConfig
-
-    HydraConfig().set_config(cfg)
     trainer = instantiate(cfg.trainer, logger=False)
     assert trainer.gradient_clip_val == 0.1 and trainer.max_epochs == cfg.trainer.max_epochs
 
 
 @pytest.mark.parametrize("logger", ["csv", "tensorboard"])
 def test_file_loggers_write_metrics(compose_config, tmp_path, logger):
-    from hydra.core.hydra_config import HydraConfig
-
     cfg = compose_config(["experiment=demo", f"logger={logger}", f"paths.output_dir={tmp_path}"])
-    HydraConfig().set_config(cfg)
     (instance,) = [instantiate(node) for node in cfg.logger.values()]
     instance.log_metrics({"val/map": 0.5}, step=1)
     instance.finalize("success")
     assert any(path.is_file() for path in tmp_path.rglob("*")), f"{logger} wrote nothing under {tmp_path}"
 
 
-def test_demo_config_has_the_generators_scales(compose_config):
-    from detr_lightning.data.demo import DEMO_TRANSFORM_SCALES
+def _assert_scales_fit_the_generated_images(data: dict, shapes) -> None:
+    """Training draws the generated image sides themselves (no upscaling past them); validation sits in
+    between; the crops are taken after a resize to some of the training scales; the longer-side caps
+    leave the scales untouched."""
+    assert (min(data["train_scales"]), max(data["train_scales"])) == (shapes.min_side, shapes.max_side)
+    assert shapes.min_side <= data["val_scale"] <= shapes.max_side
+    assert min(data["train_crop_size"]) < shapes.min_side
+    assert set(data["train_crop_resize_scales"]) <= set(data["train_scales"])
+    assert min(data["train_max_size"], data["val_max_size"]) >= shapes.max_side
+
+
+def test_demo_config_scales_fit_the_generated_images(compose_config):
+    from detr_lightning.data.demo import DemoShapes
 
     data = OmegaConf.to_container(compose_config(["experiment=demo"]).data, resolve=True)
-    assert {key: data[key] for key in DEMO_TRANSFORM_SCALES} == DEMO_TRANSFORM_SCALES
     assert data["demo_options"] is None  # the built-in demo: the generator's defaults
+    _assert_scales_fit_the_generated_images(data, DemoShapes())
 
 
 def test_crowded_demo_config_matches_the_generator(compose_config):
-    from detr_lightning.data.demo import CROWDED_DEMO_OPTIONS, CROWDED_DEMO_TRANSFORM_SCALES
+    from detr_lightning.data.demo import CROWDED_DEMO_OPTIONS, DemoShapes
 
     cfg = compose_config(["experiment=demo_crowded"])
     data = OmegaConf.to_container(cfg.data, resolve=True)
     assert data["demo_options"] == CROWDED_DEMO_OPTIONS
-    assert {key: data[key] for key in CROWDED_DEMO_TRANSFORM_SCALES} == CROWDED_DEMO_TRANSFORM_SCALES
+    _assert_scales_fit_the_generated_images(data, DemoShapes(**CROWDED_DEMO_OPTIONS))
     assert data["root"].endswith("demo_crowded") and data["demo_root"] == data["root"]
     assert cfg.model.spatial_prior == "gaussian" and cfg.model.num_queries == 30
 

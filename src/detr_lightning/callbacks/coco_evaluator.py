@@ -14,7 +14,6 @@ the numbers are those of the whole split counted once.
 
 from __future__ import annotations
 
-import json
 from itertools import chain
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +27,7 @@ from rich.text import Text
 from torch import Tensor
 
 from detr_lightning.coco_summary import coco_summary_lines
-from detr_lightning.files import atomic_writer
+from detr_lightning.files import write_json
 from detr_lightning.metrics import (
     category_names,
     coco_detections,
@@ -175,11 +174,9 @@ class CocoEvaluator(EvaluationEndCallback):
         output_dir = Path(self.output_dir if self.output_dir is not None else trainer.default_root_dir)
         if self.write_metrics:
             all_figures = {key: value for figures in self.figures.values() for key, value in figures.items()}
-            with atomic_writer(output_dir / METRICS_FILE) as file:
-                file.write(json.dumps(all_figures, indent=2) + "\n")
+            write_json(output_dir / METRICS_FILE, all_figures, indent=2)
         if self.write_predictions:
-            with atomic_writer(output_dir / PREDICTIONS_FILES[split]) as file:
-                json.dump(coco_results(*self._detections[split]), file)
+            write_json(output_dir / PREDICTIONS_FILES[split], coco_results(*self._detections[split]), None)
 
 
 def gather_from_ranks(trainer: Trainer, value: Any) -> list[Any]:

@@ -51,14 +51,6 @@ DEMO_CATEGORIES = [
     {"id": 4, "name": "triangle", "supercategory": "shapes"},
 ]
 SQUARE, DISC, TRIANGLE = 1, 2, 4
-DEMO_TRANSFORM_SCALES = {
-    "train_scales": [128, 144, 160, 176, 192],
-    "train_max_size": 256,
-    "train_crop_resize_scales": [128, 160, 192],
-    "train_crop_size": [96, 160],
-    "val_scale": 160,
-    "val_max_size": 256,
-}
 MIN_OBJECT_SIZE, MAX_OBJECT_SIZE = 15, 80
 OBJECT_COUNT_PROBABILITIES = (0.1, 0.3, 0.25, 0.2, 0.15)  # 0..4 objects
 # `DemoShapes` fields of the variants: larger images with more and smaller shapes, and COCO-like sizes.
@@ -71,14 +63,6 @@ REALISTIC_DEMO_OPTIONS = dict(
 DEMO_VARIANTS = {
     "crowded": ("the harder variant", CROWDED_DEMO_OPTIONS),
     "realistic": ("COCO-like sizes", REALISTIC_DEMO_OPTIONS),
-}
-CROWDED_DEMO_TRANSFORM_SCALES = {
-    "train_scales": [192, 208, 224, 240, 256],
-    "train_max_size": 320,
-    "train_crop_resize_scales": [192, 224, 256],
-    "train_crop_size": [128, 192],
-    "val_scale": 224,
-    "val_max_size": 320,
 }
 EMPTY_IMAGE_INDEX, CROWD_IMAGE_INDEX, GRAYSCALE_IMAGE_INDEX = 1, 2, 3
 Box = tuple[int, int, int, int]  # x, y, width, height in pixels

@@ -68,7 +68,8 @@ def read_image_rgb(path: Path, apply_exif_orientation: bool = True) -> Tensor:
     return image
 
 
-def _inspect(path: Path) -> ImageHeader | Exception:
+def image_header_or_error(path: Path) -> ImageHeader | Exception:
+    """The header of ``path``, or the error that reading it raised (missing file, not an image)."""
     try:
         return read_image_header(path)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
@@ -104,7 +105,7 @@ def verify_image_files(images: Iterable[dict[str, Any]], img_dir: Path, ann_file
     records = list(images)
     paths = [img_dir / record["file_name"] for record in records]
     with ThreadPoolExecutor(max_workers=8) as pool:
-        headers = list(pool.map(_inspect, paths))
+        headers = list(pool.map(image_header_or_error, paths))
         outside = list(pool.map(lambda path: escapes_folder(path, img_dir), paths))
 
     found: dict[str, list[str]] = {kind: [] for kind in IMAGE_PROBLEMS}

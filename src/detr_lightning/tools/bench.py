@@ -27,7 +27,6 @@ import torch
 from torch import Tensor, nn
 
 from detr_lightning.batching import pad_images_to_batch
-from detr_lightning.data.layout import ROBOFLOW_ANNOTATION_NAME
 from detr_lightning.models import PostProcess, ResNetBackbone, build_detr
 from detr_lightning.speed import COMPILE_MODES, apply_speed_options
 from detr_lightning.tools import e2e
@@ -322,40 +321,19 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
     return figures
 
 
-def write_jpeg_folder(root: Path, num_images: int, size: int = 416, boxes_per_image: int = 4) -> Path:
-    """A COCO-format split ``root/train`` (with ``_annotations.coco.json``) of random square JPEGs."""
-    from torchvision.io import encode_jpeg, write_file
-
-    split = root / "train"
-    split.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(0)
-    images, annotations = [], []
-    for image_id in range(1, num_images + 1):
-        pixels = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=generator)
-        name = f"{image_id:05d}.jpg"
-        write_file(str(split / name), encode_jpeg(pixels, quality=90))
-        images.append({"id": image_id, "file_name": name, "width": size, "height": size})
-        for _ in range(boxes_per_image):
-            x, y = (torch.rand(2, generator=generator) * (size * 0.6)).tolist()
-            w, h = (torch.rand(2, generator=generator) * (size * 0.3) + 8).tolist()
-            box = {"bbox": [x, y, w, h], "area": w * h, "iscrowd": 0, "category_id": 1}
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, **box})
-    coco = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "thing"}]}
-    (split / ROBOFLOW_ANNOTATION_NAME).write_text(json.dumps(coco))
-    return split
-
-
 def bench_data(args: argparse.Namespace) -> dict[str, Any]:
-    """The training loader as ``train.py`` builds it (official augmentation, collate)."""
-    from detr_lightning.data import CocoDataModule
+    """The training loader as ``train.py`` builds it (official augmentation, collate), over generated
+    416x416 demo images."""
+    from detr_lightning.data import CocoDataModule, ensure_demo_dataset
 
     figures: dict[str, Any] = {"images": args.images, "batch_size": args.batch_size}
     with tempfile.TemporaryDirectory() as tmp:
-        split_dir = write_jpeg_folder(Path(tmp), args.images)
-        split = {"ann_file": split_dir / ROBOFLOW_ANNOTATION_NAME, "img_dir": split_dir}
+        root = ensure_demo_dataset(
+            Path(tmp) / "data", num_train=args.images, num_val=1, num_test=1, min_side=416, max_side=416
+        )
         for workers in args.workers:
             loader = {"batch_size": args.batch_size, "num_workers": workers, "pin_memory": False}
-            datamodule = CocoDataModule(Path(tmp), train=split, val=split, check_images=False, **loader)
+            datamodule = CocoDataModule(root, check_images=False, **loader)
             datamodule.setup("fit")
             start = time.perf_counter()
             count = sum(len(batch.targets) for batch in datamodule.train_dataloader())

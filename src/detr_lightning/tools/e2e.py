@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from lightning import Callback, LightningModule, Trainer
 
-from detr_lightning.files import atomic_writer, format_duration, read_json
+from detr_lightning.files import atomic_writer, format_duration, read_json, write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 TIMER_TARGET = f"{__name__}.E2ETimer"
@@ -331,8 +331,7 @@ class E2ETimer(Callback):
         self._write()
 
     def _write(self) -> None:
-        with atomic_writer(self.out) as handle:
-            handle.write(json.dumps(self.result(), indent=1) + "\n")
+        write_json(self.out, self.result())
 
     def result(self) -> dict[str, Any]:
         """The figures of the run (BENCHMARKS.md, "GPU end-to-end")."""
@@ -518,12 +517,12 @@ def bench_train_e2e(args: argparse.Namespace) -> dict[str, Any]:
     if len(set(names)) != len(names):
         raise SystemExit(f"--setting names must differ: {names}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    args.data = args.data or args.out_dir / "coco_like"
-    start = time.perf_counter()
-    # A test split of 2 images: the layout needs one with images; test=false leaves it unused.
-    sizes = {"num_train": args.train_images, "num_val": args.val_images, "num_test": 2}
-    ensure_demo_dataset(args.data, **sizes, processes=args.processes, **REALISTIC_DEMO_OPTIONS)
-    _progress(f"data at {args.data} ({time.perf_counter() - start:.1f} s)")
+    if args.data is None:  # a given folder is used as it is (train.py's data check reads it)
+        args.data, start = args.out_dir / "coco_like", time.perf_counter()
+        # A test split of 2 images: the layout needs one with images; test=false leaves it unused.
+        sizes = {"num_train": args.train_images, "num_val": args.val_images, "num_test": 2}
+        ensure_demo_dataset(args.data, **sizes, processes=args.processes, **REALISTIC_DEMO_OPTIONS)
+        _progress(f"data generated at {args.data} ({time.perf_counter() - start:.1f} s)")
     rows: list[dict[str, Any]] = []
     deadline = time.perf_counter() + (args.budget_s if args.budget_s is not None else float("inf"))
     for round_ in range(args.rounds):  # ABBA...: each setting runs first as often as last
@@ -548,8 +547,7 @@ def bench_train_e2e(args: argparse.Namespace) -> dict[str, Any]:
         "rounds": args.rounds,
         "summary": summarize(rows, names, args.peak_tflops),
     }
-    with atomic_writer(args.out_dir / "summary.json") as handle:
-        handle.write(json.dumps(figures, indent=1) + "\n")
+    write_json(args.out_dir / "summary.json", figures)
     return figures
 
 
