@@ -3,8 +3,11 @@
 import hydra
 from omegaconf import DictConfig
 
+from detr_lightning.config import register_configs
 from detr_lightning.export import export
 from detr_lightning.training import exit_on_user_error
+
+register_configs()  # the schemas conf/ composes with: every value is type-checked
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="export")

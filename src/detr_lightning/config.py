@@ -2,15 +2,17 @@
 
 - ``loss``, ``matcher``, ``optimizer``, ``scheduler``, ``postprocess``: the dataclasses the LightningModule
   takes as its arguments (:mod:`detr_lightning.lit_module`).
-- ``model``, ``data``, ``trainer``, ``speed``: read from the typed signatures of
-  :func:`~detr_lightning.models.build_detr`, :class:`~detr_lightning.data.CocoDataModule`,
-  ``lightning.Trainer`` and :func:`~detr_lightning.speed.apply_speed_options` by
-  :func:`signature_schema`: the code's own defaults, types and ``Literal`` choices are the config's.
+- ``model``, ``data``, ``trainer``, ``speed`` and export's example input: read from the typed signatures
+  of :func:`~detr_lightning.models.build_detr`, :class:`~detr_lightning.data.CocoDataModule`,
+  ``lightning.Trainer``, :func:`~detr_lightning.speed.apply_speed_options` and
+  :class:`~detr_lightning.export.ExportSettings` by :func:`signature_schema`: the code's own defaults,
+  types and ``Literal`` choices are the config's.
+- :class:`PredictConfig` and :class:`ExportConfig`: the other settings of ``predict.py`` and ``export.py``.
 
-:func:`register_configs` stores them in Hydra's ConfigStore. ``conf/train.yaml`` and ``conf/eval.yaml``
-start their defaults list with them, so Hydra checks every value as it composes the config: a wrong type
-or an unknown choice stops the command at once (``Error merging override KEY=VALUE`` and what was
-expected), before anything is built.
+:func:`register_configs` stores them in Hydra's ConfigStore. The command configs of ``conf/`` (train, eval,
+predict, export) start their defaults list with them, so Hydra checks every value as it composes the
+config: a wrong type or an unknown choice stops the command at once (``Error merging override
+KEY=VALUE`` and what was expected), before anything is built.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from detr_lightning.data import CocoDataModule
+from detr_lightning.inference import InferenceSettingError
 from detr_lightning.lit_module import (
     LossConfig,
     MatcherConfig,
@@ -165,6 +168,85 @@ class EvalConfig(RunConfig):
     split: Literal["val", "test"] = "val"
 
 
+@dataclass(frozen=True)
+class ExportSettings:
+    """What every export format shares: the example input it is traced on, and the check against PyTorch.
+
+    Raises `InferenceSettingError` on an example input too small to export.
+    """
+
+    height: int = 800  # the example input (a fixed-size ONNX graph takes exactly this size)
+    width: int = 1066
+    batch_size: int = 1
+    dynamic: bool = True  # ONNX: symbolic batch, height and width; both formats: also check a second size
+    mask_input: bool = True  # take the (B, H, W) padding mask as a second input (else images only)
+    atol: float = 1e-4  # the largest accepted |exported - PyTorch| on the check inputs
+    verify: bool = True  # run the exported model on the check inputs and compare it with PyTorch
+
+    def __post_init__(self) -> None:
+        if min(self.height, self.width) < 32 or self.batch_size < 1:
+            raise InferenceSettingError(
+                f"height={self.height}, width={self.width}, batch_size={self.batch_size}: the example input "
+                "needs at least 32x32 pixels and one image (official size: height=800 width=1066)."
+            )
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> ExportSettings:
+        """The settings of ``conf/export.yaml``."""
+        return cls(**{setting.name: cfg[setting.name] for setting in dataclasses.fields(cls)})
+
+    @property
+    def input_names(self) -> list[str]:
+        return ["images", "mask"] if self.mask_input else ["images"]
+
+
+ExportFormat = Literal["onnx", "torchscript", "huggingface"]
+#: auto: dynamo, else legacy; dynamo: ``torch.onnx.export(dynamo=True)``; legacy: ``dynamo=False``.
+OnnxExporter = Literal["auto", "dynamo", "legacy"]
+
+
+@dataclass
+class PretrainedWeights:
+    """``model`` of predict and export: weights to use instead of a checkpoint of this project."""
+
+    # detr_r50 | detr_r50_dc5 | detr_r101 | detr_r101_dc5 | URL | path | Hugging Face folder | hub id
+    pretrained: str | None = None
+
+
+@dataclass
+class PredictConfig:
+    """``predict.py``: the keys are described in ``conf/predict.yaml``."""
+
+    task_name: str = "predict"
+    ckpt_path: str | None = None
+    model: PretrainedWeights = field(default_factory=PretrainedWeights)
+    input: str | None = MISSING
+    threshold: float = 0.7
+    batch_size: int = 4
+    device: str = "auto"
+    num_workers: int = 2
+    class_names: list[str] | None = None
+    scale: int | None = None
+    max_size: int | None = None
+    attention: bool = False
+    attention_pixel: list[float] | None = None
+    progress: bool = True
+    output_dir: str = MISSING
+
+
+@dataclass
+class ExportConfig(signature_schema(ExportSettings, "ExportSettingsSchema")):
+    """``export.py``: the keys are described in ``conf/export.yaml``."""
+
+    task_name: str = "export"
+    ckpt_path: str | None = None
+    model: PretrainedWeights = field(default_factory=PretrainedWeights)
+    format: ExportFormat = "onnx"
+    onnx_exporter: OnnxExporter = "auto"
+    opset: int | None = None  # null: the exporter's default
+    output_dir: str = MISSING
+
+
 def _with_enums(schema: type, done: dict[type, type] | None = None) -> type:
     """``schema`` as OmegaConf can check it: its ``Literal`` fields as Enums, recursively (one class per
     schema, so that a group's node merges into the field it fills)."""
@@ -188,13 +270,16 @@ def _with_enums(schema: type, done: dict[type, type] | None = None) -> type:
 
 
 def register_configs() -> None:
-    """Store the schemas in Hydra's ConfigStore: ``train_schema``, ``eval_schema`` and the groups
+    """Store the schemas in Hydra's ConfigStore: ``train_schema``, ``eval_schema``, ``predict_schema``,
+    ``export_schema`` and the groups
     ``loss=default``, ``matcher=default``, ``optimizer=adamw``, ``scheduler=step``, ``speed=default``.
     Entry scripts and tests that compose ``conf/`` call this first."""
     store = ConfigStore.instance()
     done: dict[type, type] = {}
     store.store(name="train_schema", node=_with_enums(TrainConfig, done))
     store.store(name="eval_schema", node=_with_enums(EvalConfig, done))
+    store.store(name="predict_schema", node=_with_enums(PredictConfig, done))
+    store.store(name="export_schema", node=_with_enums(ExportConfig, done))
     store.store(group="loss", name="default", node=done[LossConfig])
     store.store(group="matcher", name="default", node=done[MatcherConfig])
     store.store(group="optimizer", name="adamw", node=done[OptimizerConfig])

@@ -24,7 +24,7 @@ import logging
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from detr_lightning.config import ExportSettings
 from detr_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from detr_lightning.files import write_json
 from detr_lightning.hf_format import WEIGHT_FILES, HFPreprocessing, import_transformers, write_hf_folder
@@ -40,8 +41,6 @@ from detr_lightning.models.detr import DETR
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("onnx", "torchscript", "huggingface")
-ONNX_EXPORTERS = ("auto", "dynamo", "legacy")
 OUTPUT_NAMES = ("pred_logits", "pred_boxes")
 #: The opset of the legacy exporter when none is given (the dynamo exporter picks its own).
 LEGACY_OPSET = 17
@@ -100,57 +99,9 @@ class ExportResult:
     max_abs_diff: dict[str, float] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class ExportSettings:
-    """What every export format shares: the example input it is traced on, and the check against PyTorch.
-
-    Raises `InferenceSettingError` on an example input too small to export.
-    """
-
-    height: int = 800  # the example input (a fixed-size ONNX graph takes exactly this size)
-    width: int = 1066
-    batch_size: int = 1
-    dynamic: bool = True  # ONNX: symbolic batch, height and width; both formats: also check a second size
-    mask_input: bool = True  # take the (B, H, W) padding mask as a second input (else images only)
-    atol: float = 1e-4  # the largest accepted |exported - PyTorch| on the check inputs
-    verify: bool = True  # run the exported model on the check inputs and compare it with PyTorch
-
-    def __post_init__(self) -> None:
-        if min(self.height, self.width) < 32 or self.batch_size < 1:
-            raise InferenceSettingError(
-                f"height={self.height}, width={self.width}, batch_size={self.batch_size}: the example input "
-                "needs at least 32x32 pixels and one image (official size: height=800 width=1066)."
-            )
-
-    @classmethod
-    def from_config(cls, cfg: DictConfig) -> ExportSettings:
-        """The settings of ``conf/export.yaml``."""
-        return cls(**{setting.name: cfg[setting.name] for setting in fields(cls)})
-
-    @property
-    def input_names(self) -> list[str]:
-        return ["images", "mask"] if self.mask_input else ["images"]
-
-    def check_inputs(self) -> dict[str, tuple[Tensor, ...]]:
-        """The inputs an export is checked on: the export size, and for a dynamic export another size
-        and batch (odd sizes, not multiples of the stride)."""
-        sizes = [(self.batch_size, self.height, self.width)]
-        if self.dynamic:
-            other_height, other_width = (3 * self.height) // 4 + 7, (2 * self.width) // 3 + 5
-            sizes.append((self.batch_size + 1, max(48, other_height), max(48, other_width)))
-        return {
-            "{}x{}x{}".format(*size): example_inputs(*size, mask_input=self.mask_input, seed=seed)
-            for seed, size in enumerate(sizes, start=1)
-        }
-
-
 def export(cfg: DictConfig) -> ExportResult:
     """Export the configured model (``ckpt_path`` or ``model.pretrained``) and check it."""
-    fmt, exporter = str(cfg.format), str(cfg.onnx_exporter)
-    if fmt not in FORMATS:
-        raise InferenceSettingError(f"format={fmt}: choose onnx, torchscript or huggingface.")
-    if exporter not in ONNX_EXPORTERS:
-        raise InferenceSettingError(f"onnx_exporter={exporter}: choose {', '.join(ONNX_EXPORTERS)}.")
+    fmt, exporter = str(cfg.format), str(cfg.onnx_exporter)  # checked by the schema (export_schema)
     settings = ExportSettings.from_config(cfg)
     detector = load_detector(ckpt_path=cfg.ckpt_path, pretrained=cfg.model.pretrained)
     output_dir = Path(cfg.output_dir).expanduser()
@@ -185,6 +136,19 @@ def example_inputs(
     return images, mask
 
 
+def check_inputs(settings: ExportSettings) -> dict[str, tuple[Tensor, ...]]:
+    """The inputs an export is checked on: the export size, and for a dynamic export another size
+    and batch (odd sizes, not multiples of the stride)."""
+    sizes = [(settings.batch_size, settings.height, settings.width)]
+    if settings.dynamic:
+        other_height, other_width = (3 * settings.height) // 4 + 7, (2 * settings.width) // 3 + 5
+        sizes.append((settings.batch_size + 1, max(48, other_height), max(48, other_width)))
+    return {
+        "{}x{}x{}".format(*size): example_inputs(*size, mask_input=settings.mask_input, seed=seed)
+        for seed, size in enumerate(sizes, start=1)
+    }
+
+
 def export_onnx(
     model: DETR,
     path: Path,
@@ -216,7 +180,7 @@ def export_onnx(
     exporter_name = f"torch.onnx.export(dynamo={dynamo})"
     result = ExportResult(path, "onnx", exporter_name, settings.input_names, settings.dynamic)
     if settings.verify:
-        checks = settings.check_inputs()
+        checks = check_inputs(settings)
         result.max_abs_diff = verify_export(_onnx_runner(path), module, checks, settings.atol)
     return result
 
@@ -258,7 +222,7 @@ def export_torchscript(
     if settings.verify:
         with _quiet_exporters():
             reloaded = torch.jit.load(str(path))
-            checks, atol = settings.check_inputs(), settings.atol
+            checks, atol = check_inputs(settings), settings.atol
             result.max_abs_diff = verify_export(lambda inputs: reloaded(*inputs), module, checks, atol)
     return result
 
@@ -278,7 +242,7 @@ def export_huggingface(
         folder, "huggingface", "DetrForObjectDetection", ["pixel_values", "pixel_mask"], True
     )
     if settings.verify:
-        checks, atol = settings.check_inputs(), settings.atol
+        checks, atol = check_inputs(settings), settings.atol
         result.max_abs_diff = verify_export(_huggingface_runner(folder), module, checks, atol)
     return result
 

@@ -171,7 +171,12 @@ def test_cli_errors_are_one_message_and_a_non_zero_exit(tmp_path, image_dir):
         (["input=IMAGES/notes.txt"], DataError, "notes.txt is not an image file"),
         (["input=EMPTY"], DataError, "holds no image files"),
         (["input=IMAGES", "threshold=1.5"], CheckpointError, "threshold=1.5 must be between 0 and 1"),
-        (["input=IMAGES", "attention_pixel=5"], CheckpointError, r"attention_pixel=5 must be \[x, y\]"),
+        # A wrong type (attention_pixel=5) is refused while composing: test_bad_inputs.WRONG_COMMAND_VALUES.
+        (
+            ["input=IMAGES", "attention_pixel=[1,2,3]"],
+            CheckpointError,
+            r"attention_pixel=\[1.0, 2.0, 3.0\] must be \[x, y\]",
+        ),
         (["input=IMAGES", "ckpt_path=null"], CheckpointError, "Give exactly one model"),
         (["input=IMAGES", "device=tpu"], InferenceSettingError, "device='tpu' is not a device"),
         (["input=IMAGES", "device=cuda:x"], InferenceSettingError, "device='cuda:x' is not a device"),

@@ -155,14 +155,30 @@ WRONG_VALUES = {
 }
 
 
-@pytest.mark.parametrize("override", list(WRONG_VALUES))
-def test_wrong_types_and_choices_are_refused_when_composing(compose_config, override):
+#: The same for the other commands: predict.py (PredictConfig) and export.py (ExportConfig, ExportSettings).
+WRONG_COMMAND_VALUES = {
+    "predict threshold=high": "Value 'high' of type 'str' could not be converted to Float",
+    "predict batch_size=1.5": "Value '1.5' of type 'float' could not be converted to Integer",
+    "predict attention_pixel=5": "int is not a ListConfig, list or tuple",
+    "export format=tflite": "Invalid value 'tflite', expected one of [onnx, torchscript, huggingface]",
+    "export onnx_exporter=fast": "Invalid value 'fast', expected one of [auto, dynamo, legacy]",
+    "export height=abc": "Value 'abc' of type 'str' could not be converted to Integer",
+    "export verify=maybe": "Value 'maybe' is not a valid bool",
+}
+
+
+@pytest.mark.parametrize(
+    "case", [f"train {override}" for override in WRONG_VALUES] + list(WRONG_COMMAND_VALUES)
+)
+def test_wrong_types_and_choices_are_refused_when_composing(compose_config, case):
+    command, override = case.split(" ")
     with pytest.raises(
         ConfigCompositionException, match=f"Error merging override {re.escape(override)}"
     ) as error:
-        compose_config(["experiment=demo", override])
+        compose_config(["experiment=demo", override] if command == "train" else [override], command)
     reason = str(error.value.__cause__)
-    assert WRONG_VALUES[override] in reason and f"full_key: {override.split('=')[0]}" in reason
+    expected = WRONG_VALUES[override] if command == "train" else WRONG_COMMAND_VALUES[case]
+    assert expected in reason and f"full_key: {override.split('=')[0]}" in reason
 
 
 def test_a_wrong_type_through_train_py_names_the_key_without_traceback(small_demo, tmp_path):

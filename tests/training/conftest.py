@@ -30,14 +30,14 @@ QUICK = [
 
 @pytest.fixture
 def compose_config():
-    """``compose_config(overrides)`` -> the composed train config (with the hydra node). As in a run,
-    ``${hydra:...}`` interpolations resolve: HydraConfig holds a copy (it makes the hydra node it holds
-    read-only), until the test ends."""
+    """``compose_config(overrides, name="train")`` -> the composed ``conf/<name>.yaml`` (with the hydra
+    node). As in a run, ``${hydra:...}`` interpolations resolve: HydraConfig holds a copy (it makes the
+    hydra node it holds read-only), until the test ends."""
 
-    def compose_with(overrides: list[str]):
+    def compose_with(overrides: list[str], name: str = "train"):
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+            cfg = compose(config_name=name, overrides=overrides, return_hydra_config=True)
         HydraConfig.instance().set_config(copy.deepcopy(cfg))
         return cfg
 
