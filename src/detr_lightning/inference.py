@@ -114,13 +114,14 @@ def load_detector(
 
 
 def _load_pretrained(source: str) -> Detector:
-    """Official weights (COCO names), or any other file of ``read_detr_file`` with the class names it
-    saved (a checkpoint of this project, a Hugging Face DETR's ``id2label``) and, for a Hugging Face DETR,
-    the resize of its ``preprocessor_config.json``."""
+    """Official weights (COCO names), or any other file of ``read_detr_file`` with the class names and
+    scoring it saved (a checkpoint of this project, a Hugging Face DETR's ``id2label``) and, for a Hugging
+    Face DETR, the resize of its ``preprocessor_config.json``."""
     file = read_detr_file(source)
     model = build_from_file(file, aux_loss=False).eval()
     names = COCO_CLASS_NAMES if _is_official(source) else file.contents.get("class_names") or {}
-    detector = Detector(model=model, class_names=_as_name_dict(names), source=source)
+    score, top_k = saved_scoring(file.contents)
+    detector = Detector(model, _as_name_dict(names), source=source, score=score, top_k=top_k)
     preprocessing = dict(file.contents.get("preprocessing") or {})
     if "scale" in preprocessing:
         detector.scale, detector.max_size = int(preprocessing["scale"]), preprocessing["max_size"]

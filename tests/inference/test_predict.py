@@ -14,11 +14,12 @@ from PIL import Image
 from cli_runs import cli_env, run_script
 from detr_lightning.data.errors import DataError
 from detr_lightning.inference import COCO_CLASS_NAMES, InferenceSettingError, load_detector
+from detr_lightning.lit_module import DETRLitModule
 from detr_lightning.models import build_detr
 from detr_lightning.models.weight_files import CheckpointError, WeightsUnavailableError
 from detr_lightning.predict import DetectorModule, ImageFiles, collate_images, predict, trainer_device
 
-from .conftest import IMAGES, REPO_ROOT, TINY_MODEL, compose_config
+from .conftest import IMAGES, REPO_ROOT, TINY_MODEL, compose_config, save_lightning_checkpoint
 
 EXPECTED_NAMES = {0: "shapes", 1: "square", 2: "disc", 3: "class 3", 4: "triangle"}
 
@@ -237,3 +238,14 @@ def test_official_weights_file_gets_coco_names(tmp_path):
     assert detector.class_names == COCO_CLASS_NAMES and len(COCO_CLASS_NAMES) == 80
     assert detector.class_name(1) == "person" and detector.class_name(90) == "toothbrush"
     assert (detector.scale, detector.max_size) == (800, 1333)
+
+
+def test_a_focal_loss_checkpoint_is_scored_with_sigmoid_however_it_is_given(tmp_path):
+    """Its saved ``loss.class_loss`` and ``postprocess.top_k`` decide the scoring, through ``ckpt_path``
+    and through ``model.pretrained`` alike (the official files: softmax)."""
+    torch.manual_seed(0)
+    module = DETRLitModule(model=TINY_MODEL, loss={"class_loss": "focal"}, postprocess={"top_k": 3})
+    path = save_lightning_checkpoint(module, tmp_path / "run" / "checkpoints" / "focal.ckpt")
+    for detector in (load_detector(ckpt_path=path), load_detector(pretrained=str(path))):
+        assert (detector.score, detector.top_k) == ("sigmoid", 3)
+        assert (detector.postprocess().score, detector.postprocess().top_k) == ("sigmoid", 3)
