@@ -169,15 +169,6 @@ def coco_results(
     return rows
 
 
-def detections_to_coco_results(
-    image_ids: Sequence[int],
-    detections: Sequence[Mapping[str, Tensor]],
-    label_to_category_id: Mapping[int, int],
-) -> list[dict[str, Any]]:
-    """Model detections (xyxy, model labels; see :func:`coco_detections`) as rows of a COCO results file."""
-    return coco_results(image_ids, coco_detections(detections, label_to_category_id))
-
-
 def category_names(coco_gt: Any) -> dict[int, str]:
     """Category id -> name of an annotation file's ``COCO`` index."""
     return {category_id: str(category["name"]) for category_id, category in coco_gt.cats.items()}

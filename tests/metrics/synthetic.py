@@ -22,6 +22,8 @@ from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from detr_lightning.metrics import coco_detections, coco_results
+
 #: The 12 COCOeval stats in ``COCOeval.stats`` order, as torchmetrics names them.
 STAT_KEYS = [
     "map",
@@ -217,3 +219,8 @@ class FakeDataModule(lightning.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader()
+
+
+def detections_to_coco_results(image_ids, detections, label_to_category_id) -> list[dict]:
+    """Model detections (xyxy, model labels) as the rows of a COCO results file, as the evaluator writes."""
+    return coco_results(image_ids, coco_detections(detections, label_to_category_id))

@@ -15,13 +15,13 @@ from torch import Tensor, nn
 
 from detr_lightning.callbacks import CocoEvaluator
 from detr_lightning.distributed import close_process_group
-from detr_lightning.metrics import detections_to_coco_results
 
 from .synthetic import (
     IMAGE_IDS,
     LABEL_TO_CATEGORY_ID,
     STAT_KEYS,
     FakeDataModule,
+    detections_to_coco_results,
     make_coco_dict,
     make_detections,
     perfect_detections,
