@@ -168,6 +168,26 @@ def read_detr_file(
     return DETRFile(str(source), path, contents, state_dict, architecture)
 
 
+def read_project_checkpoint(path: Path) -> DETRFile:
+    """A Lightning checkpoint of this project (``ckpt_path`` of eval and predict), read.
+
+    Raises:
+        CheckpointError: a missing file, or weights without this project's settings (official weights).
+    """
+    if not path.is_file():
+        raise CheckpointError(
+            f"ckpt_path={path} does not exist. Fix: point it at a run's checkpoints/best.ckpt "
+            "(or use model.pretrained=detr_r50 for the official COCO model)."
+        )
+    file = read_detr_file(path)
+    if not file.hyper_parameters:
+        raise CheckpointError(
+            f"{path} is not a Lightning checkpoint of this project. Fix: for official DETR weights use "
+            "model.pretrained=PATH instead of ckpt_path."
+        )
+    return file
+
+
 def _file_architecture(
     contents: Mapping[str, Any], state_dict: Mapping[str, Tensor], path: Path, source: str
 ) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -9,7 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from detr_lightning.checkpoints import read_detr_file
+from detr_lightning.checkpoints import DETRFile, read_project_checkpoint
 from detr_lightning.distributed import close_process_group
 from detr_lightning.lit_module import DETRLitModule
 from detr_lightning.models.weight_files import CheckpointError
@@ -42,15 +42,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise CheckpointError(
             "Nothing to evaluate: give ckpt_path=RUN/checkpoints/best.ckpt or model.pretrained=detr_r50."
         )
-    if cfg.split not in ("val", "test"):
-        raise CheckpointError(f"split={cfg.split!r}: choose val or test.")
     data_cfg = cfg.data
     if cfg.ckpt_path:
         ckpt_path = Path(cfg.ckpt_path).expanduser()
-        if not ckpt_path.is_file():
-            raise CheckpointError(
-                f"ckpt_path={ckpt_path} does not exist. Fix: point it at a run's checkpoints/best.ckpt."
-            )
+        file = read_project_checkpoint(ckpt_path)  # a wrong file is reported before the data is read
         command_line = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
         data_cfg = data_config_for_checkpoint(cfg, ckpt_path, command_line)
     with open_dict(data_cfg):
@@ -59,7 +54,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if not datamodule.has_split(cfg.split):
         raise CheckpointError(f"{data_cfg.root} has no {cfg.split} split to evaluate.")
     if cfg.ckpt_path:
-        module = load_project_checkpoint(ckpt_path)
+        module = project_module(file)
     else:
         num_classes = cfg.model.num_classes or datamodule.num_classes
         module = build_module(cfg, num_classes)
@@ -73,14 +68,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return {k: float(v) for k, v in (results[0] if results else {}).items()}
 
 
-def load_project_checkpoint(path: Path) -> DETRLitModule:
-    """The LightningModule of a checkpoint of this project: its settings, then its weights."""
-    file = read_detr_file(path)
-    if not file.hyper_parameters:
-        raise CheckpointError(
-            f"{path} is not a Lightning checkpoint of this project. Fix: for official DETR weights use "
-            "model.pretrained=PATH instead of ckpt_path."
-        )
+def project_module(file: DETRFile) -> DETRLitModule:
+    """The LightningModule of a checkpoint of this project (:func:`read_project_checkpoint`): its
+    settings, then its weights."""
     settings = file.hyper_parameters
     # The file holds every weight: nothing is downloaded (neither DETR nor ImageNet weights).
     model = {**settings["model"], "pretrained": None, "pretrained_backbone": False}

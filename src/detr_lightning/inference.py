@@ -19,7 +19,7 @@ from torch import Tensor
 from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
 from torchvision.transforms.v2 import functional as F
 
-from detr_lightning.checkpoints import build_from_file, read_detr_file, saved_scoring
+from detr_lightning.checkpoints import build_from_file, read_detr_file, read_project_checkpoint, saved_scoring
 from detr_lightning.data.annotations import read_annotation_file
 from detr_lightning.data.categories import build_label_map
 from detr_lightning.data.errors import DataError
@@ -154,17 +154,7 @@ def _as_name_dict(names: Sequence[str] | Mapping[Any, str]) -> dict[int, str]:
 
 
 def _load_project_checkpoint(path: Path) -> Detector:
-    if not path.is_file():
-        raise CheckpointError(
-            f"ckpt_path={path} does not exist. Fix: point it at a run's checkpoints/best.ckpt "
-            "(or use model.pretrained=detr_r50 for the official COCO model)."
-        )
-    file = read_detr_file(path)
-    if not file.hyper_parameters:
-        raise CheckpointError(
-            f"{path} is not a Lightning checkpoint of this project. Fix: for official DETR weights use "
-            "model.pretrained=PATH instead of ckpt_path."
-        )
+    file = read_project_checkpoint(path)
     model = build_from_file(file, aux_loss=False).eval()
     run_data = run_data_config(path.resolve().parent.parent)
     score, top_k = saved_scoring(file.contents)

@@ -15,12 +15,11 @@ import torch
 from cli_runs import run_script
 from data.builders import coco_dict, write_image, write_split
 from detr_lightning import load_detr
-from detr_lightning.checkpoints import CheckpointError
+from detr_lightning.checkpoints import CheckpointError, read_project_checkpoint
 from detr_lightning.data import CocoDataModule
 from detr_lightning.data.check import load_split
 from detr_lightning.data.errors import DataError
 from detr_lightning.data.layout import SplitFiles
-from detr_lightning.evaluation import load_project_checkpoint
 from detr_lightning.fault_tolerance import check_resume_checkpoint
 from detr_lightning.inference import load_detector
 from test_lit_module import loader, make_module, synthetic_batches
@@ -75,7 +74,7 @@ def test_resuming_from_a_code_running_checkpoint_is_refused(small_demo, evil_che
     "load",
     [
         pytest.param(check_resume_checkpoint, id="train.py ckpt_path (resume)"),
-        pytest.param(load_project_checkpoint, id="eval.py ckpt_path"),
+        pytest.param(read_project_checkpoint, id="eval.py ckpt_path"),
         pytest.param(lambda path: load_detector(ckpt_path=path), id="predict.py ckpt_path"),
         pytest.param(lambda path: load_detector(pretrained=str(path)), id="predict.py model.pretrained"),
         pytest.param(load_detr, id="model.pretrained (train, eval)"),
@@ -104,6 +103,11 @@ def test_a_weights_file_is_not_a_training_state(tmp_path):
     torch.save({"model": make_module().model.state_dict()}, path)
     with pytest.raises(CheckpointError, match="not a Lightning training checkpoint .* model.pretrained=PATH"):
         check_resume_checkpoint(str(path))
+    for ckpt_path in (read_project_checkpoint, lambda file: load_detector(ckpt_path=file)):  # eval, predict
+        with pytest.raises(
+            CheckpointError, match="not a Lightning checkpoint of this project.* model.pretrained="
+        ):
+            ckpt_path(path)
 
 
 # ------------------------------------------------------------------------------------------- image paths
