@@ -300,6 +300,7 @@ POSITIVE_KEYS = (
     "model.spatial_prior_sigma",
     "postprocess.top_k",
     "max_consecutive_nonfinite",
+    "speed.compile_recompile_limit",
 )
 
 

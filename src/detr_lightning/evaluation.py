@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from detr_lightning.checkpoints import DETRFile, read_project_checkpoint
+from detr_lightning.config import check_values
 from detr_lightning.distributed import close_process_group
 from detr_lightning.lit_module import DETRLitModule
 from detr_lightning.models.weight_files import CheckpointError
@@ -38,6 +39,7 @@ def data_config_for_checkpoint(cfg: DictConfig, ckpt_path: Path, command_line: l
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Run the COCO evaluation of ``cfg.split`` and return the figures (also in ``metrics.json``)."""
     quiet_third_party_logs()
+    check_values(cfg)
     if not cfg.ckpt_path and not cfg.model.pretrained:
         raise CheckpointError(
             "Nothing to evaluate: give ckpt_path=RUN/checkpoints/best.ckpt or model.pretrained=detr_r50."

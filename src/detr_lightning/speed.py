@@ -21,7 +21,6 @@ log = logging.getLogger(__name__)
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 COMPILE_MODES = typing.get_args(CompileMode)
 CompileTarget = Literal["model", "transformer"]
-COMPILE_TARGETS = typing.get_args(CompileTarget)
 
 
 def apply_speed_options(
@@ -33,7 +32,8 @@ def apply_speed_options(
     compile_target: CompileTarget = "model",
     compile_recompile_limit: int | None = None,
 ) -> nn.Module:
-    """Apply the speed options to ``model`` in place and return it.
+    """Apply the speed options to ``model`` in place and return it (the config schema checks the choices,
+    ``config.check_values`` the recompile limit).
 
     Args:
         model: a DETR (any ``nn.Module``; ``channels_last`` acts on its ``backbone`` if it has one).
@@ -53,16 +53,6 @@ def apply_speed_options(
         compile_recompile_limit: ``torch._dynamo.config.recompile_limit``, for the whole process (None:
             PyTorch's, 8): how many graphs a function compiles before it runs uncompiled for new shapes.
     """
-    if compile_mode not in COMPILE_MODES:
-        raise ValueError(f"speed.compile_mode={compile_mode!r}: choose one of {', '.join(COMPILE_MODES)}")
-    if compile_target not in COMPILE_TARGETS:
-        raise ValueError(
-            f"speed.compile_target={compile_target!r}: choose one of {', '.join(COMPILE_TARGETS)}"
-        )
-    if compile_recompile_limit is not None and compile_recompile_limit <= 0:
-        raise ValueError(
-            f"speed.compile_recompile_limit={compile_recompile_limit}: must be positive, or null"
-        )
     if channels_last:
         getattr(model, "backbone", model).to(memory_format=torch.channels_last)
         log.info("Backbone in channels_last memory format")

@@ -20,6 +20,8 @@ from cli_runs import run_script
 from data.builders import CATEGORIES, coco_dict, write_image, write_split
 from data.test_check import BROKEN_DATASETS
 from detr_lightning import preflight
+from detr_lightning.config import ConfigError
+from detr_lightning.evaluation import evaluate
 from detr_lightning.lit_module import DETRLitModule
 from detr_lightning.preflight import OutputDirError, check_output_dirs
 from detr_lightning.training import exit_on_user_error, train
@@ -133,6 +135,10 @@ MORE_CASES = {
         lambda root: ["model.num_queries=0"],
         r"config: model\.num_queries=0 must be positive",
     ),
+    "not positive: speed.compile_recompile_limit=0": (
+        lambda root: ["speed.compile_recompile_limit=0"],
+        r"config: speed\.compile_recompile_limit=0 must be positive",
+    ),
 }
 
 
@@ -152,6 +158,10 @@ WRONG_VALUES = {
         "Invalid value 'resnet99', expected one of [resnet18, resnet34, resnet50, resnet101]"
     ),
     "loss.class_loss=bce": "Invalid value 'bce', expected one of [ce, focal, varifocal]",
+    "speed.compile_mode=fastest": (
+        "Invalid value 'fastest', expected one of [default, reduce-overhead, max-autotune, "
+        "max-autotune-no-cudagraphs]"
+    ),
 }
 
 
@@ -179,6 +189,12 @@ def test_wrong_types_and_choices_are_refused_when_composing(compose_config, case
     reason = str(error.value.__cause__)
     expected = WRONG_VALUES[override] if command == "train" else WRONG_COMMAND_VALUES[case]
     assert expected in reason and f"full_key: {override.split('=')[0]}" in reason
+
+
+def test_eval_checks_the_values_before_reading_anything(compose_config, tmp_path):
+    cfg = compose_config([f"ckpt_path={tmp_path}/nowhere.ckpt", "postprocess.top_k=0"], "eval")
+    with pytest.raises(ConfigError, match=r"config: postprocess\.top_k=0 must be positive"):
+        evaluate(cfg)
 
 
 def test_a_wrong_type_through_train_py_names_the_key_without_traceback(small_demo, tmp_path):
