@@ -2,12 +2,12 @@
 
 - ``loss``, ``matcher``, ``optimizer``, ``scheduler``, ``postprocess``: the dataclasses the LightningModule
   takes as its arguments (:mod:`detr_lightning.lit_module`).
-- ``model``, ``data``, ``trainer``, ``speed`` and export's example input: read from the typed signatures
-  of :func:`~detr_lightning.models.build_detr`, :class:`~detr_lightning.data.CocoDataModule`,
-  ``lightning.Trainer``, :func:`~detr_lightning.speed.apply_speed_options` and
-  :class:`~detr_lightning.export.ExportSettings` by :func:`signature_schema`: the code's own defaults,
-  types and ``Literal`` choices are the config's.
-- :class:`PredictConfig` and :class:`ExportConfig`: the other settings of ``predict.py`` and ``export.py``.
+- ``model``, ``data``, ``trainer``, ``speed``: read from the typed signatures of
+  :func:`~detr_lightning.models.build_detr`, :class:`~detr_lightning.data.CocoDataModule`,
+  ``lightning.Trainer`` and :func:`~detr_lightning.speed.apply_speed_options` by
+  :func:`signature_schema`: the code's own defaults, types and ``Literal`` choices are the config's.
+- :class:`PredictConfig`; :class:`ExportConfig`, :class:`ExportSettings` (what every export format
+  shares) and the rest of ``export.py``.
 
 :func:`register_configs` stores them in Hydra's ConfigStore. The command configs of ``conf/`` (train, eval,
 predict, export) start their defaults list with them, so Hydra checks every value as it composes the
