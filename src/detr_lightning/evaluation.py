@@ -16,7 +16,7 @@ from detr_lightning.lit_module import DETRLitModule
 from detr_lightning.models.weight_files import CheckpointError
 from detr_lightning.runs import run_data_config
 from detr_lightning.speed import apply_speed_config
-from detr_lightning.training import build_module, instantiate_group, quiet_third_party_logs
+from detr_lightning.training import build_module, instantiate_group
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,6 @@ def data_config_for_checkpoint(cfg: DictConfig, ckpt_path: Path, command_line: l
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Run the COCO evaluation of ``cfg.split`` and return the figures (also in ``metrics.json``)."""
-    quiet_third_party_logs()
     check_values(cfg)
     if not cfg.ckpt_path and not cfg.model.pretrained:
         raise CheckpointError(

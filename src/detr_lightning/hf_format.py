@@ -127,12 +127,12 @@ HF_FIXED = {
     "backbone_output_stage": ("layer4", "transformers: layer4"),
     "spatial_prior": ("none", "not in transformers' DETR"),
 }
-#: Our backbone -> (transformers ResNet ``layer_type``, ``depths``, ``hidden_sizes``).
+#: Our backbone -> its transformers ``ResNetConfig`` fields.
 NATIVE_RESNETS = {
-    "resnet18": ("basic", (2, 2, 2, 2), (64, 128, 256, 512)),
-    "resnet34": ("basic", (3, 4, 6, 3), (64, 128, 256, 512)),
-    "resnet50": ("bottleneck", (3, 4, 6, 3), (256, 512, 1024, 2048)),
-    "resnet101": ("bottleneck", (3, 4, 23, 3), (256, 512, 1024, 2048)),
+    "resnet18": dict(layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512]),
+    "resnet34": dict(layer_type="basic", depths=[3, 4, 6, 3], hidden_sizes=[64, 128, 256, 512]),
+    "resnet50": dict(layer_type="bottleneck", depths=[3, 4, 6, 3], hidden_sizes=[256, 512, 1024, 2048]),
+    "resnet101": dict(layer_type="bottleneck", depths=[3, 4, 23, 3], hidden_sizes=[256, 512, 1024, 2048]),
 }
 
 
@@ -144,16 +144,14 @@ def _shown(values: Sequence[str], limit: int = 12) -> str:
 def _backbone_config(config: Mapping[str, Any], problems: list[str]) -> Any:
     """The ``backbone_config`` of a ``config.json``, made up from the other fields where it is missing:
     transformers 4's timm backbone by name, or else transformers' default ``ResNetConfig`` (ResNet-50)."""
-    sub = config.get("backbone_config")
-    if sub is not None:
+    if (sub := config.get("backbone_config")) is not None:
         return sub
     if config.get("use_timm_backbone", True):
         kwargs = dict(config.get("backbone_kwargs") or {})
         if unknown := sorted(set(kwargs) - TIMM_KWARGS):
             problems.append(f"backbone_kwargs {unknown} (not read here)")
-        stride = 16 if config.get("dilation") else None
         return {
-            "output_stride": stride,
+            "output_stride": 16 if config.get("dilation") else None,
             **kwargs,
             "backbone": config.get("backbone"),
             "model_type": "timm_backbone",
@@ -175,17 +173,15 @@ def _backbone(sub: Any, problems: list[str]) -> tuple[str, bool, str]:
     if (channels := sub.get("num_channels", sub.get("in_chans", 3))) != 3:
         problems.append(f"num_channels={channels} (RGB only)")
     if kind == "resnet":  # transformers' ResNet cannot dilate; its config's `dilation` is unused there too
-        layout = (
-            str(sub.get("layer_type", "bottleneck")),
-            tuple(sub.get("depths") or (3, 4, 6, 3)),
-            tuple(sub.get("hidden_sizes") or (256, 512, 1024, 2048)),
-        )
+        layout = {
+            "layer_type": str(sub.get("layer_type", "bottleneck")),
+            "depths": list(sub.get("depths") or (3, 4, 6, 3)),
+            "hidden_sizes": list(sub.get("hidden_sizes") or (256, 512, 1024, 2048)),
+        }
         name = next((name for name, known in NATIVE_RESNETS.items() if known == layout), None)
         if name is None:
-            problems.append(
-                f"ResNet layer_type={layout[0]!r} depths={list(layout[1])} hidden_sizes={list(layout[2])} "
-                "(only ResNet-18/34/50/101)"
-            )
+            shown = " ".join(f"{field}={value!r}" for field, value in layout.items())
+            problems.append(f"ResNet {shown} (only ResNet-18/34/50/101)")
         problems.extend(
             f"backbone_config.{k}={sub[k]!r} (only {v!r})"
             for k, v in NATIVE_FIXED.items()
@@ -251,14 +247,13 @@ def hf_architecture(config: Mapping[str, Any], where: str | os.PathLike) -> tupl
             "Fix: use a DetrForObjectDetection with a ResNet-18/34/50/101 backbone (see the README's "
             "'Hugging Face checkpoints' for the supported fields)."
         )
-    id2label = config.get("id2label")
     architecture = {ours: type(default)(value[field]) for field, (ours, default) in HF_FIELDS.items()}
     architecture.update(
         {argument: fixed for argument, (fixed, _) in HF_FIXED.items()},
         backbone=backbone,
         dilation=dilation,
         backbone_norm="frozen",
-        num_classes=len(id2label) if id2label else int(config.get("num_labels", 2)),  # HF's default: 2
+        num_classes=len(config.get("id2label") or ()) or int(config.get("num_labels", 2)),  # HF's default: 2
         num_groups=1,
     )
     return architecture, flavour
@@ -340,8 +335,7 @@ def _key_templates(flavour: str) -> tuple[tuple[str, str], ...]:
 
 
 def _translate(key: str, templates: Iterable[tuple[str, str]]) -> tuple[str, dict[str, str]] | None:
-    """The second template of the first pair whose first template matches ``key``, with the values of
-    its placeholders; None when no template matches."""
+    """``(target, placeholder values)`` of the first pair whose source template matches ``key``, or None."""
     for source, target in templates:
         if match := _regex(source).fullmatch(key):
             return target, match.groupdict()
@@ -371,8 +365,7 @@ def hf_to_ours(hf_state: Mapping[str, Tensor], flavour: str, where: str | os.Pat
             unmapped.append(original)
             continue
         template, values = hit
-        projection = values.pop("qkv", None)
-        if projection is None:
+        if (projection := values.pop("qkv", None)) is None:
             ours[template.format(**values)] = tensor
         else:
             packed.setdefault(template.format(**values), {})[projection] = tensor
@@ -496,11 +489,9 @@ def _download(repo_id: str) -> Path:
         cache) does not have it."""
         try:
             return Path(hf_hub_download(repo_id, filename, local_files_only=offline))
-        except errors.LocalEntryNotFoundError:  # before its base class
-            if not offline:  # the hub could not be reached and the file is not cached
+        except errors.EntryNotFoundError as error:  # Local...: not cached; online: hub unreachable too
+            if isinstance(error, errors.LocalEntryNotFoundError) and not offline:
                 raise
-            return None
-        except errors.EntryNotFoundError:
             return None
 
     try:
@@ -634,20 +625,6 @@ def import_transformers(purpose: str) -> ModuleType:
     return transformers
 
 
-def _export_problems(arch: Mapping[str, Any], flavour: str) -> list[str]:
-    """What transformers' DETR cannot compute of a model of ``arch`` (as override-style settings)."""
-    problems = [
-        f"model.{argument}={str(arch[argument]).lower()} ({why})"  # true/false as in an override
-        for argument, (value, why) in HF_FIXED.items()
-        if arch[argument] != value
-    ]
-    if arch["activation"] not in HF_CHOICES["activation_function"]:
-        problems.append(f"model.activation={arch['activation']} (transformers' DETR: relu or gelu)")
-    if flavour == "native" and arch["dilation"]:
-        problems.append("model.dilation=true with transformers' ResNet (only timm's dilates: flavour=timm)")
-    return problems
-
-
 def write_hf_folder(
     model: DETR,
     folder: str | os.PathLike,
@@ -676,7 +653,16 @@ def write_hf_folder(
             "architecture to describe)."
         )
     flavour = flavour or ("timm" if arch["dilation"] else "native")
-    if problems := _export_problems(arch, flavour):
+    problems = [  # what transformers' DETR cannot compute, as override-style settings
+        f"model.{argument}={str(arch[argument]).lower()} ({why})"  # true/false as in an override
+        for argument, (value, why) in HF_FIXED.items()
+        if arch[argument] != value
+    ]
+    if arch["activation"] not in HF_CHOICES["activation_function"]:
+        problems.append(f"model.activation={arch['activation']} (transformers' DETR: relu or gelu)")
+    if flavour == "native" and arch["dilation"]:
+        problems.append("model.dilation=true with transformers' ResNet (only timm's dilates: flavour=timm)")
+    if problems:
         raise CheckpointError(f"transformers' DETR cannot reproduce this model: {'; '.join(problems)}.")
     state = {  # Group DETR's extra queries only train; frozen batch norm has no counter.
         key: value
@@ -691,13 +677,8 @@ def write_hf_folder(
     if flavour == "timm":
         backbone = {"use_timm_backbone": True, "backbone": arch["backbone"], "dilation": arch["dilation"]}
     else:
-        layer_type, depths, hidden_sizes = NATIVE_RESNETS[arch["backbone"]]
         resnet = transformers.ResNetConfig(
-            layer_type=layer_type,
-            depths=list(depths),
-            hidden_sizes=list(hidden_sizes),
-            out_features=["stage4"],
-            **NATIVE_FIXED,
+            **NATIVE_RESNETS[arch["backbone"]], out_features=["stage4"], **NATIVE_FIXED
         )
         backbone = {"use_timm_backbone": False, "backbone_config": resnet}
     config = transformers.DetrConfig(

@@ -122,9 +122,7 @@ def override_values(overrides: Iterable[str]) -> dict[str, str]:
 def differing_keys(values: Sequence[Mapping[str, str]]) -> list[str]:
     """The keys whose values differ between the mappings (e.g. `override_values` of runs: the swept
     parameters), in order of first appearance."""
-    keys: list[str] = []
-    for mapping in values:
-        keys.extend(key for key in mapping if key not in keys)
+    keys = dict.fromkeys(key for mapping in values for key in mapping)
     return [key for key in keys if len({mapping.get(key) for mapping in values}) > 1]
 
 
@@ -172,11 +170,8 @@ def run_data_config(run_dir: Path) -> dict[str, Any] | None:
         config = OmegaConf.load(config_file)
         if "data" not in config:
             return None
-        cwd = (
-            OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.cwd")
-            if hydra_file.is_file()
-            else None
-        )
+        hydra_config = OmegaConf.load(hydra_file) if hydra_file.is_file() else OmegaConf.create()
+        cwd = OmegaConf.select(hydra_config, "hydra.runtime.cwd")
         if "paths" in config:
             config.paths.root_dir = str(cwd or Path.cwd())
             config.paths.output_dir = str(run_dir)

@@ -105,7 +105,13 @@ def run_sweep_job(
     finally:
         record["duration_s"] = round(time.monotonic() - start, 1)
         write_job_status(job_dir, record)
-        _finish_wandb_run(failed=record["status"] != "ok")
+        # End an open W&B run: the next job's WandbLogger would log into it (it reuses ``wandb.run``). Then
+        # stop this process's W&B service: a launcher's worker process (Ray) may be killed once the sweep
+        # ends, and a service still attached then fails at exit with a traceback.
+        wandb = sys.modules.get("wandb")  # never imported here: only a job that logged to W&B has a run open
+        if wandb is not None and getattr(wandb, "run", None) is not None:
+            wandb.finish(exit_code=1 if record["status"] != "ok" else 0)
+            wandb.teardown()
         # The job's trainer, model and data sit in reference cycles (and in a failed job's traceback):
         # free them, and the memory they hold, before the next job of this process starts.
         gc.collect()
@@ -167,16 +173,6 @@ def check_mode(mode: str, key: str) -> str:
     return mode
 
 
-def _finish_wandb_run(failed: bool) -> None:
-    """End an open W&B run: the next job's WandbLogger would log into it (it reuses ``wandb.run``). Then
-    stop this process's W&B service: a launcher's worker process (Ray) may be killed once the sweep ends,
-    and a service still attached then fails at exit with a traceback."""
-    wandb = sys.modules.get("wandb")  # never imported here: only a job that logged to W&B has a run open
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish(exit_code=1 if failed else 0)
-        wandb.teardown()
-
-
 # ------------------------------------------------------------------------------------------ job folders
 @dataclass
 class JobResult:
@@ -234,13 +230,14 @@ def swept_keys(jobs: Sequence[JobResult]) -> list[str]:
     return differing_keys([override_values(job.overrides) for job in jobs])
 
 
-def summary_rows(
-    jobs: Sequence[JobResult], metric: str, final_metrics: Sequence[str]
-) -> list[dict[str, Any]]:
-    """One ``summary.csv`` row per job, in the order of ``jobs``, all with the same columns (only the
-    ``final_metrics`` that some job has); empty cells for what a job lacks."""
+def write_summary_csv(
+    jobs: Sequence[JobResult], path: Path, metric: str, final_metrics: Sequence[str] = DEFAULT_FINAL_METRICS
+) -> Path:
+    """Write ``summary.csv`` (atomically: a reader never sees half a file) and return its path: one row per
+    job, in the order of ``jobs``, all with the same columns (only the ``final_metrics`` that some job has);
+    empty cells for what a job lacks."""
     keys, finals = swept_keys(jobs), _shown_finals(jobs, final_metrics)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for rank, job in enumerate(jobs, start=1):
         values = override_values(job.overrides)
         row: dict[str, Any] = {"rank": rank, "job": job.job, "status": job.status}
@@ -249,14 +246,6 @@ def summary_rows(
         row.update({name: job.final.get(name) for name in finals})
         row.update(duration_s=job.duration_s, error=job.error, overrides=" ".join(job.overrides))
         rows.append({column: "" if value is None else value for column, value in row.items()})
-    return rows
-
-
-def write_summary_csv(
-    jobs: Sequence[JobResult], path: Path, metric: str, final_metrics: Sequence[str] = DEFAULT_FINAL_METRICS
-) -> Path:
-    """Write ``summary.csv`` (atomically: a reader never sees half a file) and return its path."""
-    rows = summary_rows(jobs, metric, final_metrics)
     with atomic_writer(path, newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else [])
         writer.writeheader()
@@ -304,13 +293,6 @@ def best_job(jobs: Sequence[JobResult]) -> JobResult | None:
     return next((job for job in jobs if job.status == "ok" and job.best is not None), None)
 
 
-def best_command(jobs: Sequence[JobResult]) -> str | None:
-    """The :func:`best_job` as a single-run command, ``python train.py OVERRIDES`` quoted for a shell
-    (without ``-m`` and Hydra's own overrides); None without a best job."""
-    best = best_job(jobs)
-    return None if best is None else command_line(best.job_name, single_run_overrides(best.overrides))
-
-
 def print_summary(
     jobs: Sequence[JobResult],
     metric: str,
@@ -319,7 +301,8 @@ def print_summary(
     csv_path: Path | None = None,
     console: Console | None = None,
 ) -> None:
-    """Print :func:`summary_table`, captioned with ``csv_path``, and then :func:`best_command`."""
+    """Print :func:`summary_table`, captioned with ``csv_path``, and then the :func:`best_job` as a single-run
+    command, ``python train.py OVERRIDES`` quoted for a shell (without ``-m`` and Hydra's own overrides)."""
     console = console or Console()
     table = summary_table(jobs, metric, mode, final_metrics)
     if csv_path is not None:
@@ -328,9 +311,10 @@ def print_summary(
         unbounded = console.options.update_width(sys.maxsize)
         console.width = max(console.width, console.measure(table, options=unbounded).maximum)
     console.print(table)
-    best, command = best_job(jobs), best_command(jobs)
-    if best is not None and command is not None:
+    best = best_job(jobs)
+    if best is not None:
         console.print(Text(f"Best job ({best.job}, {metric} {_format_figure(best.best)}) as a single run:"))
+        command = command_line(best.job_name, single_run_overrides(best.overrides))
         # One line, never wrapped by rich: it pastes into a shell as it is.
         console.print(Text(command), soft_wrap=True)
 

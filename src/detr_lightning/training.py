@@ -74,14 +74,8 @@ def build_module(cfg: DictConfig, num_classes: int) -> DETRLitModule:
     )
 
 
-def quiet_third_party_logs() -> None:
-    """faster-coco-eval logs its own copy of the COCO summary at INFO; ours is printed once."""
-    logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
-
-
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the model of ``cfg`` on its data, then test the best checkpoint; return the final figures."""
-    quiet_third_party_logs()
     check_values(cfg)
     data = cfg.data
     if data.root is None and not data.train.ann_file and not data.generate_demo:

@@ -30,7 +30,6 @@ from detr_lightning.batching import pad_images_to_batch
 from detr_lightning.models import PostProcess, ResNetBackbone, build_detr
 from detr_lightning.speed import COMPILE_MODES, apply_speed_options
 from detr_lightning.tools import e2e
-from detr_lightning.tools.e2e import synchronize
 
 PRECISIONS = {"32": None, "32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 R50_MODEL = {"num_classes": 91, "backbone": "resnet50", "num_queries": 100, "aux_loss": True}
@@ -63,12 +62,12 @@ def time_calls(fn: Callable[[], Any], steps: int, warmup: int, device: torch.dev
     """Seconds of each of ``steps`` calls of ``fn`` after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
-    synchronize(device)
+    e2e.synchronize(device)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         fn()
-        synchronize(device)
+        e2e.synchronize(device)
         times.append(time.perf_counter() - start)
     return times
 
@@ -105,10 +104,10 @@ class PhaseTimer:
         if not self.enabled:
             yield
             return
-        synchronize(self.device)
+        e2e.synchronize(self.device)
         start = time.perf_counter()
         yield
-        synchronize(self.device)
+        e2e.synchronize(self.device)
         self.seconds.setdefault(name, []).append(time.perf_counter() - start)
 
     def medians(self) -> dict[str, float]:
@@ -245,8 +244,7 @@ def step_flops(step: Callable[[], Tensor]) -> int:
     """Floating-point operations of one step (forward + backward), counted by torch's FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
-    with counter:
+    with FlopCounterMode(display=False) as counter:
         step()
     return counter.get_total_flops()
 

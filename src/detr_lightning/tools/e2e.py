@@ -188,7 +188,7 @@ class E2ETimer(Callback):
             return
         self.device = trainer.strategy.root_device
         matcher = getattr(getattr(pl_module, "criterion", None), "matcher", None)
-        if matcher is not None and hasattr(matcher, "match_layers"):
+        if hasattr(matcher, "match_layers"):
             self._wrap(matcher, "match_layers", "matching", sync=True)
         self._wrap(pl_module, "log", "logging")
         self._wrap(pl_module, "log_dict", "logging")
@@ -205,8 +205,14 @@ class E2ETimer(Callback):
     ) -> None:
         self.device = pl_module.device
         if self.step == self.warmup_steps:
-            self._open_window()
-        if self.step == self.window_end and self.profile_end > self.window_end:
+            synchronize(self.device)  # the timed window starts with the device idle
+            now = self._started["window"] = time.perf_counter()
+            self.figures["first_steps_s"] = round(now - self._started.get("first_step", now), 3)  # warm-up
+            self.figures["dynamo_before_window"] = _dynamo_counts()
+            if self.device.type == "cuda" and self.nvml_interval_s > 0:
+                self._nvml = _NvmlSampler(self.device, self.nvml_interval_s)
+            self.in_window = True
+        if self.step == self.window_end and self.profile_end > self.window_end and self.device.type == "cuda":
             self._start_profiler()
         if self.step == self.profile_end and self.flop_end > self.profile_end:
             self._start_flop_counter(pl_module)
@@ -240,7 +246,12 @@ class E2ETimer(Callback):
         if self.in_window:
             self.step_times.append(now - self._started["step"])
         if last_timed:
-            self._close_window(now)
+            self._window_s = now - self._started["window"]
+            self.in_window = False
+            self.figures["dynamo_after_window"] = _dynamo_counts()
+            self.figures["nvml_utilization_mean"] = self._nvml.stop() if self._nvml else None
+            # Written now too: the timed figures survive a failure in the steps after them.
+            write_json(self.out, self.result())
         if self.step == self.profile_end - 1 and self._profiler is not None:
             self._stop_profiler()
         if self.step == self.flop_end - 1 and self._flop_counter is not None:
@@ -251,22 +262,6 @@ class E2ETimer(Callback):
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._new_epoch = True
-
-    def _open_window(self) -> None:
-        synchronize(self.device)  # the timed window starts with the device idle
-        now = self._started["window"] = time.perf_counter()
-        self.figures["first_steps_s"] = round(now - self._started.get("first_step", now), 3)  # the warm-up
-        self.figures["dynamo_before_window"] = _dynamo_counts()
-        if self.device.type == "cuda" and self.nvml_interval_s > 0:
-            self._nvml = _NvmlSampler(self.device, self.nvml_interval_s)
-        self.in_window = True
-
-    def _close_window(self, now: float) -> None:
-        self._window_s = now - self._started["window"]
-        self.in_window = False
-        self.figures["dynamo_after_window"] = _dynamo_counts()
-        self.figures["nvml_utilization_mean"] = self._nvml.stop() if self._nvml else None
-        self._write()  # now too: the timed figures survive a failure in the steps after them
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.sanity_checking:
@@ -290,17 +285,13 @@ class E2ETimer(Callback):
             self.region = "gap"
 
     def _start_profiler(self) -> None:
-        if self.device.type != "cuda":
-            return
         from torch.profiler import ProfilerActivity, profile
 
         synchronize(self.device)
         try:
-            self._profiler = profile(activities=[ProfilerActivity.CUDA])
-            self._profiler.__enter__()
+            self._profiler = profile(activities=[ProfilerActivity.CUDA]).__enter__()
         except Exception as error:  # the figures of the timed steps are kept whatever the profiler does
             self.figures["profile_error"] = repr(error)
-            self._profiler = None
         self._started["profile"] = time.perf_counter()
 
     def _stop_profiler(self) -> None:
@@ -324,13 +315,9 @@ class E2ETimer(Callback):
             return  # the counter does not see inside compiled graphs
         from torch.utils.flop_counter import FlopCounterMode
 
-        self._flop_counter = FlopCounterMode(display=False)
-        self._flop_counter.__enter__()
+        self._flop_counter = FlopCounterMode(display=False).__enter__()
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._write()
-
-    def _write(self) -> None:
         write_json(self.out, self.result())
 
     def result(self) -> dict[str, Any]:
@@ -529,10 +516,8 @@ def bench_train_e2e(args: argparse.Namespace) -> dict[str, Any]:
         for name, overrides in settings if round_ % 2 == 0 else settings[::-1]:
             left = deadline - time.perf_counter()
             # What this run should take: the setting's longest run so far, else the longest of any.
-            expected = [row["run_s"] for row in rows if row["setting"] == name] or [
-                row["run_s"] for row in rows
-            ]
-            if left <= 0 or max(expected, default=0.0) > left:
+            earlier = [row for row in rows if row["setting"] == name] or rows
+            if left <= 0 or max((row["run_s"] for row in earlier), default=0.0) > left:
                 _progress(f"{name} round {round_} skipped: {left:.0f} s of the budget left")
                 continue
             rows.append(run_setting(args, name, overrides, round_, timeout=min(args.run_timeout, left)))
