@@ -211,10 +211,9 @@ class DETRLitModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Label -> class name, so predict/export name classes from the checkpoint alone.
-        datamodule = getattr(self._trainer, "datamodule", None)
         try:
-            names = dict(getattr(datamodule, "class_names", None) or {})
-        except Exception:  # a datamodule not set up (or without names): the names stay out
+            names = dict(getattr(self.trainer.datamodule, "class_names", None) or {})
+        except Exception:  # no Trainer attached, or a datamodule not set up (or without names): none saved
             names = {}
         if names:
             checkpoint["class_names"] = {int(label): str(name) for label, name in names.items()}
