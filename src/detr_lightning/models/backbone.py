@@ -6,14 +6,14 @@ official checkpoints once this module sits at index 0 of :class:`BackboneWithPos
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
-from torchvision.models._utils import IntermediateLayerGetter
-from torchvision.ops.misc import FrozenBatchNorm2d
+from torchvision.ops import FrozenBatchNorm2d
 
 from detr_lightning.models.position_encoding import PositionEncoding
 from detr_lightning.models.weight_files import fetch_torchvision_weights
@@ -154,7 +154,9 @@ class ResNetBackbone(nn.Module):
         for param_name, param in resnet.named_parameters():
             stage = "conv1" if param_name.startswith(("conv1.", "bn1.")) else param_name.split(".")[0]
             param.requires_grad_(stage in trainable_stages)
-        self.body = IntermediateLayerGetter(resnet, return_layers={output_stage: "0"})
+        stages = list(resnet.named_children())  # conv1, bn1, relu, maxpool, layer1 ... layer4, avgpool, fc
+        last = [name for name, _ in stages].index(output_stage)
+        self.body = nn.Sequential(OrderedDict(stages[: last + 1]))  # keys body.conv1.*, body.layer1.* ...
         last_stage_channels = 512 if basic_blocks else 2048
         self.num_channels = last_stage_channels if output_stage == "layer4" else last_stage_channels // 2
         self.stride = 16 if dilation or output_stage == "layer3" else 32
@@ -163,7 +165,7 @@ class ResNetBackbone(nn.Module):
         """``images (B, 3, H, W)`` normalized and zero-padded, ``mask (B, H, W)`` True on padding ->
         ``features (B, C, h, w)`` with ``h = ceil(H / stride)``, and the mask down-sampled to
         ``(B, h, w)`` by nearest interpolation, as the official code does."""
-        features = self.body(images)["0"]
+        features = self.body(images)
         feature_mask = F.interpolate(mask[None].float(), size=features.shape[-2:]).to(torch.bool)[0]
         return features, feature_mask
 
