@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from detr_lightning.config import register_configs
 from detr_lightning.data.demo import ensure_demo_dataset
@@ -18,6 +19,33 @@ SHARED_DIR = Path(os.environ.get("DETR_LIGHTNING_SHARED", REPO_ROOT.parent / "sh
 OFFICIAL_FIXTURES = SHARED_DIR / "fixtures" / "official_detr"
 
 register_configs()  # as train.py and eval.py do: the schemas that conf/ composes with
+
+#: Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``), the tests that read the one demo sweep run
+#: in one worker, which runs the sweep once (see :func:`pytest_collection_modifyitems`).
+DEMO_SWEEP_GROUP = "demo_sweep"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "slow: a module of seconds-long runs (processes, exports); scheduled first under xdist"
+    )
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:  # one worker per core: its in-process torch ops take their share, not every core each
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(workers)))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In an xdist worker: each test module is one unit of work (its module fixtures run once), except the
+    tests of the demo sweep, one unit together; the slow units first, so no worker ends with a long one."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    for item in items:
+        group = DEMO_SWEEP_GROUP if DEMO_SWEEP_GROUP in item.fixturenames else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(
+        key=lambda item: not (item.get_closest_marker("slow") or DEMO_SWEEP_GROUP in item.fixturenames)
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -22,6 +22,8 @@ from detr_lightning.inference import InferenceSettingError, load_detector
 
 from .conftest import compose_config, finish_cli, start_cli, tiny_module
 
+pytestmark = pytest.mark.slow
+
 ATOL = 1e-4
 
 

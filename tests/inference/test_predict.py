@@ -21,6 +21,8 @@ from detr_lightning.predict import DetectorModule, ImageFiles, collate_images, p
 
 from .conftest import IMAGES, REPO_ROOT, TINY_MODEL, compose_config, save_lightning_checkpoint
 
+pytestmark = pytest.mark.slow
+
 EXPECTED_NAMES = {0: "shapes", 1: "square", 2: "disc", 3: "class 3", 4: "triangle"}
 
 

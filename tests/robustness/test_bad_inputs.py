@@ -28,6 +28,8 @@ from detr_lightning.training import exit_on_user_error, train
 
 from .conftest import REPO_ROOT, cli_env, demo_args, fast, load_checkpoint
 
+pytestmark = pytest.mark.slow
+
 SPLIT_FOLDERS = ("train", "valid", "test")
 
 

@@ -32,6 +32,8 @@ from test_lit_module import loader, make_module, synthetic_batches
 
 from .conftest import RunningTrain, cli_env, demo_args, load_checkpoint, run_cli
 
+pytestmark = pytest.mark.slow
+
 #: Deterministic algorithms and a data worker that lives across epochs (the harder case for resuming).
 EXACT = ["trainer.deterministic=true", "data.num_workers=1", "data.persistent_workers=true"]
 

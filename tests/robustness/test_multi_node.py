@@ -41,6 +41,8 @@ from detr_lightning.distributed import (
 
 from .conftest import REPO_ROOT, cli_env, load_checkpoint, run_cli
 
+pytestmark = pytest.mark.slow
+
 # Odd: the two ranks' evaluation shards differ in size (2 and 3 images). One batch each (batch 3): with a
 # different number of batches per rank, the validation step's box count (an all_reduce) would wait forever.
 NUM_VAL = NUM_TEST = 5

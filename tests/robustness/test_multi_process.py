@@ -101,7 +101,9 @@ def _fit(tmp_path: Path, batches, devices: int) -> None:
     trainer = lightning.Trainer(
         accelerator="cpu",
         devices=devices,
-        strategy="ddp_fork" if devices > 1 else "auto",  # forks of this process: nothing to import again
+        # Fresh processes, not forks of this one: a fork cannot run autograd once this process has run
+        # autograd's device threads (an ONNX export of another test does: meta tensors).
+        strategy="ddp_spawn" if devices > 1 else "auto",
         max_epochs=1,
         logger=False,
         enable_checkpointing=False,

@@ -10,6 +10,8 @@ import pytest
 
 from detr_lightning.tools.bench import main, synthetic_detections
 
+pytestmark = pytest.mark.slow
+
 
 def test_synthetic_detections_are_valid_xywh():
     predictions, targets = synthetic_detections(5, 10)

@@ -27,6 +27,8 @@ from .conftest import REPO_ROOT
 from .test_sweep import QUICKER, read_summary, table_rows
 from .test_wandb import wandb_records
 
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="the [cluster] extra is not installed")
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the [cluster] extra is not installed")
 

@@ -12,6 +12,7 @@ import math
 import shlex
 from pathlib import Path
 
+import pytest
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
@@ -21,6 +22,8 @@ from detr_lightning.sweep import record_optimized_value
 from detr_lightning.tools.sweep_summary import main as sweep_summary_main
 
 from .conftest import QUICK, run_train_cli
+
+pytestmark = pytest.mark.slow
 
 #: The keys conf/hparams_search/loss_coefs.yaml searches.
 SEARCHED = {

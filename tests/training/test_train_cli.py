@@ -18,6 +18,8 @@ from detr_lightning import load_detr
 
 from .conftest import QUICK, run_train_cli
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def demo_run(small_demo, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
