@@ -21,7 +21,7 @@ train: install
 
 # The import layers (pyproject.toml, [tool.importlinter]) first: seconds, and a broken layer fails fast.
 # Then the tests on two workers: a test module (or the tests of the demo sweep) is one unit of work, the
-# slow ones first (tests/conftest.py); most runs of the suite keep one core busy, so two workers halve it.
+# slow ones first (tests/conftest.py). Run one by one, the tests keep about 1.2 of 2 cores busy.
 test: install
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder

@@ -51,9 +51,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_xdist_node_collection_finished(node, ids: list[str]) -> None:
     """``--dist loadgroup`` reads a test's group from the ``@group`` suffix xdist adds to its node id; a
     pytest that drops the suffix (9.2, xdist#1386) would silently spread the groups: stop instead."""
-    lost = [nodeid for nodeid in ids if "@" not in nodeid]
-    if node.config.getvalue("dist") == "loadgroup" and lost:
-        pytest.exit(f"xdist lost the group of {lost[0]} (pytest {pytest.__version__}): use pytest<9.2", 4)
+    if node.config.getvalue("dist") != "loadgroup":
+        return
+    lost = next((nodeid for nodeid in ids if "@" not in nodeid), None)
+    if lost:
+        pytest.exit(f"xdist lost the group of {lost} (pytest {pytest.__version__}): use pytest<9.2", 4)
 
 
 @pytest.fixture(autouse=True)
