@@ -94,8 +94,6 @@ class ExportResult:
     path: Path
     format: str
     exporter: str
-    input_names: list[str]
-    dynamic: bool
     max_abs_diff: dict[str, float] = field(default_factory=dict)
 
 
@@ -136,19 +134,6 @@ def example_inputs(
     return images, mask
 
 
-def check_inputs(settings: ExportSettings) -> dict[str, tuple[Tensor, ...]]:
-    """The inputs an export is checked on: the export size, and for a dynamic export another size
-    and batch (odd sizes, not multiples of the stride)."""
-    sizes = [(settings.batch_size, settings.height, settings.width)]
-    if settings.dynamic:
-        other_height, other_width = (3 * settings.height) // 4 + 7, (2 * settings.width) // 3 + 5
-        sizes.append((settings.batch_size + 1, max(48, other_height), max(48, other_width)))
-    return {
-        "{}x{}x{}".format(*size): example_inputs(*size, mask_input=settings.mask_input, seed=seed)
-        for seed, size in enumerate(sizes, start=1)
-    }
-
-
 def export_onnx(
     model: DETR,
     path: Path,
@@ -178,10 +163,9 @@ def export_onnx(
             dynamo = False
             torch.onnx.export(module, inputs, str(path), **_onnx_options(settings, opset, dynamo))
     exporter_name = f"torch.onnx.export(dynamo={dynamo})"
-    result = ExportResult(path, "onnx", exporter_name, settings.input_names, settings.dynamic)
+    result = ExportResult(path, "onnx", exporter_name)
     if settings.verify:
-        checks = check_inputs(settings)
-        result.max_abs_diff = verify_export(_onnx_runner(path), module, checks, settings.atol)
+        result.max_abs_diff = verify_export(_onnx_runner(path), module, settings)
     return result
 
 
@@ -218,12 +202,11 @@ def export_torchscript(
     inputs = example_inputs(settings.batch_size, settings.height, settings.width, settings.mask_input)
     with _quiet_exporters(), torch.no_grad():
         torch.jit.save(torch.jit.trace(module, inputs, check_trace=False), str(path))
-    result = ExportResult(path, "torchscript", "torch.jit.trace", settings.input_names, settings.dynamic)
+    result = ExportResult(path, "torchscript", "torch.jit.trace")
     if settings.verify:
         with _quiet_exporters():
             reloaded = torch.jit.load(str(path))
-            checks, atol = check_inputs(settings), settings.atol
-            result.max_abs_diff = verify_export(lambda inputs: reloaded(*inputs), module, checks, atol)
+            result.max_abs_diff = verify_export(lambda inputs: reloaded(*inputs), module, settings)
     return result
 
 
@@ -238,12 +221,9 @@ def export_huggingface(
     module = _exportable(detector.model, folder / WEIGHT_FILES[0])
     preprocessing = HFPreprocessing(detector.scale, detector.max_size, IMAGENET_MEAN, IMAGENET_STD)
     write_hf_folder(module.model, folder, detector.class_names, preprocessing)
-    result = ExportResult(
-        folder, "huggingface", "DetrForObjectDetection", ["pixel_values", "pixel_mask"], True
-    )
+    result = ExportResult(folder, "huggingface", "DetrForObjectDetection")
     if settings.verify:
-        checks, atol = check_inputs(settings), settings.atol
-        result.max_abs_diff = verify_export(_huggingface_runner(folder), module, checks, atol)
+        result.max_abs_diff = verify_export(_huggingface_runner(folder), module, settings)
     return result
 
 
@@ -304,17 +284,20 @@ def _onnx_runner(path: Path) -> Callable[[tuple[Tensor, ...]], list[Tensor]]:
 
 
 def verify_export(
-    run: Callable[[tuple[Tensor, ...]], Sequence[Tensor]],
-    module: nn.Module,
-    checks: dict[str, tuple[Tensor, ...]],
-    atol: float = 1e-4,
+    run: Callable[[tuple[Tensor, ...]], Sequence[Tensor]], module: nn.Module, settings: ExportSettings
 ) -> dict[str, float]:
-    """The max abs difference between ``run`` (the exported model) and ``module`` on each check input.
+    """The max abs difference between ``run`` (the exported model) and ``module`` on each check input:
+    the export size and, for a dynamic export, another size and batch (odd sizes, not stride multiples).
 
     Raises `ExportError` on a non-finite output, a shape that differs, or a difference above ``atol``.
     """
+    sizes = [(settings.batch_size, settings.height, settings.width)]
+    if settings.dynamic:
+        other_height, other_width = (3 * settings.height) // 4 + 7, (2 * settings.width) // 3 + 5
+        sizes.append((settings.batch_size + 1, max(48, other_height), max(48, other_width)))
     differences = {}
-    for label, inputs in checks.items():
+    for seed, size in enumerate(sizes, start=1):
+        label, inputs = "{}x{}x{}".format(*size), example_inputs(*size, settings.mask_input, seed)
         with torch.no_grad():
             expected, exported = module(*inputs), run(inputs)
         worst = 0.0
@@ -326,9 +309,10 @@ def verify_export(
                     f"{name} on input {label}: shape {tuple(theirs.shape)}, PyTorch {tuple(ours.shape)}"
                 )
             worst = max(worst, float((ours - theirs).abs().max()))
-        if worst > atol:
+        if worst > settings.atol:
             raise ExportError(
-                f"the exported model differs from PyTorch by {worst:.2e} (> atol={atol}) on input {label}"
+                f"the exported model differs from PyTorch by {worst:.2e} (> atol={settings.atol}) "
+                f"on input {label}"
             )
         differences[label] = worst
     return differences
@@ -348,9 +332,9 @@ def write_export_info(result: ExportResult, detector: Detector, settings: Export
     """``export.json``: how to feed the model (resize, normalization, padding) and read its outputs."""
     model = detector.model
     fixed_size = [settings.batch_size, 3, settings.height, settings.width]
-    size = ["batch", 3, "height", "width"] if result.dynamic else fixed_size
+    size = ["batch", 3, "height", "width"] if settings.dynamic else fixed_size
     inputs = {"images": {"shape": size, "dtype": "float32"}}
-    if "mask" in result.input_names:
+    if settings.mask_input:
         inputs["mask"] = {"shape": [size[0], *size[2:]], "dtype": "bool"}
     info: dict[str, Any] = {
         "model_file": result.path.name,

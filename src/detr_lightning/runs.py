@@ -210,16 +210,11 @@ def best_of_epochs(rows: list[dict[str, str]], metric: str, mode: str) -> tuple[
     return value, epoch
 
 
-def first_reaching(series: Iterable[tuple[int, float]], target: float, mode: str) -> int | None:
-    """The first epoch of ``(epoch, value)`` pairs whose value is as good as ``target`` or better
-    (``mode``: max|min), or None."""
-    reached = (epoch for epoch, value in series if (value >= target if mode == "max" else value <= target))
-    return next(reached, None)
-
-
-def first_epoch_reaching(rows: list[dict[str, str]], metric: str, target: float, mode: str) -> int | None:
-    """`first_reaching` over the ``metric`` column of epoch rows."""
-    return first_reaching(epoch_series(rows, metric), target, mode)
+def first_reaching(series: Iterable[tuple[int, float | None]], target: float, mode: str) -> int | None:
+    """The first epoch of ``(epoch, value)`` pairs (`epoch_series`, or ``enumerate`` of a curve; None
+    values skipped) whose value is as good as ``target`` or better (``mode``: max|min), or None."""
+    better = (lambda v: v >= target) if mode == "max" else (lambda v: v <= target)
+    return next((epoch for epoch, value in series if value is not None and better(value)), None)
 
 
 # ---------------------------------------------------------------------------------------------- helpers

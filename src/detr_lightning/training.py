@@ -109,11 +109,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
             "Stopped by SIGTERM after saving checkpoints/last.ckpt (exit status %d)", SIGTERM_EXIT_CODE
         )
         raise SystemExit(SIGTERM_EXIT_CODE) from None
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if _is_scalar(v)}
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.test and datamodule.has_split("test") and not trainer.fast_dev_run:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True, verbose=False)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if _is_scalar(v)})
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     close_process_group()  # DDP: every rank ends together (a sweep's next job opens a new group)
     return metrics
 
@@ -160,10 +160,6 @@ def _data_checked_by_rank_zero(cfg: DictConfig) -> tuple[Any, int]:
     datamodule = instantiate(cfg.data)
     num_classes = cfg.model.num_classes
     return datamodule, num_classes if num_classes is not None else datamodule.num_classes
-
-
-def _is_scalar(value: Any) -> bool:
-    return getattr(value, "numel", lambda: 1)() == 1
 
 
 @contextmanager

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import DemoSweep as Sweep  # tests/conftest.py
-from detr_lightning.runs import first_epoch_reaching
+from detr_lightning.runs import epoch_series, first_reaching
 from detr_lightning.tools.report import BEGIN_MARKER, COCO_KEYS, END_MARKER, main
 
 SPLITS = ("val", "test")
@@ -247,8 +247,8 @@ def test_clear_errors(tmp_path, random_run, capsys):
 
 def test_first_epoch_reaching_a_reference_figure():
     rows = [{"epoch": str(e), "val/map": v} for e, v in enumerate(["0.1", "nan", "", "0.35", "0.2", "0.5"])]
-    assert first_epoch_reaching(rows, "val/map", 0.3, "max") == 3
-    assert first_epoch_reaching(rows, "val/map", 0.5, "max") == 5
-    assert first_epoch_reaching(rows, "val/map", 0.6, "max") is None
-    assert first_epoch_reaching(rows, "val/map", 0.15, "min") == 0
-    assert first_epoch_reaching(rows, "val/loss", 0.15, "min") is None  # no such column
+    assert first_reaching(epoch_series(rows, "val/map"), 0.3, "max") == 3
+    assert first_reaching(epoch_series(rows, "val/map"), 0.5, "max") == 5
+    assert first_reaching(epoch_series(rows, "val/map"), 0.6, "max") is None
+    assert first_reaching(epoch_series(rows, "val/map"), 0.15, "min") == 0
+    assert first_reaching(epoch_series(rows, "val/loss"), 0.15, "min") is None  # no such column

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from detr_lightning.tools.report import collect, common_budget, first_epoch_at_least, group_by_seed, main
+from detr_lightning.runs import first_reaching
+from detr_lightning.tools.report import collect, common_budget, group_by_seed, main
 
 from .test_report import table
 
@@ -54,10 +55,10 @@ def test_runs_that_differ_only_in_seed_are_one_variant(ab_runs):
     assert variants[1].values_at("val/map_50", 3) == pytest.approx([1.2, 0.8])
 
 
-def test_first_epoch_at_least():
-    assert first_epoch_at_least([0.0, None, 0.2, 0.5], 0.2) == 2
-    assert first_epoch_at_least([0.0, 0.1], 0.2) is None
-    assert first_epoch_at_least([3.0, 2.0, 1.0], 2.0, mode="min") == 1
+def test_first_reaching_skips_epochs_without_a_value():
+    assert first_reaching(enumerate([0.0, None, 0.2, 0.5]), 0.2, "max") == 2
+    assert first_reaching(enumerate([0.0, 0.1]), 0.2, "max") is None
+    assert first_reaching(enumerate([3.0, 2.0, 1.0]), 2.0, "min") == 1
 
 
 def test_report_pools_seeds_over_a_common_budget(ab_runs, tmp_path):

@@ -13,33 +13,21 @@ class PositionEmbeddingSine(nn.Module):
 
     Channel ``2k`` holds the sine and ``2k + 1`` the cosine of the same frequency
     ``temperature ** (2k / num_pos_feats)``; positions are 1-based cumulative counts of valid pixels,
-    optionally normalized to ``(0, scale]`` by the last valid row/column.
+    normalized to ``(0, 2 pi]`` by the last valid row/column (the official ``normalize=True``).
     """
 
-    def __init__(
-        self,
-        num_pos_feats: int = 128,
-        temperature: float = 10000.0,
-        normalize: bool = True,
-        scale: float | None = None,
-    ) -> None:
+    def __init__(self, num_pos_feats: int = 128, temperature: float = 10000.0) -> None:
         super().__init__()
-        if scale is not None and not normalize:
-            raise ValueError("PositionEmbeddingSine: scale is only used with normalize=True")
         self.num_pos_feats = num_pos_feats
         self.temperature = temperature
-        self.normalize = normalize
-        self.scale = 2 * math.pi if scale is None else scale
 
     def forward(self, mask: Tensor) -> Tensor:
         """``mask (B, h, w)`` bool, True on padding -> encoding ``(B, 2 * num_pos_feats, h, w)`` float32."""
         not_mask = ~mask
         y_embed = not_mask.cumsum(1, dtype=torch.float32)
         x_embed = not_mask.cumsum(2, dtype=torch.float32)
-        if self.normalize:
-            eps = 1e-6
-            y_embed = y_embed / (y_embed[:, -1:, :] + eps) * self.scale
-            x_embed = x_embed / (x_embed[:, :, -1:] + eps) * self.scale
+        y_embed = y_embed / (y_embed[:, -1:, :] + 1e-6) * (2 * math.pi)  # in (0, 2 pi]
+        x_embed = x_embed / (x_embed[:, :, -1:] + 1e-6) * (2 * math.pi)
         dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=mask.device)
         dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats)
         pos_x = x_embed[..., None] / dim_t  # (B, h, w, F)
@@ -84,7 +72,7 @@ PositionEncoding = PositionEmbeddingSine | PositionEmbeddingLearned
 def build_position_encoding(kind: str, hidden_dim: int) -> PositionEncoding:
     """``kind`` is ``"sine"`` or ``"learned"``; the encoding has ``hidden_dim`` channels."""
     if kind == "sine":
-        return PositionEmbeddingSine(hidden_dim // 2, normalize=True)
+        return PositionEmbeddingSine(hidden_dim // 2)
     if kind == "learned":
         return PositionEmbeddingLearned(hidden_dim // 2)
     raise ValueError(f"unknown position encoding {kind!r}; choose 'sine' or 'learned'")

@@ -48,7 +48,6 @@ from detr_lightning.runs import (
     epoch_number,
     epoch_series,
     find_job_dirs,
-    first_epoch_reaching,
     first_reaching,
     is_run_dir,
     is_sweep_dir,
@@ -226,12 +225,6 @@ def common_budget(variants: Sequence[Variant]) -> int:
     return min(variant.epochs_reached() for variant in variants)
 
 
-def first_epoch_at_least(curve: Sequence[float | None], target: float, mode: str = "max") -> int | None:
-    """The first epoch (0-based) of a curve whose value reaches ``target`` (``mode`` min: falls to it),
-    or None; epochs without a value are skipped."""
-    return first_reaching(((e, v) for e, v in enumerate(curve) if v is not None), target, mode)
-
-
 def variants_table(
     variants: Sequence[Variant], metric: str, mode: str
 ) -> tuple[list[str], list[list[str]], int]:
@@ -260,7 +253,7 @@ def variants_table(
         row.append(format_figure(_mean([best(values) for values in within if values])))
         reached = None
         if reference is not None:
-            reached = first_epoch_at_least(variant.mean_curve(metric, budget), reference, mode)
+            reached = first_reaching(enumerate(variant.mean_curve(metric, budget)), reference, mode)
         half = " (within half the budget)" if reached is not None and reached + 1 <= budget / 2 else ""
         rows.append([*row, _reached_text(reached) + half])
     return header, rows, budget
@@ -342,7 +335,7 @@ class Renderer:
         if reference_best is not None:
             target = reference_best[0]
             label = f"first epoch at `{reference.label}`'s best `{metric}` ({format_figure(target)})"
-            reached = [first_epoch_reaching(run.epochs, metric, target, mode) for run in runs]
+            reached = [first_reaching(epoch_series(run.epochs, metric), target, mode) for run in runs]
             rows.append([label, *map(_reached_text, reached)])
         rows.append(["duration", *map(_duration_text, runs)])
         intro = (
