@@ -97,10 +97,31 @@ class RunDirCheck(Callback):
             raise SystemExit(f"error: {error}") from None
 
 
-def warn_more_boxes_than_queries(datamodule: Any, num_queries: int) -> int:
+class RayGpuCheck(Callback):
+    """Hydra callback: fail with one line when Hydra's Ray launcher (``hydra/launcher=gpu_pool``) would give
+    each job more GPUs than a local Ray has (none on a CPU machine), where Ray would wait for them forever.
+
+    A local Ray has ``ray.init.num_gpus`` GPUs, or else those torch sees; a cluster (``ray.init.address``)
+    is not checked."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        launcher = config.hydra.launcher
+        if not str(launcher.get("_target_", "")).endswith("RayLauncher") or launcher.ray.init.get("address"):
+            return
+        per_job = launcher.ray.remote.get("num_gpus") or 0
+        declared = launcher.ray.init.get("num_gpus")
+        available = torch.cuda.device_count() if declared is None else declared
+        if per_job > available:
+            raise SystemExit(
+                f"error: hydra.launcher.ray.remote.num_gpus={per_job} GPU(s) per job, but this machine's Ray "
+                f"has {available}, so no job would ever start. Fix: hydra/launcher=local_pool on a machine "
+                "without a GPU, or hydra.launcher.ray.init.address=ADDRESS of a Ray cluster with GPUs."
+            )
+
+
+def warn_more_boxes_than_queries(datamodule: Any, num_queries: int) -> None:
     """Warn (once per split) about images with more objects than ``num_queries``, which can never have all
-    their objects found (the extra targets stay unmatched and count as misses); return the largest count."""
-    largest = 0
+    their objects found (the extra targets stay unmatched and count as misses)."""
     for name in datamodule.layout.splits:
         split = datamodule.checked_split(name)
         counts = Counter(ann["image_id"] for ann in split.data["annotations"] if not ann["iscrowd"])
@@ -108,11 +129,9 @@ def warn_more_boxes_than_queries(datamodule: Any, num_queries: int) -> int:
         if not over:
             continue
         image_id, count = max(over.items(), key=lambda item: item[1])
-        largest = max(largest, count)
         log.warning(
             f"data: {split.files.ann_file}: image id {image_id} has {count} boxes, more than "
             f"model.num_queries={num_queries} ({len(over)} image(s) of the {name} split exceed it): one "
             f"query predicts one box, so at most {num_queries} of them can be found. Fix: set "
             f"model.num_queries={count} or more."
         )
-    return largest

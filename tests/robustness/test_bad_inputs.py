@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from cli_runs import run_script
 from data.builders import CATEGORIES, coco_dict, write_image, write_split
@@ -249,6 +250,43 @@ def test_unwritable_run_folder_through_train_py(small_demo, tmp_path):
     run_dir = tmp_path / "a_file" / "run"
     result = run_train_py(demo_args(small_demo, run_dir), cwd=tmp_path, timeout=120)
     _assert_clean_failure(result, f"output folder {run_dir} cannot be written (Not a directory)", "Fix:")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 0, reason="this machine has a GPU: gpu_pool would start jobs")
+def test_gpu_pool_without_a_gpu_stops_at_once_through_train_py(small_demo, tmp_path):
+    """The README's gpu_pool sweep on a CPU machine: one line naming local_pool, before Ray starts (which
+    would wait for a GPU forever) and before any job folder exists."""
+    sweep_dir = tmp_path / "sweep"
+    args = ["-m", "hydra/launcher=gpu_pool", f"hydra.sweep.dir={sweep_dir}", "loss.bbox_loss_coef=2,5"]
+    result = run_train_py([*args, *demo_args(small_demo, tmp_path / "unused")], cwd=tmp_path, timeout=120)
+    expected = ("ray.remote.num_gpus=1 GPU(s) per job", "Ray has 0,", "hydra/launcher=local_pool")
+    _assert_clean_failure(result, *expected)
+    assert "Ray Launcher" not in result.stdout + result.stderr
+    assert not (sweep_dir / "0").exists()
+
+
+@pytest.mark.parametrize(
+    ("ray", "gpus_seen", "refused"),
+    [
+        ({"init": {"num_gpus": None}, "remote": {"num_gpus": 1}}, 0, True),  # gpu_pool, no GPU
+        ({"init": {"num_gpus": None}, "remote": {"num_gpus": 1}}, 2, False),  # gpu_pool with GPUs
+        ({"init": {"num_gpus": 1}, "remote": {"num_gpus": 2}}, 8, True),  # fewer declared than one job takes
+        ({"init": {"num_gpus": 2}, "remote": {"num_gpus": 1}}, 0, False),  # declared (the launcher test)
+        ({"init": {"num_gpus": 0}, "remote": {"num_gpus": 0}}, 0, False),  # local_pool
+        ({"init": {"address": "ray://head:10001"}, "remote": {"num_gpus": 1}}, 0, False),  # a cluster
+    ],
+)
+def test_ray_gpu_check_refuses_only_jobs_a_local_ray_can_never_start(monkeypatch, ray, gpus_seen, refused):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus_seen)
+    launcher = {"_target_": "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher", "ray": ray}
+    config = OmegaConf.create({"hydra": {"launcher": launcher}})
+    if refused:
+        with pytest.raises(SystemExit, match=r"^error: .*no job would ever start\. Fix: "):
+            preflight.RayGpuCheck().on_multirun_start(config)
+    else:
+        preflight.RayGpuCheck().on_multirun_start(config)
+    other_launcher = OmegaConf.create({"hydra": {"launcher": {"_target_": "hydra._internal.BasicLauncher"}}})
+    preflight.RayGpuCheck().on_multirun_start(other_launcher)  # not Ray: nothing to check
 
 
 # ------------------------------------------------------------------------------------ odd images, one run
