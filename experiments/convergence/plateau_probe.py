@@ -31,6 +31,7 @@ from hydra.utils import instantiate
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
+from detr_lightning.config import register_configs  # noqa: E402
 from detr_lightning.data.transforms import DetectionTransform, make_eval_geometry  # noqa: E402
 from detr_lightning.models import transformer as transformer_module  # noqa: E402
 from detr_lightning.training import build_module  # noqa: E402
@@ -43,12 +44,11 @@ def patch_transformer() -> None:
     with_position = os.environ.get("MEMORY_WITH_POSITION") == "1"
     original = transformer_module.Transformer.forward
 
-    def forward(self, src, mask, query_embed, pos_embed, self_attn_mask=None):
+    def forward(self, src, mask, query_embed, pos_embed, self_attn_mask=None, cross_attn_bias=None):
         if with_position:
             src = src + pos_embed
-        return original(
-            self, src, mask, query_embed * query_scale, pos_embed * position_scale, self_attn_mask
-        )
+        query_embed, pos_embed = query_embed * query_scale, pos_embed * position_scale
+        return original(self, src, mask, query_embed, pos_embed, self_attn_mask, cross_attn_bias)
 
     transformer_module.Transformer.forward = forward
 
@@ -56,6 +56,7 @@ def patch_transformer() -> None:
 def main() -> None:
     torch.set_num_threads(int(os.environ.get("THREADS", "1")))
     steps = int(os.environ.get("STEPS", "600"))
+    register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=sys.argv[1:], return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)

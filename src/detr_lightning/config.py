@@ -31,6 +31,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from detr_lightning.data import CocoDataModule
+from detr_lightning.distributed import launched_rank
 from detr_lightning.inference import InferenceSettingError
 from detr_lightning.lit_module import (
     LossConfig,
@@ -269,11 +270,26 @@ def _with_enums(schema: type, done: dict[type, type] | None = None) -> type:
     return done[schema]
 
 
+def _rank_zero_only(value: Any) -> Any:
+    return value if launched_rank() == 0 else None
+
+
+def _rank_suffix() -> str:
+    rank = launched_rank()
+    return f".rank{rank}" if rank else ""
+
+
 def register_configs() -> None:
     """Store the schemas in Hydra's ConfigStore: ``train_schema``, ``eval_schema``, ``predict_schema``,
     ``export_schema`` and the groups
     ``loss=default``, ``matcher=default``, ``optimizer=adamw``, ``scheduler=step``, ``speed=default``.
-    Entry scripts and tests that compose ``conf/`` call this first."""
+    Entry scripts and tests that compose ``conf/`` call this first.
+
+    Also the resolvers ``conf/`` uses so that only rank 0 of a multi-process run writes Hydra's files:
+    ``${detr.rank_zero_only:VALUE}`` (VALUE on rank 0, else null: ``hydra.output_subdir``) and
+    ``${detr.rank_suffix:}`` (``""`` on rank 0, else ``.rank<N>``: the other ranks' own log files)."""
+    OmegaConf.register_new_resolver("detr.rank_zero_only", _rank_zero_only, replace=True)
+    OmegaConf.register_new_resolver("detr.rank_suffix", _rank_suffix, replace=True)
     store = ConfigStore.instance()
     done: dict[type, type] = {}
     store.store(name="train_schema", node=_with_enums(TrainConfig, done))

@@ -69,6 +69,15 @@ def started_by_lightning_launcher() -> bool:
     return not external and int(os.environ.get("LOCAL_RANK", "0")) > 0
 
 
+def launched_rank() -> int:
+    """This process's rank as its launcher gave it: the global rank of ``torchrun``'s or ``srun``'s
+    processes (one of several), the local rank of Lightning's DDP launcher's others; 0 otherwise."""
+    environment = external_cluster_environment()
+    if environment is not None:
+        return environment.global_rank()
+    return int(os.environ.get("LOCAL_RANK", "0")) if started_by_lightning_launcher() else 0
+
+
 def process_group_backend(accelerator: Any, strategy: Any = None) -> str:
     """The backend Lightning's ``DDPStrategy`` picks for a Trainer of ``accelerator`` and ``strategy``:
     the strategy's ``process_group_backend`` if it sets one, else nccl on CUDA and gloo otherwise."""

@@ -31,10 +31,12 @@ import lightning
 import pytest
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.plugins.environments import TorchElasticEnvironment
+from omegaconf import OmegaConf
 
 from detr_lightning.data.demo import ensure_demo_dataset
 from detr_lightning.distributed import (
     external_cluster_environment,
+    launched_rank,
     process_group_backend,
     started_by_lightning_launcher,
 )
@@ -345,6 +347,16 @@ def test_rank_zero_alone_writes_last_ckpt_and_one_process_resumes_from_it(multi_
     assert state["optimizer_states"][0]["state"]  # AdamW moments carried over
 
 
+def test_the_ranks_share_the_run_folder_each_with_its_own_log(multi_node_run):
+    """Rank 0 writes ``.hydra/`` and ``train.log``; rank 1 writes neither, only ``train.rank1.log``."""
+    run_dir = multi_node_run.run_dir
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert sorted(path.name for path in run_dir.glob("*.log")) == ["train.log", "train.rank1.log"]
+    rank0_log, rank1_log = [(run_dir / name).read_text() for name in ("train.log", "train.rank1.log")]
+    assert "process group: rank 0 of 2" in rank0_log and "rank 1 of 2" not in rank0_log
+    assert "process group: rank 1 of 2" in rank1_log and "rank 0 of 2" not in rank1_log
+
+
 @pytest.mark.parametrize("launcher", ["torchrun", "srun"])
 def test_a_bad_dataset_stops_both_nodes_with_one_message(square_demo, tmp_path, launcher):
     data = shutil.copytree(square_demo, tmp_path / "data")
@@ -374,16 +386,24 @@ def test_a_bad_dataset_stops_both_nodes_with_one_message(square_demo, tmp_path, 
 
 
 def test_which_processes_open_the_group_and_which_skip_the_check(monkeypatch):
-    for name in ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "LOCAL_RANK"):
+    for name in ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "LOCAL_RANK", "RANK"):
         monkeypatch.delenv(name, raising=False)
     assert external_cluster_environment() is None and not started_by_lightning_launcher()  # alone
+    assert launched_rank() == 0
     monkeypatch.setenv("LOCAL_RANK", "1")  # a process Lightning's DDP launcher started
     assert external_cluster_environment() is None and started_by_lightning_launcher()
+    assert launched_rank() == 1  # its local rank: its own log file; Lightning names its .hydra/ itself
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run")  # torchrun sets LOCAL_RANK too: not a launcher child
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert isinstance(external_cluster_environment(), TorchElasticEnvironment)
     assert not started_by_lightning_launcher()
+    monkeypatch.setenv("RANK", "1")
+    assert launched_rank() == 1
+    assert OmegaConf.create({"subdir": "${detr.rank_zero_only:.hydra}"}).subdir is None  # no .hydra/ here
+    assert OmegaConf.create({"log": "train${detr.rank_suffix:}.log"}).log == "train.rank1.log"
     monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun with one process: nothing to coordinate
-    assert external_cluster_environment() is None
+    assert external_cluster_environment() is None and launched_rank() == 0
+    assert OmegaConf.create({"subdir": "${detr.rank_zero_only:.hydra}"}).subdir == ".hydra"
+    assert OmegaConf.create({"log": "train${detr.rank_suffix:}.log"}).log == "train.log"
     assert process_group_backend("cpu") == "gloo"
     assert process_group_backend("gpu", {"process_group_backend": "gloo"}) == "gloo"
