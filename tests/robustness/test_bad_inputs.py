@@ -4,6 +4,7 @@ message naming the file, the record and the fix (no stack trace), or trains with
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -253,6 +254,10 @@ def test_unwritable_run_folder_through_train_py(small_demo, tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() > 0, reason="this machine has a GPU: gpu_pool would start jobs")
+@pytest.mark.skipif(
+    importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is None,
+    reason="the [cluster] extra (Hydra's Ray launcher) is not installed",
+)
 def test_gpu_pool_without_a_gpu_stops_at_once_through_train_py(small_demo, tmp_path):
     """The README's gpu_pool sweep on a CPU machine: one line naming local_pool, before Ray starts (which
     would wait for a GPU forever) and before any job folder exists."""
