@@ -70,12 +70,12 @@ def started_by_lightning_launcher() -> bool:
 
 
 def launched_rank() -> int:
-    """This process's rank as its launcher gave it: the global rank of ``torchrun``'s or ``srun``'s
-    processes (one of several), the local rank of Lightning's DDP launcher's others; 0 otherwise."""
+    """The global rank ``torchrun`` or ``srun`` gave this process (one of several), else 0.
+
+    0 also for the processes Lightning's own DDP launcher starts: it names their Hydra job
+    ``train_ddp_process_<N>`` (so their log file) and turns their ``.hydra/`` off itself."""
     environment = external_cluster_environment()
-    if environment is not None:
-        return environment.global_rank()
-    return int(os.environ.get("LOCAL_RANK", "0")) if started_by_lightning_launcher() else 0
+    return environment.global_rank() if environment is not None else 0
 
 
 def process_group_backend(accelerator: Any, strategy: Any = None) -> str:

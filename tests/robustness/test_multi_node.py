@@ -392,7 +392,7 @@ def test_which_processes_open_the_group_and_which_skip_the_check(monkeypatch):
     assert launched_rank() == 0
     monkeypatch.setenv("LOCAL_RANK", "1")  # a process Lightning's DDP launcher started
     assert external_cluster_environment() is None and started_by_lightning_launcher()
-    assert launched_rank() == 1  # its local rank: its own log file; Lightning names its .hydra/ itself
+    assert launched_rank() == 0  # Lightning names its log file and turns its .hydra/ off itself
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run")  # torchrun sets LOCAL_RANK too: not a launcher child
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert isinstance(external_cluster_environment(), TorchElasticEnvironment)
