@@ -289,7 +289,8 @@ def verify_export(
     """The max abs difference between ``run`` (the exported model) and ``module`` on each check input:
     the export size and, for a dynamic export, another size and batch (odd sizes, not stride multiples).
 
-    Raises `ExportError` on a non-finite output, a shape that differs, or a difference above ``atol``.
+    Raises `ExportError` on a non-finite output, a shape that differs, or a difference above
+    ``settings.atol``.
     """
     sizes = [(settings.batch_size, settings.height, settings.width)]
     if settings.dynamic:

@@ -213,8 +213,8 @@ def best_of_epochs(rows: list[dict[str, str]], metric: str, mode: str) -> tuple[
 def first_reaching(series: Iterable[tuple[int, float | None]], target: float, mode: str) -> int | None:
     """The first epoch of ``(epoch, value)`` pairs (`epoch_series`, or ``enumerate`` of a curve; None
     values skipped) whose value is as good as ``target`` or better (``mode``: max|min), or None."""
-    better = (lambda v: v >= target) if mode == "max" else (lambda v: v <= target)
-    return next((epoch for epoch, value in series if value is not None and better(value)), None)
+    reached = (e for e, v in series if v is not None and (v >= target if mode == "max" else v <= target))
+    return next(reached, None)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
