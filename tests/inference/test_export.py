@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import onnxruntime
@@ -79,6 +80,31 @@ def test_onnx_dynamic_size_runs_other_sizes_and_batches(model, tmp_path):
     for batch, height, width in [(1, 96, 128), (2, 79, 90), (3, 111, 150), (2, 200, 75)]:
         inputs = example_inputs(batch, height, width, seed=batch)
         assert_parity(reference(model, inputs), run_onnx(tmp_path / "dynamic.onnx", inputs))
+
+
+def test_auto_falls_back_to_the_legacy_exporter_naming_the_failure_in_one_line(
+    model, tmp_path, monkeypatch, caplog
+):
+    real_export = torch.onnx.export
+
+    def dynamo_fails(*args, dynamo, **kwargs):
+        if dynamo:  # as torch.onnx does: a page of advice wrapping the failure itself
+            try:
+                raise ValueError("Cannot view a tensor as that shape!\nWhile executing %view_46")
+            except ValueError as failure:
+                raise RuntimeError("Failed to decompose the FX graph.\nNext steps: ...") from failure
+        return real_export(*args, dynamo=dynamo, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", dynamo_fails)
+    with pytest.raises(RuntimeError, match="Failed to decompose"):  # asked for dynamo: its error as it is
+        export_onnx(model, tmp_path / "dynamo.onnx", exporter="dynamo", height=64, width=96, dynamic=False)
+    with caplog.at_level(logging.WARNING, logger="detr_lightning.export"):
+        result = export_onnx(model, tmp_path / "auto.onnx", height=64, width=96, dynamic=False, batch_size=2)
+    assert result.exporter == "torch.onnx.export(dynamo=False)" and result.max_abs_diff
+    assert [record.getMessage() for record in caplog.records if record.name == "detr_lightning.export"] == [
+        "torch.onnx's dynamo exporter failed (ValueError: Cannot view a tensor as that shape!); using the "
+        "legacy exporter (onnx_exporter=dynamo shows the whole error)."
+    ]
 
 
 def test_nearest_mask_equals_interpolate():
