@@ -643,7 +643,7 @@ def write_hf_folder(
 
     Raises:
         CheckpointError: transformers missing, or a model transformers' DETR cannot compute (pre-norm,
-            GLU, layer3 output, spatial prior; the message lists them), written nowhere.
+            layer3 output, spatial prior; the message lists them), written nowhere.
     """
     transformers = import_transformers("Writing a Hugging Face folder")
     arch = model.architecture
@@ -658,8 +658,6 @@ def write_hf_folder(
         for argument, (value, why) in HF_FIXED.items()
         if arch[argument] != value
     ]
-    if arch["activation"] not in HF_CHOICES["activation_function"]:
-        problems.append(f"model.activation={arch['activation']} (transformers' DETR: relu or gelu)")
     if flavour == "native" and arch["dilation"]:
         problems.append("model.dilation=true with transformers' ResNet (only timm's dilates: flavour=timm)")
     if problems:

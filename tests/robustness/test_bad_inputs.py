@@ -162,6 +162,8 @@ WRONG_VALUES = {
         "Invalid value 'resnet99', expected one of [resnet18, resnet34, resnet50, resnet101]"
     ),
     "loss.class_loss=bce": "Invalid value 'bce', expected one of [ce, focal, varifocal]",
+    # The official code lists GLU too, but cannot run it (it halves the FFN width linear2 expects).
+    "model.activation=glu": "Invalid value 'glu', expected one of [relu, gelu]",
     "speed.compile_mode=fastest": (
         "Invalid value 'fastest', expected one of [default, reduce-overhead, max-autotune, "
         "max-autotune-no-cudagraphs]"

@@ -174,7 +174,7 @@ def build_detr(
     dec_layers: int = 6,
     dim_feedforward: int = 2048,
     dropout: float = 0.1,
-    activation: Literal["relu", "gelu", "glu"] = "relu",
+    activation: Literal["relu", "gelu"] = "relu",
     pre_norm: bool = False,
     num_queries: int = 100,
     aux_loss: bool = True,

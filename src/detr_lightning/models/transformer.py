@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "glu": F.glu}
+#: The official code also lists GLU, which cannot run there: it halves the width that ``linear2`` expects.
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 
 # Attention modules are called with ``need_weights`` False, so PyTorch takes its scaled-dot-product kernel,
 # unless a layer's ``need_weights`` asks for the explicit path that also returns head-averaged weights
