@@ -147,12 +147,8 @@ def read_detr_file(
     architecture. ``nheads`` and ``dilation`` fill in what a bare state dict cannot say (defaults 8 and
     False); a value contradicting the file is a :class:`CheckpointError`."""
     if is_hf_source(source):  # config.json says everything
-        hf = read_hf_checkpoint(source)
-        path, state_dict, architecture = hf.folder, hf.state_dict, dict(hf.architecture)
-        contents: Mapping[str, Any] = dict(
-            config=hf.config, class_names=hf.class_names, preprocessing=hf.preprocessing
-        )
-        known = architecture
+        path, contents, state_dict, architecture = read_hf_checkpoint(source)
+        known = dict(architecture)
     else:
         path = resolve_weights(source)
         contents = load_weights_file(path)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import inspect
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -309,24 +310,30 @@ def group_values(node: DictConfig) -> dict[str, Any]:
 
 
 #: Settings that must be above 0 when set (types are checked at composition; these are values).
-POSITIVE_KEYS = (
-    "model.num_classes",
-    "model.num_queries",
-    "model.num_groups",
-    "model.spatial_prior_sigma",
-    "postprocess.top_k",
-    "max_consecutive_nonfinite",
-    "speed.compile_recompile_limit",
+POSITIVE_KEYS = tuple(
+    """model.num_classes model.num_queries model.num_groups model.spatial_prior_sigma model.hidden_dim
+    model.nheads model.dec_layers model.dim_feedforward postprocess.top_k scheduler.lr_drop
+    max_consecutive_nonfinite speed.compile_recompile_limit""".split()
 )
+#: Settings that must be 0 or more when set.
+NON_NEGATIVE_KEYS = ("model.enc_layers", "data.num_workers", "optimizer.lr", "optimizer.weight_decay")
 
 
 def check_values(cfg: DictConfig) -> None:
     """Raise a :class:`ConfigError` for a value out of its range (:data:`POSITIVE_KEYS`,
-    ``loss.prior_prob``)."""
-    for key in POSITIVE_KEYS:
-        value = OmegaConf.select(cfg, key, default=None)
-        if value is not None and value <= 0:
-            raise ConfigError(f"config: {key}={value!r} must be positive. Fix: give {key} a value above 0.")
+    :data:`NON_NEGATIVE_KEYS`, ``model.hidden_dim`` against ``model.nheads``, ``loss.prior_prob``)."""
+    for key in (*POSITIVE_KEYS, *NON_NEGATIVE_KEYS):
+        value, positive = OmegaConf.select(cfg, key, default=None), key in POSITIVE_KEYS
+        if value is not None and (value <= 0 if positive else value < 0):
+            rule, fix = ("positive", "above 0") if positive else ("0 or more", "of 0 or more")
+            raise ConfigError(f"config: {key}={value!r} must be {rule}. Fix: give {key} a value {fix}.")
+    width, heads = (OmegaConf.select(cfg, f"model.{key}", default=None) for key in ("hidden_dim", "nheads"))
+    if width and heads and (width % heads or width % 2):  # the position encoding: half of it per axis
+        step = math.lcm(2, heads)
+        raise ConfigError(
+            f"config: model.hidden_dim={width} must be even and a multiple of model.nheads={heads}. "
+            f"Fix: e.g. model.hidden_dim={max(step, round(width / step) * step)}."
+        )
     prior = OmegaConf.select(cfg, "loss.prior_prob", default=None)
     if prior is not None and not 0 < prior < 1:
         raise ConfigError(

@@ -155,7 +155,6 @@ def export_onnx(
     dynamo = exporter != "legacy"
     with (
         module.model.backbone[0].register_forward_hook(_portable_feature_mask),
-        _explicit_cross_attention(module.model),
         _quiet_exporters(),
     ):
         try:
@@ -166,12 +165,8 @@ def export_onnx(
             cause = error  # torch.onnx wraps the failure in a page of advice: name the failure itself
             while cause.__cause__ is not None:
                 cause = cause.__cause__
-            log.warning(
-                "torch.onnx's dynamo exporter failed (%s: %s); using the legacy exporter "
-                "(onnx_exporter=dynamo shows the whole error).",
-                type(cause).__name__,
-                (str(cause).splitlines() or [""])[0],
-            )
+            failure = f"{type(cause).__name__}: {str(cause).partition(chr(10))[0]}"
+            log.warning("torch.onnx's dynamo exporter failed (%s); using the legacy exporter.", failure)
             dynamo = False
             torch.onnx.export(module, inputs, str(path), **_onnx_options(settings, opset, dynamo))
     exporter_name = f"torch.onnx.export(dynamo={dynamo})"
@@ -259,26 +254,6 @@ def _huggingface_runner(folder: Path) -> Callable[[tuple[Tensor, ...]], list[Ten
         return [outputs.logits, outputs.pred_boxes]
 
     return run
-
-
-@contextmanager
-def _explicit_cross_attention(model: DETR) -> Iterator[None]:
-    """With a spatial prior, the decoder's cross-attention takes ``nn.MultiheadAttention``'s explicit
-    (``need_weights``) path while exporting; restored on exit.
-
-    torch.export (torch 2.14) gets the strides of the scaled-dot-product path wrong when the prior's float
-    ``attn_mask (B * nhead, Q, S)`` meets a symbolic batch ("Cannot view a tensor ... as a tensor with
-    shape (Q*s, D)"), so the dynamo exporter failed on every spatial-prior model. Both paths compute the
-    same attention; the check afterwards runs the model on its usual path."""
-    layers = list(model.transformer.decoder.layers) if model.spatial_prior is not None else []
-    saved = [layer.need_weights for layer in layers]
-    for layer in layers:
-        layer.need_weights = True
-    try:
-        yield
-    finally:
-        for layer, need_weights in zip(layers, saved, strict=True):
-            layer.need_weights = need_weights
 
 
 def _exportable(model: DETR, path: Path) -> ExportableDETR:

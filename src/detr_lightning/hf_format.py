@@ -409,21 +409,6 @@ def ours_to_hf(state_dict: Mapping[str, Tensor], flavour: str) -> dict[str, Tens
 # ------------------------------------------------------------------ reading
 
 
-@dataclass(frozen=True)
-class HFCheckpoint:
-    """A Hugging Face DETR read into our terms: its local ``folder`` (a hub id's snapshot in the hub
-    cache), the weights under our key names, the backbone ``flavour`` (``timm`` | ``native``), label ->
-    name from ``id2label``, and ``scale``, ``max_size``, ``mean``, ``std`` of ``preprocessor_config.json``."""
-
-    folder: Path
-    config: dict[str, Any]
-    state_dict: dict[str, Tensor]
-    architecture: dict[str, Any]
-    flavour: str
-    class_names: dict[int, str]
-    preprocessing: dict[str, Any]
-
-
 def is_hf_source(source: str | os.PathLike) -> bool:
     """Whether ``source`` is a Hugging Face folder (any local folder, or a file of :data:`WEIGHT_FILES` or
     ``config.json`` beside a ``config.json``) or a hub id (``owner/name`` that is not a local path and
@@ -580,8 +565,13 @@ def read_preprocessing(folder: Path) -> dict[str, Any]:
     return result
 
 
-def read_hf_checkpoint(source: str | os.PathLike) -> HFCheckpoint:
-    """Read a Hugging Face DETR folder or hub id (:func:`resolve_hf_folder`) into our terms.
+def read_hf_checkpoint(
+    source: str | os.PathLike,
+) -> tuple[Path, dict[str, Any], dict[str, Tensor], dict[str, Any]]:
+    """Read a Hugging Face DETR folder or hub id (:func:`resolve_hf_folder`) into our terms: its local
+    folder (a hub id's snapshot in the hub cache); ``config`` (``config.json``), ``class_names`` (of
+    ``id2label``) and ``preprocessing`` (:func:`read_preprocessing`); the weights under our key names; and
+    the :func:`build_detr` arguments.
 
     Raises:
         CheckpointError: unsupported config fields, unmapped weights, or a class head that does not match
@@ -598,7 +588,8 @@ def read_hf_checkpoint(source: str | os.PathLike) -> HFCheckpoint:
             f"{architecture['num_classes']}. Fix: make config.json's id2label list every class."
         )
     names = {int(label): str(name) for label, name in dict(config.get("id2label") or {}).items()}
-    return HFCheckpoint(folder, config, state_dict, architecture, flavour, names, read_preprocessing(folder))
+    contents = {"config": config, "class_names": names, "preprocessing": read_preprocessing(folder)}
+    return folder, contents, state_dict, architecture
 
 
 # ------------------------------------------------------------------ writing

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import lightning
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
@@ -63,15 +64,20 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
 
 def build_module(cfg: DictConfig, num_classes: int) -> DETRLitModule:
     """The LightningModule of ``cfg`` with ``num_classes`` filled in."""
-    return DETRLitModule(
-        model={**group_values(cfg.model), "num_classes": num_classes},
-        matcher=group_values(cfg.matcher),
-        loss=group_values(cfg.loss),
-        optimizer=group_values(cfg.optimizer),
-        scheduler=group_values(cfg.scheduler),
-        max_consecutive_nonfinite=cfg.max_consecutive_nonfinite,
-        postprocess=group_values(cfg.postprocess),
-    )
+    try:
+        return DETRLitModule(
+            model={**group_values(cfg.model), "num_classes": num_classes},
+            matcher=group_values(cfg.matcher),
+            loss=group_values(cfg.loss),
+            optimizer=group_values(cfg.optimizer),
+            scheduler=group_values(cfg.scheduler),
+            max_consecutive_nonfinite=cfg.max_consecutive_nonfinite,
+            postprocess=group_values(cfg.postprocess),
+        )
+    except ValueError as error:  # the model's (and torch's) own checks of its settings
+        raise ConfigError(
+            f"config: the model cannot be built: {error}. Fix: change that model.* value."
+        ) from None
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -169,6 +175,9 @@ def exit_on_user_error() -> Iterator[None]:
         yield
     except StoppedByRankZero as stop:  # rank 0 prints the error: one short line here
         raise SystemExit(str(stop)) from None
-    except USER_ERRORS as error:
+    except (*USER_ERRORS, InstantiationException) as raised:
+        error = raised.__cause__ if isinstance(raised, InstantiationException) else raised  # in a constructor
+        if not isinstance(error, USER_ERRORS):
+            raise
         log.error("%s", error)
         raise SystemExit(f"error: {error}") from None

@@ -103,7 +103,7 @@ def test_auto_falls_back_to_the_legacy_exporter_naming_the_failure_in_one_line(
     assert result.exporter == "torch.onnx.export(dynamo=False)" and result.max_abs_diff
     assert [record.getMessage() for record in caplog.records if record.name == "detr_lightning.export"] == [
         "torch.onnx's dynamo exporter failed (ValueError: Cannot view a tensor as that shape!); using the "
-        "legacy exporter (onnx_exporter=dynamo shows the whole error)."
+        "legacy exporter."
     ]
 
 

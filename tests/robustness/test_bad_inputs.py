@@ -143,6 +143,18 @@ MORE_CASES = {
         lambda root: ["speed.compile_recompile_limit=0"],
         r"config: speed\.compile_recompile_limit=0 must be positive",
     ),
+    "negative: optimizer.lr=-1": (
+        lambda root: ["optimizer.lr=-1"],
+        r"config: optimizer\.lr=-1\.0 must be 0 or more",
+    ),
+    "heads that do not divide the width": (
+        lambda root: ["model.nheads=3"],  # the demo's hidden_dim is 64
+        r"config: model\.hidden_dim=64 must be even and a multiple of model\.nheads=3\. Fix: e\.g\. .*=66\.",
+    ),
+    "a model setting the model refuses (DC5 of a ResNet-18)": (
+        lambda root: ["model.dilation=true"],
+        r"config: the model cannot be built: backbone 'resnet18' has basic blocks, which torchvision cannot",
+    ),
 }
 
 
@@ -150,6 +162,11 @@ MORE_CASES = {
 def test_config_and_size_errors_stop_train_before_the_first_step(dataset, train_in_process, case):
     setup, expected = MORE_CASES[case]
     _one_message(train_in_process(dataset, setup(dataset)), expected)
+
+
+def test_a_data_setting_refused_while_hydra_builds_the_data_module_is_one_message(dataset, train_in_process):
+    message = train_in_process(dataset, ["data.batch_size=0"])  # raised inside hydra's instantiate
+    assert message == "error: data.batch_size=0, data.val_batch_size=None: must be positive."
 
 
 #: Wrong types and unknown choices: refused by the config schemas while Hydra composes (conf/ + config.py).

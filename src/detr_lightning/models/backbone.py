@@ -120,7 +120,7 @@ class ResNetBackbone(nn.Module):
         super().__init__()
         if not 0 <= trainable_layers <= len(STAGES_TOP_DOWN):
             raise ValueError(
-                f"trainable_layers={trainable_layers} must be between 0 and {len(STAGES_TOP_DOWN)}"
+                f"trainable_backbone_layers={trainable_layers} must be between 0 and {len(STAGES_TOP_DOWN)}"
             )
         if norm not in NORM_LAYERS:
             raise ValueError(f"unknown backbone norm {norm!r}; choose one of {sorted(NORM_LAYERS)}")

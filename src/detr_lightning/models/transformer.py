@@ -116,7 +116,8 @@ class TransformerDecoderLayer(nn.Module):
             memory,
             key_padding_mask=key_padding_mask,
             attn_mask=attn_bias,
-            need_weights=self.need_weights,
+            # torch.export (2.14) mis-strides the fused path given a float mask and a symbolic batch.
+            need_weights=self.need_weights or (attn_bias is not None and torch.compiler.is_exporting()),
         )
         return self.dropout2(attended[0])
 
