@@ -309,14 +309,16 @@ def group_values(node: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
 
 
-#: Settings that must be above 0 when set (types are checked at composition; these are values).
+#: Settings that must be above 0 (or, ``NON_NEGATIVE_KEYS``, 0 or more) when set; the top-level keys are
+#: predict.py's and export.py's. Types are checked at composition; these are values.
 POSITIVE_KEYS = tuple(
     """model.num_classes model.num_queries model.num_groups model.spatial_prior_sigma model.hidden_dim
     model.nheads model.dec_layers model.dim_feedforward postprocess.top_k scheduler.lr_drop
-    max_consecutive_nonfinite speed.compile_recompile_limit""".split()
+    max_consecutive_nonfinite speed.compile_recompile_limit batch_size atol""".split()
 )
-#: Settings that must be 0 or more when set.
-NON_NEGATIVE_KEYS = ("model.enc_layers", "data.num_workers", "optimizer.lr", "optimizer.weight_decay")
+NON_NEGATIVE_KEYS = tuple(
+    "model.enc_layers optimizer.lr optimizer.weight_decay data.num_workers num_workers".split()
+)
 
 
 def check_values(cfg: DictConfig) -> None:

@@ -32,7 +32,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from detr_lightning.config import ExportSettings
+from detr_lightning.config import ExportSettings, check_values
 from detr_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from detr_lightning.files import write_json
 from detr_lightning.hf_format import WEIGHT_FILES, HFPreprocessing, import_transformers, write_hf_folder
@@ -99,6 +99,7 @@ class ExportResult:
 
 def export(cfg: DictConfig) -> ExportResult:
     """Export the configured model (``ckpt_path`` or ``model.pretrained``) and check it."""
+    check_values(cfg)
     fmt, exporter = str(cfg.format), str(cfg.onnx_exporter)  # checked by the schema (export_schema)
     settings = ExportSettings.from_config(cfg)
     detector = load_detector(ckpt_path=cfg.ckpt_path, pretrained=cfg.model.pretrained)

@@ -34,6 +34,7 @@ from detr_lightning.attention import (
     encoder_attention_map,
 )
 from detr_lightning.batching import pad_images_to_batch
+from detr_lightning.config import check_values
 from detr_lightning.data.errors import DataError
 from detr_lightning.data.images import DECODABLE_FORMATS, image_header_or_error, read_image_rgb
 from detr_lightning.files import write_json
@@ -49,11 +50,10 @@ ATTENTION_DIR = "attention"
 
 def predict(cfg: DictConfig) -> Path:
     """Run the configured model on ``cfg.input`` and write the outputs; returns ``predictions.json``."""
+    check_values(cfg)
     threshold, pixel = float(cfg.threshold), cfg.get("attention_pixel")
     if not 0.0 <= threshold <= 1.0:
         raise InferenceSettingError(f"threshold={threshold} must be between 0 and 1 (a class probability).")
-    if int(cfg.batch_size) < 1:
-        raise InferenceSettingError(f"batch_size={cfg.batch_size} must be at least 1.")
     if pixel is not None and not (isinstance(pixel, Sequence) and len(pixel) == 2):
         raise InferenceSettingError(f"attention_pixel={pixel} must be [x, y] in image pixels.")
     if OmegaConf.is_missing(cfg, "input") or cfg.input is None:

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from cli_runs import cli_env, run_script
+from detr_lightning.config import ConfigError
 from detr_lightning.data.errors import DataError
 from detr_lightning.inference import COCO_CLASS_NAMES, InferenceSettingError, load_detector
 from detr_lightning.lit_module import DETRLitModule
@@ -174,6 +175,8 @@ def test_cli_errors_are_one_message_and_a_non_zero_exit(tmp_path, image_dir):
         (["input=IMAGES/notes.txt"], DataError, "notes.txt is not an image file"),
         (["input=EMPTY"], DataError, "holds no image files"),
         (["input=IMAGES", "threshold=1.5"], CheckpointError, "threshold=1.5 must be between 0 and 1"),
+        (["input=IMAGES", "num_workers=-1"], ConfigError, r"config: num_workers=-1 must be 0 or more"),
+        (["input=IMAGES", "batch_size=0"], ConfigError, r"config: batch_size=0 must be positive"),
         # A wrong type (attention_pixel=5) is refused while composing: test_bad_inputs.WRONG_COMMAND_VALUES.
         (
             ["input=IMAGES", "attention_pixel=[1,2,3]"],
