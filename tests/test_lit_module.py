@@ -153,9 +153,10 @@ def test_pretrained_weights_replace_the_class_head(tmp_path):
         module.load_pretrained(str(path))
 
 
-@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "64-true"])
 def test_mixed_precision_trains_with_finite_losses(tmp_path, precision):
-    """CPU autocast (16-mixed falls back to bf16 on CPU); matching and losses stay in float32."""
+    """CPU autocast (16-mixed falls back to bf16 on CPU); matching and losses stay in float32. 64-true
+    (Lightning casts the model and the batch's floats, targets included, to float64) trains too."""
     module = make_module()
     trainer = cpu_trainer(tmp_path, precision=precision, enable_checkpointing=False)
     trainer.fit(

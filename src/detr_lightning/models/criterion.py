@@ -204,8 +204,9 @@ class SetCriterion(nn.Module):
         layer x query group) at once: predictions ``(P, B, Q, C + 1)`` and ``(P, B, Q, 4)``, ``pairs (4, M)``
         (problem, image, query and batch-wide target index of each matched pair), the batch's targets
         concatenated (``(T,)`` and ``(T, 4)``) and ``num_boxes``, the 0-dim normalizer of the box losses."""
-        # Losses in float32 even under mixed precision (the log-softmax and GIoU need the range).
-        logits, boxes = pred_logits.float(), pred_boxes.float()
+        # At least float32 (the log-softmax and GIoU need the range); 64-true: float64, as are its targets.
+        dtype = torch.promote_types(pred_boxes.dtype, torch.float32)
+        logits, boxes, all_boxes = pred_logits.to(dtype), pred_boxes.to(dtype), all_boxes.to(dtype)
         num_problems = logits.shape[0]
         problem, image, query, target = pairs
         # Boxes of matched queries only, normalized by the (all-process) number of target boxes.
