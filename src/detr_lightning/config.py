@@ -316,7 +316,9 @@ POSITIVE_KEYS = tuple(
     model.nheads model.dec_layers model.dim_feedforward postprocess.top_k scheduler.lr_drop
     max_consecutive_nonfinite speed.compile_recompile_limit batch_size atol""".split()
 )
-NON_NEGATIVE_KEYS = tuple("optimizer.lr optimizer.weight_decay data.num_workers num_workers".split())
+NON_NEGATIVE_KEYS = tuple(
+    "model.enc_layers optimizer.lr optimizer.weight_decay data.num_workers num_workers".split()
+)
 
 
 def check_values(cfg: DictConfig) -> None:

@@ -154,10 +154,7 @@ def export_onnx(
     batch_size = max(settings.batch_size, 2) if settings.dynamic else settings.batch_size
     inputs = example_inputs(batch_size, settings.height, settings.width, settings.mask_input)
     dynamo = exporter != "legacy"
-    with (
-        module.model.backbone[0].register_forward_hook(_portable_feature_mask),
-        _quiet_exporters(),
-    ):
+    with module.model.backbone[0].register_forward_hook(_portable_feature_mask), _quiet_exporters():
         try:
             torch.onnx.export(module, inputs, str(path), **_onnx_options(settings, opset, dynamo))
         except Exception as error:  # the exporter raises many types; any failure means "try legacy"
