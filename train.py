@@ -5,7 +5,7 @@ from omegaconf import DictConfig
 
 from detr_lightning.config import register_configs
 from detr_lightning.sweep import is_multirun, optimized_value, record_optimized_value, run_sweep_job
-from detr_lightning.training import USER_ERRORS, exit_on_user_error, train
+from detr_lightning.training import exit_on_user_error, train, user_error
 
 register_configs()  # the schemas conf/ composes with: every value is type-checked
 
@@ -16,7 +16,7 @@ def main(cfg: DictConfig) -> float | None:
 
     In a multirun the value is also recorded in the job's ``job_status.json`` (``optimized_value``)."""
     if is_multirun():  # a failing job is recorded in its folder and the sweep goes on
-        metrics = run_sweep_job(train, cfg, user_errors=USER_ERRORS)
+        metrics = run_sweep_job(train, cfg, user_error=user_error)
         return record_optimized_value(optimized_value(cfg, metrics))
     with exit_on_user_error():
         metrics = train(cfg)

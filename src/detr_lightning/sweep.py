@@ -66,11 +66,11 @@ def run_sweep_job(
     task: Callable[[DictConfig], dict[str, float]],
     cfg: DictConfig,
     *,
-    user_errors: tuple[type[Exception], ...],
+    user_error: Callable[[BaseException], BaseException | None],
 ) -> dict[str, float] | None:
     """Run ``task(cfg)`` as one job of a multirun and record its outcome in ``<job dir>/job_status.json``.
 
-    A job that raises is logged (with its traceback, except for ``user_errors``, whose message says it all),
+    A job that raises is logged (with its traceback, unless ``user_error`` finds a user error in it),
     recorded as ``failed`` with the error on one line, and returns None: the sweep goes on with the next
     job. Ctrl-C or an exit is recorded as ``interrupted`` and stops the sweep.
     """
@@ -92,12 +92,11 @@ def run_sweep_job(
         record["status"] = "ok"
         return metrics
     except Exception as error:
-        user_error = isinstance(error, user_errors)
-        if user_error:
-            log.error("job %s failed: %s", hydra_config.job.num, error)
+        if (shown := user_error(error)) is not None:
+            log.error("job %s failed: %s", hydra_config.job.num, shown)
         else:
             log.exception("job %s failed, the sweep goes on", hydra_config.job.num)
-        record.update(status="failed", error=one_line(error, with_type=not user_error))
+        record.update(status="failed", error=one_line(shown or error, with_type=shown is None))
         return None
     except BaseException as error:  # Ctrl-C, SystemExit: the sweep stops here
         record.update(status="interrupted", error=one_line(error, with_type=True))

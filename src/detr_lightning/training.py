@@ -75,9 +75,7 @@ def build_module(cfg: DictConfig, num_classes: int) -> DETRLitModule:
             postprocess=group_values(cfg.postprocess),
         )
     except ValueError as error:  # the model's (and torch's) own checks of its settings
-        raise ConfigError(
-            f"config: the model cannot be built: {error}. Fix: change that model.* value."
-        ) from None
+        raise ConfigError(f"config: model: {error}. Fix: change that model.* value.") from None
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -168,6 +166,12 @@ def _data_checked_by_rank_zero(cfg: DictConfig) -> tuple[Any, int]:
     return datamodule, num_classes if num_classes is not None else datamodule.num_classes
 
 
+def user_error(error: BaseException) -> BaseException | None:
+    """``error``, or what a constructor raised inside Hydra's ``instantiate``, if one of `USER_ERRORS`."""
+    cause = error.__cause__ if isinstance(error, InstantiationException) else error
+    return cause if isinstance(cause, USER_ERRORS) else None
+
+
 @contextmanager
 def exit_on_user_error() -> Iterator[None]:
     """Turn a user-caused error into its message on stderr and exit status 1 (no traceback)."""
@@ -175,9 +179,8 @@ def exit_on_user_error() -> Iterator[None]:
         yield
     except StoppedByRankZero as stop:  # rank 0 prints the error: one short line here
         raise SystemExit(str(stop)) from None
-    except (*USER_ERRORS, InstantiationException) as raised:
-        error = raised.__cause__ if isinstance(raised, InstantiationException) else raised  # in a constructor
-        if not isinstance(error, USER_ERRORS):
+    except Exception as raised:
+        if (error := user_error(raised)) is None:
             raise
         log.error("%s", error)
         raise SystemExit(f"error: {error}") from None

@@ -153,7 +153,7 @@ MORE_CASES = {
     ),
     "a model setting the model refuses (DC5 of a ResNet-18)": (
         lambda root: ["model.dilation=true"],
-        r"config: the model cannot be built: backbone 'resnet18' has basic blocks, which torchvision cannot",
+        r"config: model: backbone 'resnet18' has basic blocks, which torchvision cannot",
     ),
 }
 

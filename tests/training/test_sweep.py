@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict, read_write
 
@@ -26,7 +27,7 @@ from detr_lightning.sweep import (
     write_summary_csv,
 )
 from detr_lightning.tools.sweep_summary import main
-from detr_lightning.training import USER_ERRORS
+from detr_lightning.training import user_error
 
 from .conftest import QUICK, REPO_ROOT
 
@@ -198,7 +199,7 @@ def test_a_failing_job_is_recorded_and_does_not_raise(job_config, caplog, monkey
         raise RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB")
 
     with caplog.at_level(logging.ERROR):
-        assert run_sweep_job(crash, job_config, user_errors=USER_ERRORS) is None
+        assert run_sweep_job(crash, job_config, user_error=user_error) is None
     status = job_status(job_config)
     assert status["status"] == "failed"
     assert status["error"] == "RuntimeError: CUDA out of memory. Tried to allocate 2 GiB"
@@ -211,8 +212,18 @@ def test_a_failing_job_is_recorded_and_does_not_raise(job_config, caplog, monkey
         raise DataError("data.root=/x does not exist")
 
     caplog.clear()
-    assert run_sweep_job(bad_data, job_config, user_errors=USER_ERRORS) is None
+    assert run_sweep_job(bad_data, job_config, user_error=user_error) is None
     assert job_status(job_config)["error"] == "data.root=/x does not exist"  # a user error: its message
+    assert "Traceback" not in caplog.text
+
+    def bad_data_in_a_constructor(cfg):  # what hydra.utils.instantiate raises for a data module's DataError
+        try:
+            raise DataError("data.batch_size=0, data.val_batch_size=None: must be positive.")
+        except DataError as error:
+            raise InstantiationException("Error in call to target 'CocoDataModule'") from error
+
+    assert run_sweep_job(bad_data_in_a_constructor, job_config, user_error=user_error) is None
+    assert job_status(job_config)["error"] == "data.batch_size=0, data.val_batch_size=None: must be positive."
     assert "Traceback" not in caplog.text
 
 
@@ -233,7 +244,7 @@ def test_a_failed_job_frees_its_objects_before_the_next_job(job_config, monkeypa
 
     gc.disable()  # no collection by chance: only the one run_sweep_job does
     try:
-        run_sweep_job(crash, job_config, user_errors=USER_ERRORS)
+        run_sweep_job(crash, job_config, user_error=user_error)
         assert alive[0]() is None
     finally:
         gc.enable()
@@ -244,15 +255,13 @@ def test_an_interrupted_job_stops_the_sweep(job_config):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_sweep_job(interrupted, job_config, user_errors=USER_ERRORS)
+        run_sweep_job(interrupted, job_config, user_error=user_error)
     assert job_status(job_config)["status"] == "interrupted"
 
 
 def test_the_sweeper_gets_the_best_epoch_of_the_optimized_metric(job_config, caplog):
     job_dir = Path(job_config.hydra.runtime.output_dir)
-    assert run_sweep_job(lambda cfg: {"val/map": 0.3}, job_config, user_errors=USER_ERRORS) == {
-        "val/map": 0.3
-    }
+    assert run_sweep_job(lambda cfg: {"val/map": 0.3}, job_config, user_error=user_error) == {"val/map": 0.3}
     assert job_status(job_config)["status"] == "ok" and job_status(job_config)["duration_s"] >= 0
     assert optimized_value(job_config, {"val/map": 0.3}) == 0.3  # no metrics.csv: the final value
     (job_dir / "metrics.csv").write_text("epoch,val/map\n0,0.2\n1,0.5\n2,0.3\n")
