@@ -16,7 +16,7 @@ from detr_lightning.lit_module import DETRLitModule
 from detr_lightning.models.weight_files import CheckpointError
 from detr_lightning.runs import run_data_config
 from detr_lightning.speed import apply_speed_config
-from detr_lightning.training import build_module, instantiate_group
+from detr_lightning.training import build_module, build_trainer, instantiate_group
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         module.load_pretrained()
     datamodule.check_num_classes(module.model.num_classes)
     apply_speed_config(module.model, cfg.speed)
-    trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.callbacks), logger=False)
+    trainer = build_trainer(cfg, callbacks=instantiate_group(cfg.callbacks), logger=False)
     run = trainer.validate if cfg.split == "val" else trainer.test
     results = run(module, datamodule=datamodule, verbose=False)
     close_process_group()

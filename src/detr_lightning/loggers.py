@@ -39,6 +39,10 @@ SERVER_PROBE_TIMEOUT_S = 3.0  # for the W&B server to accept a connection before
 _ENV_MODES = dict(online="online", run="online", offline="offline", dryrun="offline", disabled="disabled")
 
 
+class WandbSettingError(ValueError):
+    """A W&B setting that cannot work (``WANDB_MODE``, online without credentials): a user error."""
+
+
 class WandbLoggerWithSyncHint(WandbLogger):
     """A `WandbLogger` that, when it starts an offline run, logs the one command that uploads it, with
     ``offline_reason`` (e.g. ``"no W&B credentials found"``)."""
@@ -79,8 +83,8 @@ def wandb_logger(
 
     ``name`` defaults to the Hydra job's ``override_dirname``, ``group`` to the sweep folder's name in a
     multirun; ``log_model`` is switched off (with a warning) offline; the W&B files go to
-    ``<save_dir>/wandb``; the rest goes to ``wandb.init``. A `ValueError` where wandb would prompt: online
-    without credentials.
+    ``<save_dir>/wandb``; the rest goes to ``wandb.init``. A `WandbSettingError` where wandb would prompt:
+    online without credentials.
     """
     mode, offline_reason = resolve_wandb_mode(offline)
     if mode == "offline" and log_model:
@@ -116,7 +120,7 @@ def resolve_wandb_mode(offline: bool | None) -> tuple[str, str]:
         return "offline", "logger.wandb.offline=true"
     env_mode = os.environ.get("WANDB_MODE", "").strip().lower()
     if env_mode not in ("", *_ENV_MODES):
-        raise ValueError(
+        raise WandbSettingError(
             f"WANDB_MODE={env_mode!r} is not a W&B mode. Fix: unset it or use one of {', '.join(_ENV_MODES)}."
         )
     if _ENV_MODES.get(env_mode, "online") != "online":
@@ -127,7 +131,7 @@ def resolve_wandb_mode(offline: bool | None) -> tuple[str, str]:
         if wants_online:
             setting = f"WANDB_MODE={env_mode}" if env_mode else "logger.wandb.offline=false"
             fallback = "unset WANDB_MODE" if env_mode else "use logger.wandb.offline=null"
-            raise ValueError(
+            raise WandbSettingError(
                 f"{setting} asks for W&B online, but no credentials for {base_url} were found "
                 "(WANDB_API_KEY, WANDB_IDENTITY_TOKEN_FILE or ~/.netrc), so wandb would wait on a login "
                 f"prompt. Fix: run `wandb login` or set WANDB_API_KEY; or {fallback} to fall back to offline."

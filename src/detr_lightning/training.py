@@ -10,7 +10,7 @@ from typing import Any
 import lightning
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from omegaconf import DictConfig
 
 from detr_lightning.config import ConfigError, check_values, group_values
@@ -29,6 +29,7 @@ from detr_lightning.fault_tolerance import (
     resolve_resume_checkpoint,
 )
 from detr_lightning.lit_module import DETRLitModule, NonFiniteTrainingError
+from detr_lightning.loggers import WandbSettingError
 from detr_lightning.models.weight_files import CheckpointError
 from detr_lightning.preflight import (
     OutputDirError,
@@ -39,8 +40,8 @@ from detr_lightning.speed import apply_speed_config
 
 log = logging.getLogger(__name__)
 
-#: Errors a user causes (data, weights, config values) or a run that diverged for good: reported as one
-#: message, no traceback.
+#: Errors a user causes (data, weights, config values, W&B settings) or a run that diverged for good:
+#: reported as one message, no traceback.
 #: A rank stopped because rank 0 failed (``StoppedByRankZero``) counts as one too: a sweep records the
 #: job as failed and goes on with the next, in step with rank 0.
 USER_ERRORS = (
@@ -48,6 +49,7 @@ USER_ERRORS = (
     CheckpointError,
     ConfigError,
     OutputDirError,
+    WandbSettingError,
     NonFiniteTrainingError,
     StoppedByRankZero,
 )
@@ -78,6 +80,19 @@ def build_module(cfg: DictConfig, num_classes: int) -> DETRLitModule:
         raise ConfigError(f"config: model: {error}. Fix: change that model.* value.") from None
 
 
+def build_trainer(cfg: DictConfig, **kwargs: Any) -> lightning.Trainer:
+    """``cfg.trainer`` with ``kwargs`` (callbacks, logger); a setting Lightning refuses (``trainer=gpu``
+    without a GPU, more devices than the machine has) is a :class:`ConfigError`."""
+    try:
+        return instantiate(cfg.trainer, **kwargs)
+    except InstantiationException as error:
+        if not isinstance(refused := error.__cause__, MisconfigurationException):
+            raise
+        raise ConfigError(
+            f"config: trainer: {refused} Fix: change that trainer.* value (trainer=cpu, gpu or ddp)."
+        ) from None
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the model of ``cfg`` on its data, then test the best checkpoint; return the final figures."""
     check_values(cfg)
@@ -101,7 +116,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     callbacks = instantiate_group(cfg.callbacks)
     loggers = instantiate_group(cfg.logger)
-    trainer: lightning.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = build_trainer(cfg, callbacks=callbacks, logger=loggers or False)
     hyperparameters = group_values(cfg)
     for logger in trainer.loggers:
         logger.log_hyperparams(hyperparameters)
@@ -182,5 +197,6 @@ def exit_on_user_error() -> Iterator[None]:
     except Exception as raised:
         if (error := user_error(raised)) is None:
             raise
-        log.error("%s", error)
+        # To the job's log file only (conf/hydra/job_logging/detr.yaml): the console gets the `error:` line.
+        logging.getLogger("detr_lightning.user_error").error("%s", error)
         raise SystemExit(f"error: {error}") from None

@@ -99,6 +99,10 @@ def test_command_line(tmp_path: Path, capsys) -> None:
     assert len(list((out / "train").glob("*.jpg"))) == 3
     assert demo.main([str(out)]) == 0
     assert "already holds a dataset" in capsys.readouterr().out
+    assert demo.main([str(tmp_path / "none"), "--num-train", "-3"]) == 2  # nothing written, one message
+    assert (
+        "split sizes must be 1 or more train" in capsys.readouterr().err and not (tmp_path / "none").exists()
+    )
 
 
 def test_crowded_variant_has_more_and_smaller_shapes(tmp_path: Path) -> None:

@@ -155,6 +155,10 @@ MORE_CASES = {
         lambda root: ["model.dilation=true"],
         r"config: model: backbone 'resnet18' has basic blocks, which torchvision cannot",
     ),
+    "a trainer setting Lightning refuses (as trainer=gpu without a GPU)": (
+        lambda root: ["trainer.devices=0"],
+        r"config: trainer: `Trainer\(devices=0\)` value is not a valid .* Fix: change that trainer\.\* value",
+    ),
 }
 
 
@@ -167,6 +171,12 @@ def test_config_and_size_errors_stop_train_before_the_first_step(dataset, train_
 def test_a_data_setting_refused_while_hydra_builds_the_data_module_is_one_message(dataset, train_in_process):
     message = train_in_process(dataset, ["data.batch_size=0"])  # raised inside hydra's instantiate
     assert message == "error: data.batch_size=0, data.val_batch_size=None: must be positive."
+
+
+def test_a_wandb_setting_that_cannot_work_is_one_message(dataset, train_in_process, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "sometimes")  # raised inside hydra's instantiate, as a W&B error
+    message = train_in_process(dataset, ["logger=wandb"])
+    assert message.startswith("error: WANDB_MODE='sometimes' is not a W&B mode. Fix: unset it or use one of")
 
 
 #: Wrong types and unknown choices: refused by the config schemas while Hydra composes (conf/ + config.py).

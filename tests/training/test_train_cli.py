@@ -99,11 +99,17 @@ def test_demo_run_writes_everything_a_user_looks_for(demo_run, best_evaluated, s
 
 
 def test_missing_data_is_one_clear_message(tmp_path):
-    result = run_train_cli(["data.root=" + str(tmp_path / "nowhere"), *QUICK], cwd=tmp_path, timeout=120)
+    run_dir, nowhere = tmp_path / "run", tmp_path / "nowhere"
+    result = run_train_cli(
+        [f"data.root={nowhere}", f"hydra.run.dir={run_dir}", *QUICK], cwd=tmp_path, timeout=120
+    )
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert "Traceback" not in output
-    assert str(tmp_path / "nowhere") in output
+    message = f"data.root={nowhere} is not a folder. Fix: point data.root at the dataset folder."
+    # Once on the console, as the last line; kept in the run's log file.
+    assert output.count(message) == 1 and result.stderr.strip().splitlines()[-1] == f"error: {message}"
+    assert message in (run_dir / "train.log").read_text()
 
 
 def test_no_data_says_in_one_line_what_to_pass(tmp_path):

@@ -269,7 +269,10 @@ def write_demo_dataset(
     ``shapes`` are `DemoShapes` fields (`CROWDED_DEMO_OPTIONS` for the harder variant,
     `REALISTIC_DEMO_OPTIONS` for COCO-like sizes), checked first; ``processes`` draw the images."""
     DemoShapes(**shapes)
-    for split, num_images in (("train", num_train), ("val", num_val), ("test", num_test)):
+    counts = {"train": num_train, "val": num_val, "test": num_test}
+    if num_train < 1 or min(num_val, num_test) < 0:
+        raise DataError(f"demo split sizes must be 1 or more train, 0 or more val and test images: {counts}.")
+    for split, num_images in counts.items():
         write_demo_split(out / DEMO_SPLIT_FOLDERS[split], split, num_images, seed, processes, **shapes)
 
 
