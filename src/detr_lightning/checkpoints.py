@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import Tensor
 
-from detr_lightning.hf_format import is_hf_source, read_hf_checkpoint
+from detr_lightning.hf_format import is_hf_source, read_hf_checkpoint, shown_names
 from detr_lightning.models.criterion import class_score
 from detr_lightning.models.detr import DETR, build_detr
 from detr_lightning.models.weight_files import (
@@ -94,10 +94,8 @@ def infer_architecture(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
 
 def _official_hints(contents: Mapping[str, Any], source: str) -> dict[str, Any]:
     """What shapes cannot tell, from an official file's ``args`` or the official model name."""
-    hints: dict[str, Any] = {}
-    args = contents.get("args")
-    if isinstance(args, argparse.Namespace):
-        hints.update({k: getattr(args, k) for k in ("nheads", "dilation", "dropout") if hasattr(args, k)})
+    args = vars(contents["args"]) if isinstance(contents.get("args"), argparse.Namespace) else {}
+    hints = {k: args[k] for k in ("nheads", "dilation", "dropout") if k in args}
     if "dilation" not in hints and source in OFFICIAL_DETR_URLS:
         hints["dilation"] = source.endswith("_dc5")
     return hints
@@ -211,11 +209,7 @@ def _check_keys(model: DETR, state_dict: Mapping[str, Tensor], ignored: set[str]
             if state_dict[k].shape != expected[k].shape
         ),
     }
-    listed = [
-        f"{title}: " + ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
-        for title, names in problems.items()
-        if names
-    ]
+    listed = [f"{title}: {shown_names(names)}" for title, names in problems.items() if names]
     if listed:
         raise CheckpointError(f"{path} does not fit the DETR it describes; " + "; ".join(listed))
 

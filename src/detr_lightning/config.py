@@ -56,11 +56,8 @@ _PRIMITIVES = (bool, int, float, str)
 class Choice(str, enum.Enum):
     """One of a ``Literal``'s words, as OmegaConf checks it; it prints and compares as its word."""
 
-    def __str__(self) -> str:
+    def __str__(self) -> str:  # format() and f-strings use it too
         return str(self.value)
-
-    def __format__(self, spec: str) -> str:
-        return format(str(self.value), spec)
 
 
 def _field_type(annotation: Any, name: str) -> Any:
@@ -92,8 +89,7 @@ def signature_schema(
         skip: parameters that are not configured (passed in code).
         extra: ``name -> (type, default)`` of further config keys (e.g. ``_target_``).
     """
-    function = target.__init__ if inspect.isclass(target) else target
-    hints = typing.get_type_hints(function)
+    hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
     fields = []
     for parameter in inspect.signature(target).parameters.values():
         if parameter.name in skip or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
@@ -249,10 +245,9 @@ class ExportConfig(signature_schema(ExportSettings, "ExportSettingsSchema")):
     output_dir: str = MISSING
 
 
-def _with_enums(schema: type, done: dict[type, type] | None = None) -> type:
+def _with_enums(schema: type, done: dict[type, type]) -> type:
     """``schema`` as OmegaConf can check it: its ``Literal`` fields as Enums, recursively (one class per
-    schema, so that a group's node merges into the field it fills)."""
-    done = {} if done is None else done
+    schema in ``done``, so that a group's node merges into the field it fills)."""
     if schema not in done:
         hints = typing.get_type_hints(schema)
         fields = []
@@ -281,10 +276,8 @@ def _rank_suffix() -> str:
 
 
 def register_configs() -> None:
-    """Store the schemas in Hydra's ConfigStore: ``train_schema``, ``eval_schema``, ``predict_schema``,
-    ``export_schema`` and the groups
-    ``loss=default``, ``matcher=default``, ``optimizer=adamw``, ``scheduler=step``, ``speed=default``.
-    Entry scripts and tests that compose ``conf/`` call this first.
+    """Store the schemas in Hydra's ConfigStore (the ``<command>_schema`` nodes and the groups' defaults
+    below); entry scripts and tests that compose ``conf/`` call this first.
 
     Also the resolvers ``conf/`` uses so that only rank 0 of a multi-process run writes Hydra's files:
     ``${detr.rank_zero_only:VALUE}`` (VALUE on rank 0, else null: ``hydra.output_subdir``) and

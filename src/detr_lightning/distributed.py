@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
@@ -30,17 +29,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: ``DDPStrategy``'s default collective timeout: Lightning keeps using the group opened here, so it gets
-#: the timeout Lightning would have given it.
-PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
-
 
 class StoppedByRankZero(Exception):
-    """Raised on every rank but 0 when rank 0's part of :func:`on_rank_zero_first` failed.
-
-    Rank 0 reports the error itself; the other ranks stop with this one short line, so a bad dataset
-    gives one message instead of one per rank.
-    """
+    """Raised, as one short line, on every rank but 0 when rank 0's part of :func:`on_rank_zero_first`
+    failed: rank 0 reports the error itself, so a bad dataset gives one message instead of one per rank."""
 
 
 def external_cluster_environment() -> ClusterEnvironment | None:
@@ -110,7 +102,7 @@ def init_launched_process_group(backend: str) -> torch.device | None:
         init_method="env://",
         rank=rank,
         world_size=world_size,
-        timeout=PROCESS_GROUP_TIMEOUT,
+        timeout=dist.default_pg_timeout,  # DDPStrategy's default: Lightning keeps using this group
         device_id=device,
     )
     return device

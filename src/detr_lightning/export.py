@@ -167,8 +167,7 @@ def export_onnx(
             log.warning("torch.onnx's dynamo exporter failed (%s); using the legacy exporter.", failure)
             dynamo = False
             torch.onnx.export(module, inputs, str(path), **_onnx_options(settings, opset, dynamo))
-    exporter_name = f"torch.onnx.export(dynamo={dynamo})"
-    result = ExportResult(path, "onnx", exporter_name)
+    result = ExportResult(path, "onnx", f"torch.onnx.export(dynamo={dynamo})")
     if settings.verify:
         result.max_abs_diff = verify_export(_onnx_runner(path), module, settings)
     return result
@@ -247,8 +246,7 @@ def _huggingface_runner(folder: Path) -> Callable[[tuple[Tensor, ...]], list[Ten
 
     def run(inputs: tuple[Tensor, ...]) -> list[Tensor]:
         pixel_mask = None if len(inputs) == 1 else (~inputs[1]).long()
-        with torch.no_grad():
-            outputs = model(pixel_values=inputs[0], pixel_mask=pixel_mask)
+        outputs = model(pixel_values=inputs[0], pixel_mask=pixel_mask)  # verify_export runs it without grad
         return [outputs.logits, outputs.pred_boxes]
 
     return run

@@ -131,9 +131,8 @@ class RobustModelCheckpoint(ModelCheckpoint):
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         super().on_exception(trainer, pl_module, exception)
-        if not isinstance(exception, SIGTERMException) or not self.keeps_last:
-            return
-        if not self._can_save(trainer, pl_module):
+        sigterm = isinstance(exception, SIGTERMException) and self.keeps_last
+        if not sigterm or not self._can_save(trainer, pl_module):
             return
         self._save_last(trainer)
         if trainer.is_global_zero:

@@ -136,7 +136,8 @@ NATIVE_RESNETS = {
 }
 
 
-def _shown(values: Sequence[str], limit: int = 12) -> str:
+def shown_names(values: Sequence[str], limit: int = 12) -> str:
+    """The first ``limit`` of ``values``, comma-separated, and how many there are in all when more."""
     shown = ", ".join(values[:limit])
     return shown + (f", ... ({len(values)} in all)" if len(values) > limit else "")
 
@@ -173,11 +174,8 @@ def _backbone(sub: Any, problems: list[str]) -> tuple[str, bool, str]:
     if (channels := sub.get("num_channels", sub.get("in_chans", 3))) != 3:
         problems.append(f"num_channels={channels} (RGB only)")
     if kind == "resnet":  # transformers' ResNet cannot dilate; its config's `dilation` is unused there too
-        layout = {
-            "layer_type": str(sub.get("layer_type", "bottleneck")),
-            "depths": list(sub.get("depths") or (3, 4, 6, 3)),
-            "hidden_sizes": list(sub.get("hidden_sizes") or (256, 512, 1024, 2048)),
-        }
+        # A field left out has transformers' default, ResNet-50's.
+        layout = {field: sub.get(field, default) for field, default in NATIVE_RESNETS["resnet50"].items()}
         name = next((name for name, known in NATIVE_RESNETS.items() if known == layout), None)
         if name is None:
             shown = " ".join(f"{field}={value!r}" for field, value in layout.items())
@@ -372,8 +370,8 @@ def hf_to_ours(hf_state: Mapping[str, Tensor], flavour: str, where: str | os.Pat
     incomplete = sorted(key for key, parts in packed.items() if len(parts) != 3)
     if unmapped or incomplete:
         flavour_name = "timm" if flavour == "timm" else "transformers ResNet"
-        problems = [f"no counterpart for {_shown(sorted(unmapped))}"] if unmapped else []
-        problems += [f"q/k/v projections incomplete for {_shown(incomplete)}"] if incomplete else []
+        problems = [f"no counterpart for {shown_names(sorted(unmapped))}"] if unmapped else []
+        problems += [f"q/k/v projections incomplete for {shown_names(incomplete)}"] if incomplete else []
         raise CheckpointError(
             f"{where}: the weights do not fit a DETR with a {flavour_name} backbone: {'; '.join(problems)}. "
             "Fix: give a DetrForObjectDetection folder written by save_pretrained, with the config.json "
@@ -402,7 +400,7 @@ def ours_to_hf(state_dict: Mapping[str, Tensor], flavour: str) -> dict[str, Tens
         else:
             hf[template.format(**values)] = tensor
     if unmapped:
-        raise CheckpointError(f"no Hugging Face DETR weight for {_shown(sorted(unmapped))}")
+        raise CheckpointError(f"no Hugging Face DETR weight for {shown_names(sorted(unmapped))}")
     return hf
 
 

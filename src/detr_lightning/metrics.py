@@ -96,8 +96,7 @@ def map_labels(labels: Tensor, mapping: Mapping[int, int]) -> tuple[Tensor, Tens
 
 def _shortest_decimal(values: Tensor) -> Tensor:
     """float32 values as float64 CPU values of their shortest round-trip decimal (numpy's ``str``)."""
-    as_text = values.float().cpu().numpy().astype(str)
-    return torch.from_numpy(as_text.astype(np.float64))
+    return torch.from_numpy(values.float().cpu().numpy().astype(str).astype(np.float64))
 
 
 def coco_ground_truth(coco_gt: Any, image_ids: Sequence[int]) -> list[dict[str, Tensor]]:

@@ -8,6 +8,7 @@ a folder may be half-written (a killed or running job).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import math
@@ -109,8 +110,7 @@ def read_run(path: Path, label: str | None = None, metric: str | None = None, mo
 
 def command_line(job_name: str, overrides: Iterable[str], multirun: bool = False) -> str:
     """The command that ran a job: ``python train.py [-m] OVERRIDES`` (quoted for a shell)."""
-    options = ["-m"] if multirun else []
-    return " ".join(["python", f"{job_name}.py", *options, *(shlex.quote(o) for o in overrides)])
+    return shlex.join(["python", f"{job_name}.py", *(["-m"] if multirun else []), *overrides])
 
 
 def override_values(overrides: Iterable[str]) -> dict[str, str]:
@@ -140,10 +140,8 @@ def is_run_dir(path: Path) -> bool:
 def find_job_dirs(sweep_dir: Path) -> list[Path]:
     """The job folders of a sweep (with ``.hydra/overrides.yaml`` or ``job_status.json``), in job order
     (``2`` before ``10``)."""
-    markers = [*sweep_dir.glob("**/.hydra/overrides.yaml"), *sweep_dir.glob(f"**/{JOB_STATUS_FILE}")]
-    job_dirs = {
-        marker.parent.parent if marker.parent.name == ".hydra" else marker.parent for marker in markers
-    }
+    job_dirs = {marker.parent.parent for marker in sweep_dir.glob("**/.hydra/overrides.yaml")}
+    job_dirs |= {marker.parent for marker in sweep_dir.glob(f"**/{JOB_STATUS_FILE}")}
     job_dirs.discard(sweep_dir)  # a run folder used as sweep folder: only its sub-folders are jobs
 
     def natural_key(job_dir: Path) -> list[Any]:
@@ -253,13 +251,9 @@ def _started(path: Path, job_name: str, status: dict[str, Any]) -> str | None:
     """When the run started: from ``job_status.json``, else the first line of its log, else file times."""
     if status.get("started"):
         return str(status["started"]).replace("T", " ")
-    try:
-        with (path / f"{job_name}.log").open() as handle:
-            match = _LOG_TIME.match(handle.readline())
-        if match:
+    with contextlib.suppress(OSError), (path / f"{job_name}.log").open() as handle:
+        if match := _LOG_TIME.match(handle.readline()):
             return match.group(1)
-    except OSError:
-        pass
     for name in (".hydra/config.yaml", EPOCH_METRICS_FILE, METRICS_FILE):
         if (path / name).is_file():
             stamp = datetime.datetime.fromtimestamp((path / name).stat().st_mtime)

@@ -252,9 +252,7 @@ def write_summary_csv(
     return path
 
 
-def summary_table(
-    jobs: Sequence[JobResult], metric: str, mode: str, final_metrics: Sequence[str] = DEFAULT_FINAL_METRICS
-) -> Table:
+def summary_table(jobs: Sequence[JobResult], metric: str, mode: str, final_metrics: Sequence[str]) -> Table:
     """The summary as a rich table: the swept parameters, best ``metric`` and its epoch, and the errors."""
     keys, finals = swept_keys(jobs), _shown_finals(jobs, final_metrics)
     show_errors = any(job.error for job in jobs)
@@ -298,11 +296,10 @@ def print_summary(
     mode: str,
     final_metrics: Sequence[str] = DEFAULT_FINAL_METRICS,
     csv_path: Path | None = None,
-    console: Console | None = None,
 ) -> None:
     """Print :func:`summary_table`, captioned with ``csv_path``, and then the :func:`best_job` as a single-run
     command, ``python train.py OVERRIDES`` quoted for a shell (without ``-m`` and Hydra's own overrides)."""
-    console = console or Console()
+    console = Console()
     table = summary_table(jobs, metric, mode, final_metrics)
     if csv_path is not None:
         table.caption = Text(str(csv_path))

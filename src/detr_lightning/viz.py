@@ -16,7 +16,6 @@ import matplotlib
 import numpy as np
 from matplotlib import font_manager
 from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image
@@ -115,8 +114,7 @@ def save_attention_figure(
     panel_h = panel_w * height / width
     title_h, margin = 0.3, 0.05
     fig_w, fig_h = panel_w * columns + 2 * margin, (panel_h + title_h) * rows + margin
-    figure = Figure(figsize=(fig_w, fig_h))
-    FigureCanvasAgg(figure)
+    figure = Figure(figsize=(fig_w, fig_h))  # savefig renders PNG with Agg, whatever pyplot's backend
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
     figure.subplots_adjust(left=margin / fig_w, right=1 - margin / fig_w, bottom=margin / fig_h)
     figure.subplots_adjust(top=1 - title_h / fig_h, wspace=0.02, hspace=title_h / panel_h)

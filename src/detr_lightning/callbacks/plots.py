@@ -133,14 +133,12 @@ class TrainingPlots(ValidationImagesCallback):
             rank_zero_warn(f"TrainingPlots: {name} was not logged to W&B ({_describe(error)}).")
 
 
-def plot_metrics(
-    rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str | None = None, dpi: int = 100
-) -> Path:
+def plot_metrics(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, dpi: int = 100) -> Path:
     """Draw the per-epoch curves of ``rows`` into the PNG file ``path`` (written atomically); returns it.
 
     ``rows``: one mapping per epoch with ``epoch`` and any of ``train/<loss>``, ``val/<loss>`` (see
     `LOSS_PANELS`), the `COCO_CURVES` and ``lr/<group>``, as numbers or text (``metrics.csv``). Blanks, NaN
-    and COCOeval's -1 are left out; panels without any value say so. ``title`` defaults to the epochs.
+    and COCOeval's -1 are left out; panels without any value say so.
     """
     from matplotlib.figure import Figure
 
@@ -170,7 +168,7 @@ def plot_metrics(
     if lr_axis.lines and all(y > 0 for line in lr_axis.lines for y in line.get_ydata()):
         lr_axis.set_yscale("log")
     _finish_axis(lr_axis, "learning rate", "lr")
-    figure.suptitle(title or f"Training curves, {len(rows)} epoch{'s' * (len(rows) != 1)}")
+    figure.suptitle(f"Training curves, {len(rows)} epoch{'s' * (len(rows) != 1)}")
     return _save(figure, path, dpi)
 
 
@@ -180,11 +178,10 @@ def plot_predictions(
     class_names: Mapping[int, str],
     score_threshold: float,
     title: str = "Validation images",
-    columns: int = 4,
     dpi: int = 100,
 ) -> Path:
     """Draw images with their predicted (red, dashed, ``name score``) and ground-truth (green) boxes into a
-    grid, with a legend, into the PNG file ``path`` (written atomically); returns ``path``.
+    grid of up to 4 columns, with a legend, into the PNG file ``path`` (written atomically); returns it.
 
     At most `MAX_DRAWN_PREDICTIONS` predictions per image are drawn, the highest scores first.
     """
@@ -193,7 +190,7 @@ def plot_predictions(
 
     from detr_lightning.viz import draw_boxes
 
-    columns = max(1, min(columns, len(panels)))
+    columns = max(1, min(4, len(panels)))
     rows = max(1, math.ceil(len(panels) / columns))
     figure = Figure(figsize=(CELL_INCHES * columns, CELL_INCHES * rows + 0.9), layout="constrained")
     axes = figure.subplots(rows, columns, squeeze=False).reshape(-1)

@@ -78,19 +78,13 @@ class WandbPredictionImages(ValidationImagesCallback, EvaluationEndCallback):
         if result is None:
             return
         per_class = coco_per_class_rows(result, category_names(trainer.datamodule.coco_gt(split)))
-        if per_class:
-            self._wandb.log_table(
-                key=f"{split}/coco_per_class",
-                columns=["class", "id", "AP", f"AR@{COCO_MAX_DETECTIONS[-1]}"],
-                data=per_class,
-                step=trainer.global_step,
-            )
-        self._wandb.log_table(
-            key=f"{split}/coco_summary",
-            columns=["metric", "key", "value"],
-            data=coco_summary_rows(result, split),
-            step=trainer.global_step,
-        )
+        tables = {
+            "coco_per_class": (["class", "id", "AP", f"AR@{COCO_MAX_DETECTIONS[-1]}"], per_class),
+            "coco_summary": (["metric", "key", "value"], coco_summary_rows(result, split)),
+        }
+        for name, (columns, rows) in tables.items():
+            if rows:  # no per-class rows without class_metrics
+                self._wandb.log_table(f"{split}/{name}", columns=columns, data=rows, step=trainer.global_step)
 
 
 def wandb_box_layers(

@@ -136,9 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.add_argument(f"--{split}-img-dir", type=Path, help=f"explicit {split} image folder")
     args = parser.parse_args(argv)
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr, force=True
-    )
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", force=True)  # on stderr
     overrides = {
         split: {"ann_file": getattr(args, f"{split}_ann_file"), "img_dir": getattr(args, f"{split}_img_dir")}
         for split in SPLITS

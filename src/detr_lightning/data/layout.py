@@ -61,13 +61,8 @@ class DatasetLayout:
 
 def _first_found(candidates: dict[str, list[tuple[Path, Path]]]) -> dict[str, SplitFiles]:
     """Per split, the first ``(ann_file, img_dir)`` of its candidates whose annotation file exists."""
-    splits = {}
-    for split, options in candidates.items():
-        for ann_file, img_dir in options:
-            if ann_file.is_file():
-                splits[split] = SplitFiles(split, ann_file, img_dir)
-                break
-    return splits
+    found = {split: [pair for pair in options if pair[0].is_file()] for split, options in candidates.items()}
+    return {split: SplitFiles(split, *pairs[0]) for split, pairs in found.items() if pairs}
 
 
 def detect_layout(root: Path) -> DatasetLayout | None:

@@ -139,10 +139,7 @@ class DetectionTransform:
         keep = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
         xyxy = xyxy[keep]
         scale = torch.tensor([width, height, width, height], dtype=torch.float32)
-        out = dict(target)
-        out["boxes"] = box_convert(xyxy, "xyxy", "cxcywh") / scale  # (N', 4) in [0, 1]
-        out["labels"] = target["labels"][keep]
-        out["iscrowd"] = target["iscrowd"][keep]
-        out["area"] = box_area(xyxy)
+        out = dict(target, boxes=box_convert(xyxy, "xyxy", "cxcywh") / scale)  # (N', 4) in [0, 1]
+        out.update(labels=target["labels"][keep], iscrowd=target["iscrowd"][keep], area=box_area(xyxy))
         out["size"] = torch.tensor([height, width], dtype=torch.int64)
         return pixels.as_subclass(Tensor), out

@@ -70,11 +70,7 @@ class FrozenNormConv2d(nn.Module):
 
 def fold_frozen_batch_norms(resnet: nn.Module) -> None:
     """Replace the convolution before every :class:`AppliedFrozenBatchNorm2d` of a torchvision ResNet
-    by a :class:`FrozenNormConv2d`, in place.
-
-    The pairs are ``conv1``/``bn1`` of the stem and of each block (``conv2``/``bn2``, ``conv3``/``bn3``)
-    and each block's ``downsample`` (``0``/``1``). Raises when a norm is left without its convolution.
-    """
+    by a :class:`FrozenNormConv2d`, in place; raises when a norm is left without its convolution."""
     folded = 0
     for module in list(resnet.modules()):
         names = [(f"conv{i}", f"bn{i}") for i in (1, 2, 3)] + [("0", "1")]

@@ -54,11 +54,8 @@ def build_weight_dict(
 ) -> dict[str, float]:
     """The official weight dict: the three weighted losses, repeated with ``_i`` for each aux layer."""
     base = {"loss_ce": ce_loss_coef, "loss_bbox": bbox_loss_coef, "loss_giou": giou_loss_coef}
-    weights = dict(base)
-    if aux_loss:
-        for layer in range(num_decoder_layers - 1):
-            weights.update({f"{key}_{layer}": value for key, value in base.items()})
-    return weights
+    aux_layers = range(num_decoder_layers - 1) if aux_loss else ()
+    return base | {f"{key}_{layer}": value for layer in aux_layers for key, value in base.items()}
 
 
 def count_target_boxes(
@@ -167,9 +164,8 @@ class SetCriterion(nn.Module):
         all_labels = torch.cat([t["labels"] for t in targets]).to(device)  # (T,)
         all_boxes = torch.cat([t["boxes"] for t in targets]).to(device)  # (T, 4)
         image_offsets = torch.tensor([0, *sizes[:-1]]).cumsum(0)
-        # (4, M): the matched pairs of every problem, built on the CPU and moved in one copy.
         per_matching = [matched_indices(m, image_offsets, p) for p, m in enumerate(matchings)]
-        pairs = torch.cat(per_matching, dim=1).to(device)
+        pairs = torch.cat(per_matching, dim=1).to(device)  # (4, M), one host-to-device copy
         per_problem = self.problem_losses(logits, boxes, pairs, all_labels, all_boxes, num_boxes)
         # Group DETR: the weighted losses of a layer are summed over its K groups.
         num_layers = len(layers)
@@ -207,7 +203,6 @@ class SetCriterion(nn.Module):
         # At least float32 (the log-softmax and GIoU need the range); 64-true: float64, as are its targets.
         dtype = torch.promote_types(pred_boxes.dtype, torch.float32)
         logits, boxes, all_boxes = pred_logits.to(dtype), pred_boxes.to(dtype), all_boxes.to(dtype)
-        num_problems = logits.shape[0]
         problem, image, query, target = pairs
         # Boxes of matched queries only, normalized by the (all-process) number of target boxes.
         matched_pred = boxes[problem, image, query]  # (M, 4)
@@ -216,7 +211,7 @@ class SetCriterion(nn.Module):
         matched_target_xyxy = box_convert(matched_target, "cxcywh", "xyxy")
         l1 = F.l1_loss(matched_pred, matched_target, reduction="none").sum(1)  # (M,)
         giou = generalized_box_iou_loss(matched_pred_xyxy, matched_target_xyxy, reduction="none")  # (M,)
-        zeros = l1.new_zeros(num_problems)
+        zeros = l1.new_zeros(logits.shape[0])  # (P,)
         if self.class_loss == "ce":
             loss_ce = self._cross_entropy(logits, pairs, all_labels)
         else:

@@ -78,11 +78,9 @@ class DETR(nn.Module):
         if num_groups > 1:
             # Same initialisation as nn.Embedding; fine-tuning from official weights copies group 0 in.
             self.query_embed_groups = nn.Parameter(torch.randn((num_groups - 1) * num_queries, hidden_dim))
-        self.spatial_prior = (
-            GaussianSpatialPrior(num_groups * num_queries, spatial_prior_sigma)
-            if spatial_prior == "gaussian"
-            else None
-        )
+        self.spatial_prior = None
+        if spatial_prior == "gaussian":
+            self.spatial_prior = GaussianSpatialPrior(num_groups * num_queries, spatial_prior_sigma)
         self.num_groups = num_groups
         self.num_classes = num_classes
         self.num_queries = num_queries
@@ -103,13 +101,12 @@ class DETR(nn.Module):
             to each unpadded image, and with ``aux_loss`` ``aux_outputs``: one dict of the same two keys
             for each decoder layer but the last.
         """
-        if isinstance(images, Tensor) and images.dim() == 4:
-            if mask is None:
-                mask = images.new_zeros((images.shape[0], *images.shape[-2:]), dtype=torch.bool)
-        else:
+        if not (isinstance(images, Tensor) and images.dim() == 4):
             if mask is not None:
                 raise ValueError("pass a mask only with a padded (B, 3, H, W) batch")
             images, mask = pad_images_to_batch(list(images))
+        elif mask is None:
+            mask = images.new_zeros((images.shape[0], *images.shape[-2:]), dtype=torch.bool)
         features, feature_mask, pos = self.backbone(images, mask)
         groups = self.num_groups if self.training else 1
         queries = self.query_embed.weight  # (Q, D)

@@ -253,8 +253,6 @@ class Transformer(nn.Module):
         query_pos = query_embed.unsqueeze(1).expand(-1, batch, -1)  # (Q, B, D)
         mask = mask.flatten(1)  # (B, S)
         memory = self.encoder(src, src_key_padding_mask=mask, pos=pos_embed)
-        tgt = torch.zeros_like(query_pos)
-        hs = self.decoder(
-            tgt, memory, mask, pos_embed, query_pos, self_attn_mask, cross_attn_bias
-        )  # (L, Q, B, D)
+        tgt = torch.zeros_like(query_pos)  # (Q, B, D); the decoder returns (L, Q, B, D)
+        hs = self.decoder(tgt, memory, mask, pos_embed, query_pos, self_attn_mask, cross_attn_bias)
         return hs.transpose(1, 2), memory.permute(1, 2, 0).reshape(batch, channels, h, w)

@@ -11,7 +11,6 @@ import os
 import pickle
 import re
 import socket
-import urllib.error
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -68,7 +67,7 @@ def download_weights(url: str) -> Path:
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
         torch.hub.download_url_to_file(url, str(destination), hash_prefix=match.group(1) if match else None)
-    except (urllib.error.URLError, OSError, TimeoutError) as error:
+    except OSError as error:  # URLError and socket timeouts included
         reason = getattr(error, "reason", error)
         raise WeightsUnavailableError(f"Could not download {url} ({reason}). {how_to_fix}") from None
     except RuntimeError as error:  # hash mismatch

@@ -251,9 +251,8 @@ def variants_table(
             row.append(f"{format_figure(_mean(values))} ({per_seed})" if values else "–")
         within = [[v for e, v in epoch_values(run, metric).items() if e <= last] for run in variant.runs]
         row.append(format_figure(_mean([best(values) for values in within if values])))
-        reached = None
-        if reference is not None:
-            reached = first_reaching(enumerate(variant.mean_curve(metric, budget)), reference, mode)
+        curve = enumerate(variant.mean_curve(metric, budget))
+        reached = None if reference is None else first_reaching(curve, reference, mode)
         half = " (within half the budget)" if reached is not None and reached + 1 <= budget / 2 else ""
         rows.append([*row, _reached_text(reached) + half])
     return header, rows, budget
@@ -278,8 +277,7 @@ def save_curves(
                 axis.fill_between(epochs, lows, highs, color=line.get_color(), alpha=0.15)
         if budget is not None:
             axis.axvline(budget - 1, color="grey", linestyle="--", linewidth=1)
-        axis.set_title(f"{title} ({key})")
-        axis.set_xlabel("epoch")
+        axis.set(title=f"{title} ({key})", xlabel="epoch")
         axis.grid(alpha=0.3)
         axis.legend(fontsize="small")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -611,10 +609,8 @@ def _summary_cell(column: str, value: str) -> str:
 
 def _shown_path(path: Path) -> str:
     """The path relative to the working directory when it is below it, else as given."""
-    try:
-        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
-    except ValueError:
-        return path.as_posix()
+    resolved, cwd = path.resolve(), Path.cwd().resolve()
+    return resolved.relative_to(cwd).as_posix() if resolved.is_relative_to(cwd) else path.as_posix()
 
 
 def _duration_text(run: Run) -> str:
@@ -647,10 +643,7 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, str]:
     """``{"a.b.c": "value"}`` of a nested mapping (lists and scalars as their text; numbers as floats,
     so ``2`` from a command line equals ``2.0`` from a config file)."""
     if isinstance(tree, dict):
-        flat: dict[str, str] = {}
-        for key, value in tree.items():
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        return flat
+        return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
     if isinstance(tree, int | float) and not isinstance(tree, bool):
         tree = float(tree)
     return {prefix.rstrip("."): str(tree)}
