@@ -13,7 +13,8 @@ result is a whole number, which would change the feature-level padding mask and 
 The ONNX graph therefore gets that mask from :func:`nearest_mask`, PyTorch's arithmetic as tensor ops.
 
 ONNX goes through ``torch.onnx.export(dynamo=True)`` (``onnx_exporter=legacy``: ``dynamo=False``;
-``auto`` falls back to it); TorchScript is a ``torch.jit.trace``, which reads sizes at run time.
+``auto`` falls back to it, and takes it for an ``opset`` below 18); TorchScript is a ``torch.jit.trace``,
+which reads sizes at run time.
 ``format=huggingface`` writes a folder for transformers' ``DetrForObjectDetection`` (:mod:`.hf_format`),
 checked with transformers' own forward.
 """
@@ -44,6 +45,9 @@ log = logging.getLogger(__name__)
 OUTPUT_NAMES = ("pred_logits", "pred_boxes")
 #: The opset of the legacy exporter when none is given (the dynamo exporter picks its own).
 LEGACY_OPSET = 17
+#: The oldest opset the dynamo exporter writes; it converts down to older ones only at best effort (it
+#: keeps this one, with a logged traceback, where it cannot), so ``auto`` takes the legacy exporter below.
+DYNAMO_MIN_OPSET = 18
 
 
 class ExportError(RuntimeError):
@@ -153,12 +157,12 @@ def export_onnx(
     module = _exportable(model, path)
     batch_size = max(settings.batch_size, 2) if settings.dynamic else settings.batch_size
     inputs = example_inputs(batch_size, settings.height, settings.width, settings.mask_input)
-    dynamo = exporter != "legacy"
+    dynamo = exporter == "dynamo" or (exporter == "auto" and (opset or DYNAMO_MIN_OPSET) >= DYNAMO_MIN_OPSET)
     with module.model.backbone[0].register_forward_hook(_portable_feature_mask), _quiet_exporters():
         try:
             torch.onnx.export(module, inputs, str(path), **_onnx_options(settings, opset, dynamo))
         except Exception as error:  # the exporter raises many types; any failure means "try legacy"
-            if exporter != "auto":
+            if not dynamo or exporter != "auto":
                 raise
             cause = error  # torch.onnx wraps the failure in a page of advice: name the failure itself
             while cause.__cause__ is not None:

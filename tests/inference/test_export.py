@@ -6,6 +6,7 @@ import json
 import logging
 
 import numpy as np
+import onnx
 import onnxruntime
 import pytest
 import torch
@@ -106,6 +107,14 @@ def test_auto_falls_back_to_the_legacy_exporter_naming_the_failure_in_one_line(
         "torch.onnx's dynamo exporter failed (ValueError: Cannot view a tensor as that shape!); using the "
         "legacy exporter."
     ]
+
+
+def test_auto_takes_the_legacy_exporter_for_an_opset_below_18(model, tmp_path):
+    # The dynamo exporter would keep opset 18 where it cannot convert down (ReLU, for one).
+    path = tmp_path / "opset14.onnx"
+    result = export_onnx(model, path, opset=14, height=64, width=96, dynamic=False, batch_size=2)
+    assert result.exporter == "torch.onnx.export(dynamo=False)" and max(result.max_abs_diff.values()) < ATOL
+    assert [o.version for o in onnx.load(path).opset_import if o.domain in ("", "ai.onnx")] == [14]
 
 
 def test_nearest_mask_equals_interpolate():
