@@ -39,6 +39,13 @@ def bench_in_process(capsys, *args: str) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
+@pytest.mark.parametrize("args", [["train-step", "--steps", "0"], ["train-e2e", "--rounds", "-1"]])
+def test_counts_below_one_are_refused_by_the_parser(capsys, args):
+    with pytest.raises(SystemExit) as stopped:
+        main(args)
+    assert stopped.value.code == 2 and "is not 1 or more" in capsys.readouterr().err
+
+
 def test_metric_benchmark_backends_agree():
     figures = run_bench("metric", "--images", "30", "--detections", "20")
     assert figures["benchmark"] == "metric"

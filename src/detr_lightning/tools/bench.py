@@ -411,7 +411,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model = argparse.ArgumentParser(add_help=False)  # the options of both model benchmarks
     add = model.add_argument
     add("--impl", choices=["ours", "huggingface"], default="ours")
-    add("--steps", type=int, default=10, help="timed steps")
+    add("--steps", type=e2e.positive_int, default=10, help="timed steps")
     add("--warmup", type=int, default=2, help="untimed steps first")
     add("--precision", choices=sorted(PRECISIONS), default="32")
     add("--compile", action="store_true", help="torch.compile the model")
@@ -429,15 +429,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     train.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP count")
     infer = sub.add_parser("inference", parents=[model], help="DETR-R50 on 800x1066: latency, images/s")
-    infer.add_argument("--batch-size", type=int, default=8)
+    infer.add_argument("--batch-size", type=e2e.positive_int, default=8)
 
     data = sub.add_parser("data", help="images/s through dataset + train transforms + collate")
-    data.add_argument("--images", type=int, default=200)
-    data.add_argument("--batch-size", type=int, default=2)
+    data.add_argument("--images", type=e2e.positive_int, default=200)
+    data.add_argument("--batch-size", type=e2e.positive_int, default=2)
     data.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     metric = sub.add_parser("metric", help="COCO mAP: faster_coco_eval vs pycocotools")
-    metric.add_argument("--images", type=int, default=2000)
-    metric.add_argument("--detections", type=int, default=100)
+    metric.add_argument("--images", type=e2e.positive_int, default=2000)
+    metric.add_argument("--detections", type=e2e.positive_int, default=100)
     e2e_help = "images/s of train.py end to end: baseline and speed=gpu interleaved"
     e2e.add_arguments(sub.add_parser("train-e2e", help=e2e_help))
     return parser.parse_args(argv)

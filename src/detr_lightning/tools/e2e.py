@@ -536,6 +536,13 @@ def bench_train_e2e(args: argparse.Namespace) -> dict[str, Any]:
     return figures
 
 
+def positive_int(text: str) -> int:
+    """An ``argparse`` type: a whole number of 1 or more."""
+    if (value := int(text)) < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not 1 or more")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``train-e2e`` options."""
     add = parser.add_argument
@@ -543,15 +550,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--override", action="append", default=[], help="a train.py override for every setting, repeatable")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="trainer=gpu or trainer=cpu")
     add("--data", type=Path, default=None, help="COCO-format folder (default: a generated COCO-like set)")
-    add("--train-images", type=int, default=600, help="generated train images (when --data is absent)")
-    add("--val-images", type=int, default=50, help="generated val images")
-    add("--processes", type=int, default=4, help="processes drawing the generated set")
-    add("--steps", type=int, default=100, help="timed training steps per run")
+    add(
+        "--train-images",
+        type=positive_int,
+        default=600,
+        help="generated train images (when --data is absent)",
+    )
+    add("--val-images", type=positive_int, default=50, help="generated val images")
+    add("--processes", type=positive_int, default=4, help="processes drawing the generated set")
+    add("--steps", type=positive_int, default=100, help="timed training steps per run")
     add("--warmup-steps", type=int, default=20, help="untimed steps first (compilation, tuning)")
     add("--profile-steps", type=int, default=5, help="extra steps under torch.profiler (GPU busy fraction)")
     add("--flop-steps", type=int, default=2, help="extra steps under the FLOP counter (eager runs)")
     add("--sync-steps", action="store_true", help="synchronize the device after each step")
-    add("--rounds", type=int, default=1, help="interleaved rounds of all settings")
+    add("--rounds", type=positive_int, default=1, help="interleaved rounds of all settings")
     add("--run-timeout", type=float, default=1800, help="seconds before a run is stopped")
     add("--budget-s", type=float, default=None, help="seconds for all runs: skip those that would not fit")
     add("--keep-checkpoints", action="store_true", help="keep each run's checkpoints (deleted by default)")
