@@ -166,6 +166,7 @@ def test_export_cli_fixed_size_onnx(training_run, fixed_size_export_command):
         ("width=16", "height=800, width=16"),
         ("height=8", "height=8, width=1066"),
         ("atol=-1", r"config: atol=-1\.0 must be positive"),  # was a traceback from the check
+        ("opset=13", r"config: opset=13: DETR's attention needs 14 or newer"),  # was the exporter's traceback
     ],
 )
 def test_export_settings_are_checked(training_run, tmp_path, override, message):
