@@ -316,7 +316,8 @@ NON_NEGATIVE_KEYS = tuple(
 
 def check_values(cfg: DictConfig) -> None:
     """Raise a :class:`ConfigError` for a value out of its range (:data:`POSITIVE_KEYS`,
-    :data:`NON_NEGATIVE_KEYS`, ``model.hidden_dim`` against ``model.nheads``, ``loss.prior_prob``)."""
+    :data:`NON_NEGATIVE_KEYS`, ``model.hidden_dim`` against ``model.nheads``, ``loss.prior_prob``,
+    ``opset``)."""
     for key in (*POSITIVE_KEYS, *NON_NEGATIVE_KEYS):
         value, positive = OmegaConf.select(cfg, key, default=None), key in POSITIVE_KEYS
         if value is not None and (value <= 0 if positive else value < 0):
@@ -333,4 +334,9 @@ def check_values(cfg: DictConfig) -> None:
     if prior is not None and not 0 < prior < 1:
         raise ConfigError(
             f"config: loss.prior_prob={prior!r} must be between 0 and 1. Fix: e.g. 0.01, or null for off."
+        )
+    opset = OmegaConf.select(cfg, "opset", default=None)  # export.py's; the legacy exporter: SDPA from 14
+    if opset is not None and opset < 14:
+        raise ConfigError(
+            f"config: opset={opset}: DETR's attention needs 14 or newer. Fix: opset=14, or null."
         )

@@ -33,7 +33,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from detr_lightning.config import ConfigError, ExportSettings, check_values
+from detr_lightning.config import ExportSettings, check_values
 from detr_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from detr_lightning.files import write_json
 from detr_lightning.hf_format import WEIGHT_FILES, HFPreprocessing, import_transformers, write_hf_folder
@@ -48,8 +48,6 @@ LEGACY_OPSET = 17
 #: The oldest opset the dynamo exporter writes; it converts down to older ones only at best effort (it
 #: keeps this one, with a logged traceback, where it cannot), so ``auto`` takes the legacy exporter below.
 DYNAMO_MIN_OPSET = 18
-#: The oldest opset that has the attention operator (``scaled_dot_product_attention``).
-MIN_OPSET = 14
 
 
 class ExportError(RuntimeError):
@@ -106,11 +104,6 @@ class ExportResult:
 def export(cfg: DictConfig) -> ExportResult:
     """Export the configured model (``ckpt_path`` or ``model.pretrained``) and check it."""
     check_values(cfg)
-    if cfg.opset is not None and cfg.opset < MIN_OPSET:
-        raise ConfigError(
-            f"config: opset={cfg.opset}: DETR's attention needs {MIN_OPSET} or newer. "
-            f"Fix: opset={MIN_OPSET} or null."
-        )
     fmt, exporter = str(cfg.format), str(cfg.onnx_exporter)  # checked by the schema (export_schema)
     settings = ExportSettings.from_config(cfg)
     detector = load_detector(ckpt_path=cfg.ckpt_path, pretrained=cfg.model.pretrained)
