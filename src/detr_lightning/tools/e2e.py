@@ -550,12 +550,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--override", action="append", default=[], help="a train.py override for every setting, repeatable")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="trainer=gpu or trainer=cpu")
     add("--data", type=Path, default=None, help="COCO-format folder (default: a generated COCO-like set)")
-    add(
-        "--train-images",
-        type=positive_int,
-        default=600,
-        help="generated train images (when --data is absent)",
-    )
+    add("--train-images", type=positive_int, default=600, help="generated train images (without --data)")
     add("--val-images", type=positive_int, default=50, help="generated val images")
     add("--processes", type=positive_int, default=4, help="processes drawing the generated set")
     add("--steps", type=positive_int, default=100, help="timed training steps per run")
