@@ -157,7 +157,7 @@ def export_onnx(
     module = _exportable(model, path)
     batch_size = max(settings.batch_size, 2) if settings.dynamic else settings.batch_size
     inputs = example_inputs(batch_size, settings.height, settings.width, settings.mask_input)
-    dynamo = exporter == "dynamo" or (exporter == "auto" and (opset or DYNAMO_MIN_OPSET) >= DYNAMO_MIN_OPSET)
+    dynamo = exporter == "dynamo" or (exporter == "auto" and (opset is None or opset >= DYNAMO_MIN_OPSET))
     with module.model.backbone[0].register_forward_hook(_portable_feature_mask), _quiet_exporters():
         try:
             torch.onnx.export(module, inputs, str(path), **_onnx_options(settings, opset, dynamo))

@@ -61,8 +61,8 @@ class DatasetLayout:
 
 def _first_found(candidates: dict[str, list[tuple[Path, Path]]]) -> dict[str, SplitFiles]:
     """Per split, the first ``(ann_file, img_dir)`` of its candidates whose annotation file exists."""
-    found = {split: [pair for pair in options if pair[0].is_file()] for split, options in candidates.items()}
-    return {split: SplitFiles(split, *pairs[0]) for split, pairs in found.items() if pairs}
+    first = {split: next((p for p in pairs if p[0].is_file()), None) for split, pairs in candidates.items()}
+    return {split: SplitFiles(split, *pair) for split, pair in first.items() if pair is not None}
 
 
 def detect_layout(root: Path) -> DatasetLayout | None:

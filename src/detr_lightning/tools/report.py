@@ -251,8 +251,9 @@ def variants_table(
             row.append(f"{format_figure(_mean(values))} ({per_seed})" if values else "–")
         within = [[v for e, v in epoch_values(run, metric).items() if e <= last] for run in variant.runs]
         row.append(format_figure(_mean([best(values) for values in within if values])))
-        curve = enumerate(variant.mean_curve(metric, budget))
-        reached = None if reference is None else first_reaching(curve, reference, mode)
+        reached = None
+        if reference is not None:
+            reached = first_reaching(enumerate(variant.mean_curve(metric, budget)), reference, mode)
         half = " (within half the budget)" if reached is not None and reached + 1 <= budget / 2 else ""
         rows.append([*row, _reached_text(reached) + half])
     return header, rows, budget
